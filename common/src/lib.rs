@@ -1,0 +1,16 @@
+//! pd-common: everything the pd-cluster nodes share.
+//!
+//! The inference engine lives here: a llama-family model ([`model`]) that runs a packed batch of
+//! sequences against a paged KV cache ([`kv`]), the tokenizer and chat template read from the model
+//! file, sampling, and a continuous-batching loop ([`engine`]) that the single-process front end and
+//! the decode and prefill nodes all drive.
+
+pub mod chat_template;
+pub mod engine;
+pub mod error;
+pub mod kv;
+pub mod model;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,2 @@
+//! The model.
+pub mod quant_cpu;

@@ -1,0 +1,2 @@
+//! Sampling.
+pub mod params;
