@@ -54,6 +54,9 @@ pub enum Error {
     #[error("the engine has shut down")]
     EngineClosed,
 
+    #[error("internal error: {0}")]
+    Internal(String),
+
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
 
@@ -71,6 +74,7 @@ impl Error {
             Error::ModelNotFound(_) => ErrorKind::NotFound,
             Error::OutOfBlocks { .. } | Error::EngineClosed => ErrorKind::Unavailable,
             Error::ModelLoad { .. }
+            | Error::Internal(_)
             | Error::UnsupportedModel(_)
             | Error::Tokenizer(_)
             | Error::Candle(_)
@@ -78,7 +82,7 @@ impl Error {
         }
     }
 
-    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+    pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidRequest(msg.into())
     }
 }

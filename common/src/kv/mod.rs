@@ -1,1 +1,7 @@
-//! KV cache.
+//! The paged KV cache: the block allocator, per-sequence block tables and the cache tensors.
+
+pub mod allocator;
+pub mod cache;
+
+pub use allocator::{blocks_for_tokens, BlockId, KvBlockAllocator};
+pub use cache::{KvCache, KvCacheSpec};

@@ -1,0 +1,84 @@
+//! Engine options: cache size, batch limits, context length.
+
+use serde::{Deserialize, Serialize};
+
+use crate::kv::KvCacheSpec;
+use crate::model::ModelConfig;
+use crate::{Error, Result};
+
+/// How big the KV cache is and how much one step may do.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineConfig {
+    /// Tokens per KV cache block.
+    #[arg(long, env = "PD_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+
+    /// KV cache blocks; 0 sizes the cache from --kv-cache-mb.
+    #[arg(long, env = "PD_NUM_BLOCKS", default_value_t = 0)]
+    pub num_blocks: usize,
+
+    /// Memory for the KV cache in MiB, used when --num-blocks is 0.
+    #[arg(long, env = "PD_KV_CACHE_MB", default_value_t = 1024)]
+    pub kv_cache_mb: usize,
+
+    /// Most tokens (prompt chunks plus decode tokens) in one forward step.
+    #[arg(long, env = "PD_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+
+    /// Most sequences running at once.
+    #[arg(long, env = "PD_MAX_NUM_SEQS", default_value_t = 64)]
+    pub max_num_seqs: usize,
+
+    /// Longest sequence (prompt plus output) in tokens; 0 takes the model's context length.
+    #[arg(long, env = "PD_MAX_MODEL_LEN", default_value_t = 0)]
+    pub max_model_len: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            num_blocks: 0,
+            kv_cache_mb: 1024,
+            max_batch_tokens: 512,
+            max_num_seqs: 64,
+            max_model_len: 0,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The cache this configuration asks for, for a given model and cache dtype.
+    pub fn cache_spec(&self, model: &ModelConfig, dtype: candle_core::DType) -> Result<KvCacheSpec> {
+        if self.block_size == 0 || self.max_batch_tokens == 0 || self.max_num_seqs == 0 {
+            return Err(Error::invalid(
+                "block_size, max_batch_tokens and max_num_seqs must be positive",
+            ));
+        }
+        let mut spec = KvCacheSpec {
+            num_layers: model.num_layers,
+            num_kv_heads: model.num_kv_heads,
+            head_dim: model.head_dim,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            dtype,
+        };
+        if spec.num_blocks == 0 {
+            spec.num_blocks = self.kv_cache_mb * 1024 * 1024 / spec.bytes_per_block();
+        }
+        if spec.num_blocks == 0 {
+            return Err(Error::invalid("the KV cache must hold at least one block"));
+        }
+        Ok(spec)
+    }
+
+    /// The longest sequence served: the model's context, capped by the option and by the cache.
+    pub fn max_model_len(&self, model: &ModelConfig, spec: &KvCacheSpec) -> usize {
+        let mut len = model.max_position_embeddings;
+        if self.max_model_len > 0 {
+            len = len.min(self.max_model_len);
+        }
+        len.min(spec.num_blocks * spec.block_size)
+    }
+}

@@ -1,0 +1,110 @@
+//! A request's life inside the engine: its tokens, its blocks, its state, and what it streams back.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::kv::BlockId;
+use crate::sampling::{FinishReason, SamplingParams, StopChecker};
+use crate::tokenizer::IncrementalDecoder;
+use crate::Error;
+
+pub type SeqId = u64;
+
+/// What a caller asks the engine for: token ids in, tokens out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub prompt_ids: Vec<u32>,
+    pub params: SamplingParams,
+}
+
+/// One generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent {
+    pub id: u32,
+    /// Text released with this token: may be empty (a multi-byte character still incomplete, a
+    /// possible stop string held back, a special token) or hold text of earlier tokens.
+    pub text: String,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Where a request's time went.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timings {
+    /// Waiting before its first forward step.
+    pub queue: Duration,
+    /// From its first step to its first token.
+    pub prefill: Duration,
+    /// From arrival to the first token.
+    pub time_to_first_token: Duration,
+    /// From arrival to the end.
+    pub total: Duration,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub reason: FinishReason,
+    /// Text still held back when the sequence ended (released now).
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub timings: Timings,
+}
+
+/// What a request's stream carries, in order: tokens, then exactly one `Finished` or `Failed`.
+#[derive(Debug)]
+pub enum SeqEvent {
+    Token(TokenEvent),
+    Finished(Completion),
+    Failed(Error),
+}
+
+/// A sequence as the scheduler sees it.
+pub(crate) struct Sequence {
+    pub id: SeqId,
+    pub prompt_len: usize,
+    /// Prompt followed by generated tokens.
+    pub tokens: Vec<u32>,
+    /// Leading tokens whose K/V are in the cache.
+    pub num_computed: usize,
+    pub blocks: Vec<BlockId>,
+    pub params: SamplingParams,
+    pub seed: u64,
+    pub decoder: IncrementalDecoder,
+    pub stop: StopChecker,
+    /// Per-request stream. Unbounded on purpose: the engine thread must never block on one slow
+    /// reader, and a request can queue at most `max_tokens + 1` events.
+    pub events: mpsc::UnboundedSender<SeqEvent>,
+    pub arrived: Instant,
+    pub first_scheduled: Option<Instant>,
+    pub first_token: Option<Instant>,
+}
+
+impl Sequence {
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// Tokens still to run through the model before the next sample.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+
+    /// The client has gone away.
+    pub fn is_abandoned(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    pub fn timings(&self, now: Instant) -> Timings {
+        let scheduled = self.first_scheduled.unwrap_or(now);
+        let first = self.first_token.unwrap_or(now);
+        Timings {
+            queue: scheduled.saturating_duration_since(self.arrived),
+            prefill: first.saturating_duration_since(scheduled),
+            time_to_first_token: first.saturating_duration_since(self.arrived),
+            total: now.saturating_duration_since(self.arrived),
+        }
+    }
+}
