@@ -1,0 +1,143 @@
+//! pd-tests: shared helpers for the end-to-end tests (the real model, the golden cases, running
+//! an engine to completion) and the `pd-bench` benchmark.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use pd_common::engine::{EngineCore, GenerateRequest, SeqEvent};
+use pd_common::model::{self, LoadedModel, ModelSource};
+use pd_common::sampling::FinishReason;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+/// The fetched SmolLM2 GGUF, loaded once per test binary.
+pub fn real_model() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = model::default_model_path();
+        assert!(
+            path.exists(),
+            "model file {} is missing: run deploy/fetch-model.sh first",
+            path.display()
+        );
+        model::load(&ModelSource::Gguf(path), &candle_core::Device::Cpu)
+            .unwrap_or_else(|e| panic!("loading the model: {e}"))
+    })
+}
+
+/// One case of the reference outputs produced by llama.cpp (see tests/data/README.md).
+#[derive(Debug, Clone, Deserialize)]
+pub struct GoldenCase {
+    pub name: String,
+    pub template: bool,
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    pub generated_text: String,
+    pub top_logits: Vec<GoldenLogits>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GoldenLogits {
+    pub pos: usize,
+    pub top5: Vec<GoldenLogit>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GoldenLogit {
+    pub id: u32,
+    pub logit: f32,
+}
+
+pub fn golden_cases() -> Vec<GoldenCase> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/smollm2_q4_1_greedy.jsonl");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("golden line: {e}")))
+        .collect()
+}
+
+/// What one request produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunResult {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub reason: FinishReason,
+}
+
+/// Streams of requests added to an engine.
+pub struct Runs {
+    streams: Vec<(mpsc::UnboundedReceiver<SeqEvent>, Vec<u32>, String, Option<FinishReason>)>,
+}
+
+impl Runs {
+    pub fn new() -> Self {
+        Self { streams: Vec::new() }
+    }
+
+    /// Adds a request; returns its index.
+    pub fn add(&mut self, core: &mut EngineCore, request: GenerateRequest) -> usize {
+        let (tx, rx) = mpsc::unbounded_channel();
+        core.add_request(request, tx)
+            .unwrap_or_else(|e| panic!("request refused: {e}"));
+        self.streams.push((rx, Vec::new(), String::new(), None));
+        self.streams.len() - 1
+    }
+
+    /// Runs `steps` engine steps (or until idle), collecting events.
+    pub fn step(&mut self, core: &mut EngineCore, steps: usize) {
+        for _ in 0..steps {
+            if !core.has_work() {
+                break;
+            }
+            core.step().unwrap_or_else(|e| panic!("engine step failed: {e}"));
+            self.drain();
+        }
+    }
+
+    pub fn finish(mut self, core: &mut EngineCore) -> Vec<RunResult> {
+        while core.has_work() {
+            self.step(core, 1);
+        }
+        self.drain();
+        self.streams
+            .into_iter()
+            .map(|(_, ids, text, reason)| RunResult {
+                ids,
+                text,
+                reason: reason.unwrap_or_else(|| panic!("a request never finished")),
+            })
+            .collect()
+    }
+
+    fn drain(&mut self) {
+        for (rx, ids, text, reason) in &mut self.streams {
+            while let Ok(event) = rx.try_recv() {
+                match event {
+                    SeqEvent::Token(t) => {
+                        ids.push(t.id);
+                        text.push_str(&t.text);
+                    }
+                    SeqEvent::Finished(c) => {
+                        text.push_str(&c.text);
+                        *reason = Some(c.reason);
+                    }
+                    SeqEvent::Failed(e) => panic!("request failed: {e}"),
+                }
+            }
+        }
+    }
+}
+
+impl Default for Runs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Length of the common prefix of two token lists.
+pub fn match_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}

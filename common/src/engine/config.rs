@@ -33,6 +33,29 @@ pub struct EngineConfig {
     /// Longest sequence (prompt plus output) in tokens; 0 takes the model's context length.
     #[arg(long, env = "PD_MAX_MODEL_LEN", default_value_t = 0)]
     pub max_model_len: usize,
+
+    /// Element type of the KV cache. f16 halves its memory against f32 and is what llama.cpp
+    /// keeps by default.
+    #[arg(long, env = "PD_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::F16)]
+    pub kv_cache_dtype: KvCacheDtype,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl KvCacheDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            KvCacheDtype::F32 => candle_core::DType::F32,
+            KvCacheDtype::F16 => candle_core::DType::F16,
+            KvCacheDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -44,13 +67,14 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_num_seqs: 64,
             max_model_len: 0,
+            kv_cache_dtype: KvCacheDtype::F16,
         }
     }
 }
 
 impl EngineConfig {
     /// The cache this configuration asks for, for a given model and cache dtype.
-    pub fn cache_spec(&self, model: &ModelConfig, dtype: candle_core::DType) -> Result<KvCacheSpec> {
+    pub fn cache_spec(&self, model: &ModelConfig) -> Result<KvCacheSpec> {
         if self.block_size == 0 || self.max_batch_tokens == 0 || self.max_num_seqs == 0 {
             return Err(Error::invalid(
                 "block_size, max_batch_tokens and max_num_seqs must be positive",
@@ -62,7 +86,7 @@ impl EngineConfig {
             head_dim: model.head_dim,
             block_size: self.block_size,
             num_blocks: self.num_blocks,
-            dtype,
+            dtype: self.kv_cache_dtype.dtype(),
         };
         if spec.num_blocks == 0 {
             spec.num_blocks = self.kv_cache_mb * 1024 * 1024 / spec.bytes_per_block();

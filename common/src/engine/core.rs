@@ -23,6 +23,8 @@ pub struct EngineStats {
     pub total_blocks: usize,
     /// Tokens not yet run through the model: queued prompts and unfinished prompt chunks.
     pub pending_tokens: usize,
+    /// Sequences preempted (blocks taken back, to recompute later) since the engine started.
+    pub preemptions: u64,
 }
 
 pub struct EngineCore {
@@ -38,6 +40,7 @@ pub struct EngineCore {
     /// Holding blocks: mid-prefill or decoding; oldest first.
     running: Vec<Sequence>,
     next_id: SeqId,
+    preemptions: u64,
 }
 
 /// Outcome of appending one sampled token.
@@ -52,7 +55,7 @@ impl EngineCore {
         tokenizer: Option<Arc<Tokenizer>>,
         config: EngineConfig,
     ) -> Result<Self> {
-        let spec = config.cache_spec(model.config(), model.dtype())?;
+        let spec = config.cache_spec(model.config())?;
         let max_model_len = config.max_model_len(model.config(), &spec);
         let allocator = KvBlockAllocator::new(spec.num_blocks);
         let cache = KvCache::new(spec, model.device())?;
@@ -71,6 +74,7 @@ impl EngineCore {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
+            preemptions: 0,
         })
     }
 
@@ -92,12 +96,15 @@ impl EngineCore {
             running: self.running.len(),
             free_blocks: self.allocator.num_free(),
             total_blocks: self.allocator.num_blocks(),
-            pending_tokens: self
-                .waiting
-                .iter()
-                .chain(&self.running)
-                .map(|s| s.pending().saturating_sub(1))
-                .sum(),
+            // A decoding sequence always has its one sampled token pending: not prompt work.
+            pending_tokens: self.waiting.iter().map(|s| s.pending()).sum::<usize>()
+                + self
+                    .running
+                    .iter()
+                    .map(|s| s.pending())
+                    .filter(|&n| n > 1)
+                    .sum::<usize>(),
+            preemptions: self.preemptions,
         }
     }
 
@@ -279,6 +286,7 @@ impl EngineCore {
     fn preempt(&mut self, mut seq: Sequence) {
         tracing::debug!(seq = seq.id, "preempted for KV blocks");
         self.release_blocks(&mut seq);
+        self.preemptions += 1;
         seq.num_computed = 0;
         self.waiting.push_front(seq);
     }

@@ -13,7 +13,7 @@ mod core;
 mod handle;
 mod sequence;
 
-pub use self::config::EngineConfig;
+pub use self::config::{EngineConfig, KvCacheDtype};
 pub use self::core::{EngineCore, EngineStats};
 pub use self::handle::{EngineHandle, RequestStream};
 pub use self::sequence::{Completion, GenerateRequest, SeqEvent, SeqId, Timings, TokenEvent};

@@ -133,102 +133,140 @@ impl CustomOp3 for PagedAttention {
         v_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let m = &*self.0;
-        let slice = |s: &CpuStorage, l: &Layout| -> candle_core::Result<Vec<f32>> {
-            let Some((a, b)) = l.contiguous_offsets() else {
-                candle_core::bail!("paged-attention needs contiguous tensors")
-            };
-            match s {
-                CpuStorage::F32(x) => Ok(x[a..b].to_vec()),
-                _ => candle_core::bail!("paged-attention on CPU runs in f32"),
-            }
+        let (Some((q0, q1)), Some((k0, k1)), Some((v0, v1))) = (
+            q_l.contiguous_offsets(),
+            k_l.contiguous_offsets(),
+            v_l.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("paged-attention needs contiguous tensors")
         };
+        let CpuStorage::F32(q) = q else {
+            candle_core::bail!("paged-attention on CPU takes an f32 query")
+        };
+        let q = &q[q0..q1];
         // The cache is large: borrow it rather than copy.
-        let (CpuStorage::F32(kc), CpuStorage::F32(vc)) = (k, v) else {
-            candle_core::bail!("paged-attention on CPU needs an f32 KV cache")
+        let out = match (k, v) {
+            (CpuStorage::F32(k), CpuStorage::F32(v)) => attend(m, q, &k[k0..k1], &v[v0..v1])?,
+            (CpuStorage::F16(k), CpuStorage::F16(v)) => attend(m, q, &k[k0..k1], &v[v0..v1])?,
+            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => attend(m, q, &k[k0..k1], &v[v0..v1])?,
+            _ => candle_core::bail!("paged-attention: K and V caches of unsupported dtypes"),
         };
-        let (Some((k0, k1)), Some((v0, v1))) = (k_l.contiguous_offsets(), v_l.contiguous_offsets())
-        else {
-            candle_core::bail!("paged-attention needs a contiguous KV cache")
-        };
-        let (kc, vc) = (&kc[k0..k1], &vc[v0..v1]);
-        let q = slice(q, q_l)?;
-
-        let (h, d) = (m.num_heads, m.head_dim);
-        let group = m.num_heads / m.num_kv_heads;
-        let kv_row = m.num_kv_heads * d;
-        let capacity = kc.len() / kv_row;
-        let mut out = vec![0f32; m.num_tokens * h * d];
-        out.par_chunks_mut(h * d)
-            .zip(q.par_chunks(h * d))
-            .enumerate()
-            .try_for_each(|(t, (out_t, q_t))| -> candle_core::Result<()> {
-                let s = &m.seqs[m.token_seq[t] as usize];
-                // Position of this query token within its sequence.
-                let pos = s.context_len - s.q_len + (t - s.q_start);
-                let n_keys = pos + 1;
-                let mut scores = vec![0f32; n_keys];
-                let slot = |j: usize| -> candle_core::Result<usize> {
-                    let slot = s.block_table[j / m.block_size] as usize * m.block_size
-                        + j % m.block_size;
-                    if slot >= capacity {
-                        candle_core::bail!("paged-attention: slot {slot} outside the cache")
-                    }
-                    Ok(slot * kv_row)
-                };
-                for head in 0..h {
-                    let kv_off = (head / group) * d;
-                    let qh = &q_t[head * d..(head + 1) * d];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, score) in scores.iter_mut().enumerate() {
-                        let at = slot(j)? + kv_off;
-                        *score = dot(qh, &kc[at..at + d]) * m.scale;
-                        max = max.max(*score);
-                    }
-                    let mut sum = 0f32;
-                    for score in scores.iter_mut() {
-                        *score = (*score - max).exp();
-                        sum += *score;
-                    }
-                    let oh = &mut out_t[head * d..(head + 1) * d];
-                    for (j, &p) in scores.iter().enumerate() {
-                        let at = slot(j)? + kv_off;
-                        axpy(p, &vc[at..at + d], oh);
-                    }
-                    let inv = 1.0 / sum;
-                    oh.iter_mut().for_each(|o| *o *= inv);
-                }
-                Ok(())
-            })?;
         Ok((
             CpuStorage::F32(out),
-            Shape::from((m.num_tokens, h, d)),
+            Shape::from((m.num_tokens, m.num_heads, m.head_dim)),
         ))
     }
 }
 
+/// An element of the KV cache as the CPU kernel reads it.
+trait CacheElem: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+    /// Rounds to this type's precision. With a half-precision cache the query and the attention
+    /// probabilities are rounded like this before they meet K and V, as ggml does: it keeps the
+    /// output close to llama.cpp's, whose CPU path our golden tests compare against.
+    fn round(x: f32) -> f32;
+}
+
+impl CacheElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn round(x: f32) -> f32 {
+        x
+    }
+}
+
+impl CacheElem for half::f16 {
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn round(x: f32) -> f32 {
+        half::f16::from_f32(x).to_f32()
+    }
+}
+
+impl CacheElem for half::bf16 {
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    fn round(x: f32) -> f32 {
+        half::bf16::from_f32(x).to_f32()
+    }
+}
+
+fn attend<T: CacheElem>(m: &AttentionMeta, q: &[f32], kc: &[T], vc: &[T]) -> candle_core::Result<Vec<f32>> {
+    let (h, d) = (m.num_heads, m.head_dim);
+    let group = m.num_heads / m.num_kv_heads;
+    let kv_row = m.num_kv_heads * d;
+    let capacity = kc.len().min(vc.len()) / kv_row;
+    let mut out = vec![0f32; m.num_tokens * h * d];
+    out.par_chunks_mut(h * d)
+        .zip(q.par_chunks(h * d))
+        .enumerate()
+        .try_for_each(|(t, (out_t, q_t))| -> candle_core::Result<()> {
+            let s = &m.seqs[m.token_seq[t] as usize];
+            // Position of this query token within its sequence.
+            let pos = s.context_len - s.q_len + (t - s.q_start);
+            let n_keys = pos + 1;
+            let mut offsets = Vec::with_capacity(n_keys);
+            for j in 0..n_keys {
+                let slot = s.block_table[j / m.block_size] as usize * m.block_size + j % m.block_size;
+                if slot >= capacity {
+                    candle_core::bail!("paged-attention: slot {slot} outside the cache")
+                }
+                offsets.push(slot * kv_row);
+            }
+            let mut scores = vec![0f32; n_keys];
+            let mut qh = vec![0f32; d];
+            for head in 0..h {
+                let kv_off = (head / group) * d;
+                for (x, &y) in qh.iter_mut().zip(&q_t[head * d..(head + 1) * d]) {
+                    *x = T::round(y);
+                }
+                let mut max = f32::NEG_INFINITY;
+                for (score, &at) in scores.iter_mut().zip(&offsets) {
+                    *score = dot(&qh, &kc[at + kv_off..at + kv_off + d]) * m.scale;
+                    max = max.max(*score);
+                }
+                let mut sum = 0f32;
+                for score in scores.iter_mut() {
+                    *score = (*score - max).exp();
+                    sum += *score;
+                }
+                let inv = 1.0 / sum;
+                let oh = &mut out_t[head * d..(head + 1) * d];
+                for (&p, &at) in scores.iter().zip(&offsets) {
+                    axpy(T::round(p * inv), &vc[at + kv_off..at + kv_off + d], oh);
+                }
+            }
+            Ok(())
+        })?;
+    Ok(out)
+}
+
 /// A dot product with eight independent accumulators, so the compiler can vectorise it.
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: CacheElem>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac
         .remainder()
         .iter()
         .zip(bc.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.to_f32())
         .sum();
     for (x, y) in ac.zip(bc) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * y[l].to_f32();
         }
     }
     acc.iter().sum::<f32>() + tail
 }
 
 #[inline]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+fn axpy<T: CacheElem>(a: f32, x: &[T], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
+        *y += a * x.to_f32();
     }
 }
 
