@@ -218,12 +218,17 @@ mod tests {
         // Slots 5, 6 (block 1) and 28 (block 7, offset 0).
         cache.write_slots(1, &k, &v, &[5, 6, 28]).unwrap();
         let (kb, vb) = cache.read_blocks(1, &[7, 1]).unwrap();
-        let kb: Vec<Vec<Vec<Vec<f32>>>> = kb.to_vec4().unwrap();
-        assert_eq!(kb[0][0][1], vec![12., 13., 14., 15.]);
-        assert_eq!(kb[1][1][0], vec![0., 1., 2., 3.]);
-        assert_eq!(kb[1][2][1], vec![12. - 8., 13. - 8., 14. - 8., 15. - 8.]);
-        let vb: Vec<Vec<Vec<Vec<f32>>>> = vb.to_vec4().unwrap();
-        assert_eq!(vb[1][1][0], vec![0., -1., -2., -3.]);
+        // [block, offset, head, dim] -> the 4 values of that head.
+        let at = |t: &Tensor, b: usize, o: usize, h: usize| -> Vec<f32> {
+            let flat: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let i = ((b * 4 + o) * 2 + h) * 4;
+            flat[i..i + 4].to_vec()
+        };
+        // Row r of k holds 8r..8r+8: head 0 then head 1.
+        assert_eq!(at(&kb, 0, 0, 1), vec![20., 21., 22., 23.]); // slot 28 = row 2
+        assert_eq!(at(&kb, 1, 1, 0), vec![0., 1., 2., 3.]); // slot 5 = row 0
+        assert_eq!(at(&kb, 1, 2, 1), vec![12., 13., 14., 15.]); // slot 6 = row 1
+        assert_eq!(at(&vb, 1, 1, 0), vec![0., -1., -2., -3.]);
         // Layer 0 untouched.
         let (k0, _) = cache.read_blocks(0, &[1]).unwrap();
         assert_eq!(k0.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);

@@ -40,8 +40,6 @@ pub struct AttentionMeta {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub scale: f32,
-    /// For every packed token, the sequence it belongs to.
-    token_seq: Vec<u32>,
 }
 
 impl AttentionMeta {
@@ -92,7 +90,6 @@ impl AttentionMeta {
             num_kv_heads,
             head_dim,
             scale: 1.0 / (head_dim as f32).sqrt(),
-            token_seq,
         })
     }
 }
@@ -194,28 +191,65 @@ impl CacheElem for half::bf16 {
     }
 }
 
-fn attend<T: CacheElem>(m: &AttentionMeta, q: &[f32], kc: &[T], vc: &[T]) -> candle_core::Result<Vec<f32>> {
+fn attend<T: CacheElem>(
+    m: &AttentionMeta,
+    q: &[f32],
+    kc: &[T],
+    vc: &[T],
+) -> candle_core::Result<Vec<f32>> {
+    let row = m.num_heads * m.head_dim;
+    let mut out = vec![0f32; m.num_tokens * row];
+    // Each sequence owns a disjoint range of packed rows: hand those out as separate slices.
+    let mut order: Vec<&SeqAttention> = m.seqs.iter().collect();
+    order.sort_by_key(|s| s.q_start);
+    let mut parts = Vec::with_capacity(order.len());
+    let mut rest = out.as_mut_slice();
+    let mut at = 0;
+    for s in order {
+        let (_, tail) = rest.split_at_mut((s.q_start - at) * row);
+        let (mine, tail) = tail.split_at_mut(s.q_len * row);
+        parts.push((s, mine));
+        rest = tail;
+        at = s.q_start + s.q_len;
+    }
+    parts
+        .into_par_iter()
+        .try_for_each(|(s, out_s)| attend_sequence(m, s, &q[s.q_start * row..], kc, vc, out_s))?;
+    Ok(out)
+}
+
+/// One sequence: its K/V are gathered from the blocks into f32 once, then every query token of
+/// it attends over its causal prefix.
+fn attend_sequence<T: CacheElem>(
+    m: &AttentionMeta,
+    s: &SeqAttention,
+    q: &[f32],
+    kc: &[T],
+    vc: &[T],
+    out: &mut [f32],
+) -> candle_core::Result<()> {
     let (h, d) = (m.num_heads, m.head_dim);
     let group = m.num_heads / m.num_kv_heads;
     let kv_row = m.num_kv_heads * d;
     let capacity = kc.len().min(vc.len()) / kv_row;
-    let mut out = vec![0f32; m.num_tokens * h * d];
+    let ctx = s.context_len;
+    let mut keys = Vec::with_capacity(ctx * kv_row);
+    let mut values = Vec::with_capacity(ctx * kv_row);
+    for j in 0..ctx {
+        let slot = s.block_table[j / m.block_size] as usize * m.block_size + j % m.block_size;
+        if slot >= capacity {
+            candle_core::bail!("paged-attention: slot {slot} outside the cache")
+        }
+        let at = slot * kv_row;
+        keys.extend(kc[at..at + kv_row].iter().map(|x| x.to_f32()));
+        values.extend(vc[at..at + kv_row].iter().map(|x| x.to_f32()));
+    }
     out.par_chunks_mut(h * d)
         .zip(q.par_chunks(h * d))
         .enumerate()
-        .try_for_each(|(t, (out_t, q_t))| -> candle_core::Result<()> {
-            let s = &m.seqs[m.token_seq[t] as usize];
+        .for_each(|(i, (out_t, q_t))| {
             // Position of this query token within its sequence.
-            let pos = s.context_len - s.q_len + (t - s.q_start);
-            let n_keys = pos + 1;
-            let mut offsets = Vec::with_capacity(n_keys);
-            for j in 0..n_keys {
-                let slot = s.block_table[j / m.block_size] as usize * m.block_size + j % m.block_size;
-                if slot >= capacity {
-                    candle_core::bail!("paged-attention: slot {slot} outside the cache")
-                }
-                offsets.push(slot * kv_row);
-            }
+            let n_keys = ctx - s.q_len + i + 1;
             let mut scores = vec![0f32; n_keys];
             let mut qh = vec![0f32; d];
             for head in 0..h {
@@ -224,8 +258,9 @@ fn attend<T: CacheElem>(m: &AttentionMeta, q: &[f32], kc: &[T], vc: &[T]) -> can
                     *x = T::round(y);
                 }
                 let mut max = f32::NEG_INFINITY;
-                for (score, &at) in scores.iter_mut().zip(&offsets) {
-                    *score = dot(&qh, &kc[at + kv_off..at + kv_off + d]) * m.scale;
+                for (j, score) in scores.iter_mut().enumerate() {
+                    let at = j * kv_row + kv_off;
+                    *score = dot(&qh, &keys[at..at + d]) * m.scale;
                     max = max.max(*score);
                 }
                 let mut sum = 0f32;
@@ -235,38 +270,38 @@ fn attend<T: CacheElem>(m: &AttentionMeta, q: &[f32], kc: &[T], vc: &[T]) -> can
                 }
                 let inv = 1.0 / sum;
                 let oh = &mut out_t[head * d..(head + 1) * d];
-                for (&p, &at) in scores.iter().zip(&offsets) {
-                    axpy(T::round(p * inv), &vc[at + kv_off..at + kv_off + d], oh);
+                for (j, &p) in scores.iter().enumerate() {
+                    let at = j * kv_row + kv_off;
+                    axpy(T::round(p * inv), &values[at..at + d], oh);
                 }
             }
-            Ok(())
-        })?;
-    Ok(out)
+        });
+    Ok(())
 }
 
 /// A dot product with eight independent accumulators, so the compiler can vectorise it.
 #[inline]
-fn dot<T: CacheElem>(a: &[f32], b: &[T]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac
         .remainder()
         .iter()
         .zip(bc.remainder())
-        .map(|(x, y)| x * y.to_f32())
+        .map(|(x, y)| x * y)
         .sum();
     for (x, y) in ac.zip(bc) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l].to_f32();
+            acc[l] += x[l] * y[l];
         }
     }
     acc.iter().sum::<f32>() + tail
 }
 
 #[inline]
-fn axpy<T: CacheElem>(a: f32, x: &[T], y: &mut [f32]) {
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x.to_f32();
+        *y += a * x;
     }
 }
 
