@@ -250,3 +250,177 @@ fn build_dense(
     }
     Ok(layers)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{KvCache, KvCacheSpec};
+    use crate::model::{ForwardBatch, ModelSource};
+    use candle_core::D;
+
+    fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+        let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        x.broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(w)
+            .unwrap()
+    }
+
+    /// Hugging Face's rotate_half RoPE for `[n, heads, d]` at positions 0..n.
+    fn rope_halves(x: &Tensor, theta: f32) -> Tensor {
+        let (n, heads, d) = x.dims3().unwrap();
+        let mut out = x.to_vec3::<f32>().unwrap();
+        for (p, tok) in out.iter_mut().enumerate() {
+            for head in tok.iter_mut().take(heads) {
+                let orig = head.clone();
+                for i in 0..d / 2 {
+                    let angle = p as f32 / theta.powf(2.0 * i as f32 / d as f32);
+                    let (c, s) = (angle.cos(), angle.sin());
+                    head[i] = orig[i] * c - orig[i + d / 2] * s;
+                    head[i + d / 2] = orig[i + d / 2] * c + orig[i] * s;
+                }
+            }
+        }
+        let flat: Vec<f32> = out.into_iter().flatten().flatten().collect();
+        Tensor::from_vec(flat, (n, heads, d), &Device::Cpu).unwrap()
+    }
+
+    /// A plain, unbatched llama forward over contiguous tensors: the reference.
+    fn reference_logits(c: &ModelConfig, w: &HashMap<String, Tensor>, ids: &[u32]) -> Vec<f32> {
+        let n = ids.len();
+        let (h, kvh, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let g = |name: &str| w[name].clone();
+        let lin = |x: &Tensor, name: &str| x.matmul(&g(name).t().unwrap()).unwrap();
+        let idx = Tensor::new(ids, &Device::Cpu).unwrap();
+        let mut x = g("model.embed_tokens.weight").index_select(&idx, 0).unwrap();
+        let mask: Vec<f32> = (0..n)
+            .flat_map(|i| (0..n).map(move |j| if j <= i { 0. } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, n, n), &Device::Cpu).unwrap();
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            let hs = rms_norm(&x, &g(&format!("{p}.input_layernorm.weight")), c.rms_norm_eps);
+            let q = rope_halves(&lin(&hs, &format!("{p}.self_attn.q_proj.weight")).reshape((n, h, d)).unwrap(), c.rope_theta);
+            let k = rope_halves(&lin(&hs, &format!("{p}.self_attn.k_proj.weight")).reshape((n, kvh, d)).unwrap(), c.rope_theta);
+            let v = lin(&hs, &format!("{p}.self_attn.v_proj.weight")).reshape((n, kvh, d)).unwrap();
+            let rep = |t: &Tensor| {
+                t.unsqueeze(2).unwrap().repeat((1, 1, h / kvh, 1)).unwrap().reshape((n, h, d)).unwrap()
+                    .transpose(0, 1).unwrap().contiguous().unwrap()
+            };
+            let (k, v) = (rep(&k), rep(&v));
+            let q = q.transpose(0, 1).unwrap().contiguous().unwrap();
+            let att = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+            let att = candle_nn::ops::softmax(&att.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
+            let o = att.matmul(&v).unwrap().transpose(0, 1).unwrap().reshape((n, h * d)).unwrap();
+            x = (x + lin(&o, &format!("{p}.self_attn.o_proj.weight"))).unwrap();
+            let hs = rms_norm(&x, &g(&format!("{p}.post_attention_layernorm.weight")), c.rms_norm_eps);
+            let act = (candle_nn::ops::silu(&lin(&hs, &format!("{p}.mlp.gate_proj.weight"))).unwrap()
+                * lin(&hs, &format!("{p}.mlp.up_proj.weight")))
+            .unwrap();
+            x = (x + lin(&act, &format!("{p}.mlp.down_proj.weight"))).unwrap();
+        }
+        let x = rms_norm(&x, &g("model.norm.weight"), c.rms_norm_eps);
+        lin(&x.narrow(0, n - 1, 1).unwrap(), "model.embed_tokens.weight")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn run(model: &LlamaModel, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
+        let c = model.config();
+        let spec = KvCacheSpec {
+            num_layers: c.num_layers,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            block_size: 4,
+            num_blocks: 16,
+            dtype: DType::F32,
+        };
+        let cache = KvCache::new(spec, &Device::Cpu).unwrap();
+        let table: Vec<u32> = vec![9, 2, 14, 5, 0, 7];
+        let mut at = 0;
+        let mut logits = Vec::new();
+        for &len in chunks {
+            let mut batch = ForwardBatch::default();
+            batch.push_seq(&ids[at..at + len], at, &table, true);
+            logits = model
+                .forward(&batch, &cache, &mut |_| Ok(()))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            at += len;
+        }
+        logits
+    }
+
+    #[test]
+    fn hugging_face_folder_matches_a_plain_reference_forward() {
+        let config = ModelConfig::preset("tiny").unwrap();
+        let (h, kvh, d) = (config.num_heads, config.num_kv_heads, config.head_dim);
+        let (hidden, inter, vocab) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            ("model.embed_tokens.weight".into(), vec![vocab, hidden]),
+            ("model.norm.weight".into(), vec![hidden]),
+        ];
+        for l in 0..config.num_layers {
+            let p = format!("model.layers.{l}");
+            shapes.extend([
+                (format!("{p}.input_layernorm.weight"), vec![hidden]),
+                (format!("{p}.post_attention_layernorm.weight"), vec![hidden]),
+                (format!("{p}.self_attn.q_proj.weight"), vec![h * d, hidden]),
+                (format!("{p}.self_attn.k_proj.weight"), vec![kvh * d, hidden]),
+                (format!("{p}.self_attn.v_proj.weight"), vec![kvh * d, hidden]),
+                (format!("{p}.self_attn.o_proj.weight"), vec![hidden, h * d]),
+                (format!("{p}.mlp.gate_proj.weight"), vec![inter, hidden]),
+                (format!("{p}.mlp.up_proj.weight"), vec![inter, hidden]),
+                (format!("{p}.mlp.down_proj.weight"), vec![hidden, inter]),
+            ]);
+        }
+        let weights: HashMap<String, Tensor> = shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                let t = if shape.len() == 1 {
+                    (Tensor::randn(0f32, 0.1, shape, &Device::Cpu).unwrap() + 1.0).unwrap()
+                } else {
+                    Tensor::randn(0f32, 0.2, shape, &Device::Cpu).unwrap()
+                };
+                (name, t)
+            })
+            .collect();
+        let dir = std::env::temp_dir().join(format!("pd-hf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
+        let json = format!(
+            r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":{vocab},"hidden_size":{hidden},
+            "intermediate_size":{inter},"num_hidden_layers":{},"num_attention_heads":{h},
+            "num_key_value_heads":{kvh},"rope_theta":{},"rms_norm_eps":1e-5,
+            "max_position_embeddings":1024,"tie_word_embeddings":true}}"#,
+            config.num_layers, config.rope_theta
+        );
+        std::fs::write(dir.join("config.json"), json).unwrap();
+
+        let loaded = crate::model::load(&ModelSource::HfDir(dir.clone()), &Device::Cpu).unwrap();
+        let hf_config = loaded.model.config().clone();
+        let ids = [3u32, 77, 501, 12, 9, 300, 42, 42, 7, 128, 1];
+        let want = reference_logits(&hf_config, &weights, &ids);
+        for chunks in [vec![11], vec![4, 1, 6], vec![1; 11]] {
+            let got = run(&loaded.model, &ids, &chunks);
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-3, "chunks {chunks:?}: max logit difference {diff}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn dummy_weights_are_seeded_and_give_finite_logits() {
+        let load = |seed| load_dummy(ModelConfig::preset("tiny").unwrap(), seed, &Device::Cpu).unwrap();
+        let ids = [1u32, 2, 3, 4, 5];
+        let a = run(&load(1), &ids, &[5]);
+        assert!(a.iter().all(|x| x.is_finite()));
+        assert_eq!(a, run(&load(1), &ids, &[5]), "same seed, same weights");
+        assert_ne!(a, run(&load(2), &ids, &[5]), "another seed, other weights");
+    }
+}
