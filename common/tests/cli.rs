@@ -12,10 +12,22 @@ fn json_mode_prints_generated_ids_and_text() {
     // "What is the capital of France?" rendered with the chat template (see tests/data).
     let ids = "1,9690,198,2683,359,253,5356,5646,11173,3365,3511,308,34519,28,7018,411,407,19712,8182,2,198,1,4093,198,1780,314,260,3575,282,4649,47,19842,281,582,6330,30,2,198,1,520,9531,198";
     let out = pd_generate()
-        .args(["--prompt-ids", ids, "--max-tokens", "8", "--temperature", "0", "--json"])
+        .args([
+            "--prompt-ids",
+            ids,
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let json: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let generated: Vec<u64> = json["generated_ids"]
@@ -33,11 +45,23 @@ fn json_mode_prints_generated_ids_and_text() {
 #[test]
 fn chat_prompt_streams_text_and_reports_speed() {
     let out = pd_generate()
-        .args(["--prompt", "What is the capital of France? Answer in one sentence.", "--max-tokens", "16"])
+        .args([
+            "--prompt",
+            "What is the capital of France? Answer in one sentence.",
+            "--max-tokens",
+            "16",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "The capital of France is Paris.");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "The capital of France is Paris."
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("tokens/s"), "{stderr}");
 }

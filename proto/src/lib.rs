@@ -20,9 +20,15 @@ mod tests {
             head_dim: 64,
             block_size: 16,
         };
-        assert_eq!(ModelFingerprint::decode(fp.encode_to_vec().as_slice()).unwrap(), fp);
+        assert_eq!(
+            ModelFingerprint::decode(fp.encode_to_vec().as_slice()).unwrap(),
+            fp
+        );
         // temperature = 0 (greedy) must stay distinguishable from "unset".
-        let p = SamplingParams { temperature: Some(0.0), ..Default::default() };
+        let p = SamplingParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        };
         let back = SamplingParams::decode(p.encode_to_vec().as_slice()).unwrap();
         assert_eq!(back.temperature, Some(0.0));
         assert_eq!(SamplingParams::default().temperature, None);

@@ -69,12 +69,19 @@ pub struct RunResult {
 
 /// Streams of requests added to an engine.
 pub struct Runs {
-    streams: Vec<(mpsc::UnboundedReceiver<SeqEvent>, Vec<u32>, String, Option<FinishReason>)>,
+    streams: Vec<(
+        mpsc::UnboundedReceiver<SeqEvent>,
+        Vec<u32>,
+        String,
+        Option<FinishReason>,
+    )>,
 }
 
 impl Runs {
     pub fn new() -> Self {
-        Self { streams: Vec::new() }
+        Self {
+            streams: Vec::new(),
+        }
     }
 
     /// Adds a request; returns its index.
@@ -92,7 +99,8 @@ impl Runs {
             if !core.has_work() {
                 break;
             }
-            core.step().unwrap_or_else(|e| panic!("engine step failed: {e}"));
+            core.step()
+                .unwrap_or_else(|e| panic!("engine step failed: {e}"));
             self.drain();
         }
     }

@@ -97,6 +97,9 @@ fn preemption_by_recompute_keeps_greedy_output() {
         assert_eq!(got.ids, alone[i], "prompt {i} differs after preemption");
     }
     let stats = core.stats();
-    assert!(stats.preemptions > 0, "the small cache must have forced preemption");
+    assert!(
+        stats.preemptions > 0,
+        "the small cache must have forced preemption"
+    );
     assert_eq!(stats.free_blocks, 24, "every block is free again");
 }

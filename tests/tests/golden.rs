@@ -1,7 +1,7 @@
 //! The engine against llama.cpp's reference outputs for the same GGUF (tests/data/README.md):
-//! exact prompt token ids, greedy tokens for at least the first min(8, len) positions (printing
-//! every case's full match length), and top-5 logits at positions 0..3 within 1.0.
-
+//! exact prompt token ids; greedy tokens for at least the first min(8, len) positions, unless the
+//! run parts at a measured near-tie (every case's match length is printed); the reference's token
+//! near our top choice at every position; top-5 logits at positions 0..3 within 1.0.
 
 use candle_core::Device;
 use pd_common::chat_template::ChatMessage;
@@ -22,7 +22,10 @@ fn greedy(max_tokens: usize) -> SamplingParams {
 #[test]
 fn prompts_tokenize_exactly_as_llama_cpp() {
     let model = real_model();
-    let template = model.chat_template.as_ref().expect("the GGUF has a chat template");
+    let template = model
+        .chat_template
+        .as_ref()
+        .expect("the GGUF has a chat template");
     for case in golden_cases() {
         if case.template {
             let user = case
@@ -39,6 +42,48 @@ fn prompts_tokenize_exactly_as_llama_cpp() {
         let ids = model.encode_text(&case.prompt).unwrap();
         assert_eq!(ids, case.prompt_ids, "{}: prompt token ids", case.name);
     }
+}
+
+/// A divergence from the reference before position 8 is accepted only where the two candidates
+/// are within this many logits of each other in our own distribution: a near-tie that rounding
+/// differences between two correct kernels can flip (see tests/data/README.md).
+const NEAR_TIE: f32 = 0.1;
+
+/// Through any position, the reference's token must be within this many logits of our top one.
+const REFERENCE_WITHIN: f32 = 0.5;
+
+/// Our logits after the prompt and each prefix of the reference's tokens (teacher-forced), in
+/// one forward pass: `[generated, vocab]`.
+fn teacher_forced_logits(case: &pd_tests::GoldenCase) -> Vec<Vec<f32>> {
+    let m = &real_model().model;
+    let cfg = m.config();
+    let len = case.prompt_ids.len() + case.generated_ids.len();
+    let spec = KvCacheSpec {
+        num_layers: cfg.num_layers,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        block_size: 16,
+        num_blocks: len.div_ceil(16),
+        dtype: EngineConfig::default().kv_cache_dtype.dtype(),
+    };
+    let cache = KvCache::new(spec, &Device::Cpu).unwrap();
+    let table: Vec<u32> = (0..len.div_ceil(16) as u32).rev().collect();
+    let mut tokens = case.prompt_ids.clone();
+    tokens.extend(&case.generated_ids);
+    let mut batch = ForwardBatch::default();
+    batch.push_seq(&tokens, 0, &table, false);
+    let p = case.prompt_ids.len();
+    batch.logit_rows = (p - 1..p - 1 + case.generated_ids.len()).collect();
+    m.forward(&batch, &cache, &mut |_| Ok(()))
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+/// How far the reference's token at `pos` is below our top logit there.
+fn gap_to_reference(logits: &[f32], reference: u32) -> f32 {
+    let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    top - logits[reference as usize]
 }
 
 #[test]
@@ -67,28 +112,58 @@ fn greedy_tokens_match_llama_cpp() {
     let mut total = (0, 0);
     for (case, got) in cases.iter().zip(&results) {
         let n = match_len(&got.ids, &case.generated_ids);
-        let need = case.generated_ids.len().min(8);
-        println!(
-            "{:<20} matched {n:>2}/{:<2} tokens{}",
-            case.name,
-            case.generated_ids.len(),
-            if n == case.generated_ids.len() { "" } else { "  (diverges after a near-tie)" }
-        );
+        let len = case.generated_ids.len();
         total.0 += n;
-        total.1 += case.generated_ids.len();
-        if n < need {
-            failures.push(format!("{}: matched {n} < {need}: {:?} vs {:?}", case.name, got.ids, case.generated_ids));
+        total.1 += len;
+        if n == len {
+            println!("{:<20} matched {n:>2}/{len:<2} tokens", case.name);
+            assert_eq!(
+                got.text, case.generated_text,
+                "{}: text of a whole-sequence match",
+                case.name
+            );
+            continue;
         }
-        if n == case.generated_ids.len() {
-            let eog = got.ids.last().is_some_and(|id| model.tokenizer.as_ref().unwrap().eog_token_ids().contains(id));
-            let expected_text = &case.generated_text;
-            if eog || got.ids.len() == case.generated_ids.len() {
-                assert_eq!(&got.text, expected_text, "{}: text of a whole-sequence match", case.name);
+        // Up to the divergence both runs saw the same tokens, so the teacher-forced logits at
+        // `n` are the ones our greedy run chose from.
+        let logits = &teacher_forced_logits(case)[n];
+        let gap = gap_to_reference(logits, case.generated_ids[n]);
+        println!(
+            "{:<20} matched {n:>2}/{len:<2} tokens; at {n} the reference's token is {gap:.3} below our choice",
+            case.name
+        );
+        if n < len.min(8) && gap >= NEAR_TIE {
+            failures.push(format!(
+                "{}: diverged at {n} with a gap of {gap:.3} (not a near-tie): {:?} vs {:?}",
+                case.name, got.ids, case.generated_ids
+            ));
+        }
+    }
+    println!("total: {}/{} reference tokens reproduced", total.0, total.1);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn reference_tokens_stay_near_our_top_choice_at_every_position() {
+    let mut worst = (0f32, String::new());
+    for case in golden_cases() {
+        let logits = teacher_forced_logits(&case);
+        for (pos, (row, &reference)) in logits.iter().zip(&case.generated_ids).enumerate() {
+            let gap = gap_to_reference(row, reference);
+            assert!(
+                gap < REFERENCE_WITHIN,
+                "{} pos {pos}: the reference's token {reference} is {gap:.3} below our top logit",
+                case.name
+            );
+            if gap > worst.0 {
+                worst = (gap, format!("{} pos {pos}", case.name));
             }
         }
     }
-    println!("total: {}/{} golden tokens reproduced", total.0, total.1);
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    println!(
+        "largest gap to the reference's token: {:.3} ({})",
+        worst.0, worst.1
+    );
 }
 
 #[test]
@@ -102,7 +177,7 @@ fn top_logits_match_llama_cpp() {
         head_dim: cfg.head_dim,
         block_size: 16,
         num_blocks: 64,
-        dtype: m.dtype(),
+        dtype: EngineConfig::default().kv_cache_dtype.dtype(),
     };
     let cache = KvCache::new(spec, &Device::Cpu).unwrap();
     let table: Vec<u32> = (0..64).rev().collect();
@@ -126,11 +201,23 @@ fn top_logits_match_llama_cpp() {
             let best = (0..logits.len())
                 .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
                 .unwrap();
-            assert_eq!(best as u32, expected.top5[0].id, "{} pos {}: top-1 id", case.name, expected.pos);
+            assert_eq!(
+                best as u32, expected.top5[0].id,
+                "{} pos {}: top-1 id",
+                case.name, expected.pos
+            );
             for t in &expected.top5 {
                 let diff = (logits[t.id as usize] - t.logit).abs();
                 worst = worst.max(diff);
-                assert!(diff < 1.0, "{} pos {} id {}: logit {} vs {}", case.name, expected.pos, t.id, logits[t.id as usize], t.logit);
+                assert!(
+                    diff < 1.0,
+                    "{} pos {} id {}: logit {} vs {}",
+                    case.name,
+                    expected.pos,
+                    t.id,
+                    logits[t.id as usize],
+                    t.logit
+                );
             }
             fed.push(case.generated_ids[expected.pos]);
         }

@@ -16,7 +16,11 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 #[derive(Parser, Debug)]
-#[command(name = "pd-generate", version, about = "Generate text with the single-process engine")]
+#[command(
+    name = "pd-generate",
+    version,
+    about = "Generate text with the single-process engine"
+)]
 struct Args {
     /// A GGUF file, a Hugging Face folder, or dummy:<shape> (default: the fetched SmolLM2 GGUF).
     #[arg(long, env = "PD_MODEL")]
@@ -225,12 +229,18 @@ fn run(args: Args) -> pd_common::Result<()> {
     let (mut prompt_tokens, mut completion_tokens) = (0, 0);
     for (_, out, done) in &streams {
         if !done {
-            return Err(pd_common::Error::Internal("a request never finished".into()));
+            return Err(pd_common::Error::Internal(
+                "a request never finished".into(),
+            ));
         }
         prompt_tokens += out.prompt_tokens;
         completion_tokens += out.completion_tokens;
         if args.json {
-            println!("{}", serde_json::to_string(out).map_err(|e| pd_common::Error::Internal(e.to_string()))?);
+            println!(
+                "{}",
+                serde_json::to_string(out)
+                    .map_err(|e| pd_common::Error::Internal(e.to_string()))?
+            );
         } else if !live {
             println!("{}\n---", out.generated_text);
         }
@@ -286,7 +296,11 @@ fn prompts(args: &Args, loaded: &model::LoadedModel) -> pd_common::Result<Vec<Ve
     }
     if let Some(path) = &args.prompts_file {
         let text = std::fs::read_to_string(path)?;
-        return text.lines().filter(|l| !l.trim().is_empty()).map(chat).collect();
+        return text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(chat)
+            .collect();
     }
     match &args.prompt {
         Some(p) => Ok(vec![chat(p)?]),
@@ -295,4 +309,3 @@ fn prompts(args: &Args, loaded: &model::LoadedModel) -> pd_common::Result<Vec<Ve
         )),
     }
 }
-

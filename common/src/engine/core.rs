@@ -215,7 +215,9 @@ impl EngineCore {
                 continue; // mid-prefill: no token yet
             }
             let Some(row) = rows.next() else {
-                return Err(Error::Internal("forward returned too few logit rows".into()));
+                return Err(Error::Internal(
+                    "forward returned too few logit rows".into(),
+                ));
             };
             match self.sample_and_append(i, &row) {
                 Ok(Appended::Continue) => {}
@@ -246,7 +248,8 @@ impl EngineCore {
         while i < self.running.len() && budget > 0 {
             let seq = &self.running[i];
             let n = seq.pending().min(budget);
-            let needed = blocks_for_tokens(seq.num_computed + n, bs).saturating_sub(seq.blocks.len());
+            let needed =
+                blocks_for_tokens(seq.num_computed + n, bs).saturating_sub(seq.blocks.len());
             while needed > self.allocator.num_free() && self.running.len() > i + 1 {
                 if let Some(victim) = self.running.pop() {
                     self.preempt(victim);

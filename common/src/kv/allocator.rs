@@ -56,7 +56,9 @@ impl KvBlockAllocator {
     pub fn share(&mut self, blocks: &[BlockId]) -> Result<()> {
         for &block in blocks {
             if self.ref_count(block)? == 0 {
-                return Err(Error::invalid(format!("cannot share free KV block {block}")));
+                return Err(Error::invalid(format!(
+                    "cannot share free KV block {block}"
+                )));
             }
         }
         for &block in blocks {

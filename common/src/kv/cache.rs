@@ -94,7 +94,13 @@ impl KvCache {
     }
 
     /// Writes whole blocks of one layer from K and V of shape `[blocks, block_size, kv_heads, head_dim]`.
-    pub fn write_blocks(&self, layer: usize, blocks: &[BlockId], k: &Tensor, v: &Tensor) -> Result<()> {
+    pub fn write_blocks(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
         self.check_blocks(blocks)?;
         let bs = self.spec.block_size;
         let expected = (blocks.len(), bs, self.spec.num_kv_heads, self.spec.head_dim);
@@ -110,7 +116,11 @@ impl KvCache {
             .iter()
             .flat_map(|&b| (0..bs as u32).map(move |o| b * bs as u32 + o))
             .collect();
-        let rows = (blocks.len() * bs, self.spec.num_kv_heads, self.spec.head_dim);
+        let rows = (
+            blocks.len() * bs,
+            self.spec.num_kv_heads,
+            self.spec.head_dim,
+        );
         self.write_slots(layer, &k.reshape(rows)?, &v.reshape(rows)?, &slots)
     }
 
@@ -181,9 +191,7 @@ impl InplaceOp2 for ScatterRows {
         };
         match (dst, src) {
             (CpuStorage::F32(d), CpuStorage::F32(s)) => self.scatter(&mut d[d0..d1], &s[s0..s1]),
-            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => {
-                self.scatter(&mut d[d0..d1], &s[s0..s1])
-            }
+            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => self.scatter(&mut d[d0..d1], &s[s0..s1]),
             (CpuStorage::F16(d), CpuStorage::F16(s)) => self.scatter(&mut d[d0..d1], &s[s0..s1]),
             (d, s) => candle_core::bail!(
                 "kv-scatter-rows: unsupported dtypes {:?} <- {:?}",
@@ -213,7 +221,10 @@ mod tests {
     #[test]
     fn slots_written_are_read_back_through_their_blocks() {
         let cache = KvCache::new(spec(), &Device::Cpu).unwrap();
-        let k = Tensor::arange(0f32, 24., &Device::Cpu).unwrap().reshape((3, 2, 4)).unwrap();
+        let k = Tensor::arange(0f32, 24., &Device::Cpu)
+            .unwrap()
+            .reshape((3, 2, 4))
+            .unwrap();
         let v = (&k * -1.0).unwrap();
         // Slots 5, 6 (block 1) and 28 (block 7, offset 0).
         cache.write_slots(1, &k, &v, &[5, 6, 28]).unwrap();
@@ -231,7 +242,15 @@ mod tests {
         assert_eq!(at(&vb, 1, 1, 0), vec![0., -1., -2., -3.]);
         // Layer 0 untouched.
         let (k0, _) = cache.read_blocks(0, &[1]).unwrap();
-        assert_eq!(k0.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            k0.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
     }
 
     #[test]

@@ -94,7 +94,10 @@ impl ModelConfig {
                 .map_err(|_| Error::UnsupportedModel(format!("`{arch}.{key}` is not an integer")))
         };
         let float = |key: &str, default: f32| -> f32 {
-            get(key).ok().and_then(|v| v.to_f32().ok()).unwrap_or(default)
+            get(key)
+                .ok()
+                .and_then(|v| v.to_f32().ok())
+                .unwrap_or(default)
         };
         let hidden_size = num("embedding_length")?;
         let num_heads = num("attention.head_count")?;
@@ -197,7 +200,9 @@ impl ModelConfig {
         if ok {
             Ok(())
         } else {
-            Err(Error::UnsupportedModel(format!("inconsistent model shape: {self:?}")))
+            Err(Error::UnsupportedModel(format!(
+                "inconsistent model shape: {self:?}"
+            )))
         }
     }
 
@@ -206,7 +211,11 @@ impl ModelConfig {
         let (h, i, d) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let attn = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2;
         let layer = attn + 3 * h * i + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.num_layers * layer + self.vocab_size * h + head + h
     }
 }
@@ -221,7 +230,10 @@ mod tests {
             ModelConfig::preset(name).unwrap().validate().unwrap();
         }
         let c = ModelConfig::preset("llama3-8b").unwrap();
-        assert_eq!((c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim), (32, 32, 8, 128));
+        assert_eq!(
+            (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim),
+            (32, 32, 8, 128)
+        );
         assert!((c.num_parameters() as f64 / 8.03e9 - 1.0).abs() < 0.01);
         assert!(ModelConfig::preset("gpt-5").is_err());
     }
@@ -232,7 +244,10 @@ mod tests {
             "intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
             "rope_theta":500000.0,"rms_norm_eps":1e-6,"max_position_embeddings":256,"tie_word_embeddings":true}"#;
         let c = ModelConfig::from_hf_json(json, "t").unwrap();
-        assert_eq!((c.head_dim, c.num_kv_heads, c.rope_style), (8, 2, RopeStyle::Halves));
+        assert_eq!(
+            (c.head_dim, c.num_kv_heads, c.rope_style),
+            (8, 2, RopeStyle::Halves)
+        );
         assert!(ModelConfig::from_hf_json(r#"{"architectures":["GPT2"]}"#, "t").is_err());
         assert!(ModelConfig::from_hf_json("not json", "t").is_err());
     }

@@ -12,7 +12,10 @@ pub enum Linear {
     /// GGUF blocks with a fast CPU kernel here (llama.cpp's numerics).
     Quant(QuantMatrix),
     /// Other GGUF block formats, through candle's quantized matmul.
-    Ggml { matmul: QMatMul, out_features: usize },
+    Ggml {
+        matmul: QMatMul,
+        out_features: usize,
+    },
     /// A dense `[out_features, in_features]` weight.
     Dense(Tensor),
 }
@@ -62,7 +65,9 @@ impl FusedLinear {
     /// GGUF weights: stacked into one matrix when they share a format our kernels run.
     pub fn from_qtensors(parts: Vec<QTensor>) -> Result<Self> {
         let same_format = parts.windows(2).all(|w| w[0].dtype() == w[1].dtype());
-        let first = parts.first().ok_or_else(|| Error::Internal("no weights to fuse".into()))?;
+        let first = parts
+            .first()
+            .ok_or_else(|| Error::Internal("no weights to fuse".into()))?;
         let format = QuantFormat::from_ggml(first.dtype()).filter(|_| same_format);
         let k = first.shape().dims().get(1).copied().unwrap_or(0);
         let same_k = parts.iter().all(|p| p.shape().dims().get(1) == Some(&k));
@@ -80,7 +85,10 @@ impl FusedLinear {
                 })
             }
             _ => Ok(Self {
-                parts: parts.into_iter().map(Linear::from_qtensor).collect::<Result<_>>()?,
+                parts: parts
+                    .into_iter()
+                    .map(Linear::from_qtensor)
+                    .collect::<Result<_>>()?,
                 stacked: None,
             }),
         }
@@ -114,5 +122,7 @@ impl FusedLinear {
 }
 
 pub(crate) fn shape_error(name: &str, got: &[usize], want: &[usize]) -> Error {
-    Error::UnsupportedModel(format!("tensor {name} has shape {got:?}, expected {want:?}"))
+    Error::UnsupportedModel(format!(
+        "tensor {name} has shape {got:?}, expected {want:?}"
+    ))
 }

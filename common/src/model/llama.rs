@@ -55,10 +55,17 @@ pub struct ForwardBatch {
 
 impl ForwardBatch {
     /// Appends a sequence's new tokens; `cached` tokens of it are already in the cache.
-    pub fn push_seq(&mut self, tokens: &[u32], cached: usize, block_table: &[u32], want_logits: bool) {
+    pub fn push_seq(
+        &mut self,
+        tokens: &[u32],
+        cached: usize,
+        block_table: &[u32],
+        want_logits: bool,
+    ) {
         let q_start = self.token_ids.len();
         self.token_ids.extend_from_slice(tokens);
-        self.positions.extend((cached..cached + tokens.len()).map(|p| p as u32));
+        self.positions
+            .extend((cached..cached + tokens.len()).map(|p| p as u32));
         self.seqs.push(SeqAttention {
             q_start,
             q_len: tokens.len(),
@@ -130,7 +137,11 @@ impl LlamaModel {
         if batch.positions.len() != n {
             return Err(Error::invalid("every packed token needs a position"));
         }
-        if let Some(&id) = batch.token_ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        if let Some(&id) = batch
+            .token_ids
+            .iter()
+            .find(|&&t| t as usize >= cfg.vocab_size)
+        {
             return Err(Error::invalid(format!(
                 "token id {id} is outside the vocabulary of {}",
                 cfg.vocab_size
@@ -149,7 +160,11 @@ impl LlamaModel {
         let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
 
         let ids = Tensor::from_slice(&batch.token_ids, n, &self.device)?;
-        let mut x = self.embedding.0.index_select(&ids, 0)?.to_dtype(self.dtype)?;
+        let mut x = self
+            .embedding
+            .0
+            .index_select(&ids, 0)?
+            .to_dtype(self.dtype)?;
         let eps = cfg.rms_norm_eps as f32;
         for (l, layer) in self.layers.iter().enumerate() {
             let hidden = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
@@ -169,7 +184,11 @@ impl LlamaModel {
             x = (x + layer.down.forward(&act)?)?;
         }
         if batch.logit_rows.is_empty() {
-            return Ok(Tensor::zeros((0, cfg.vocab_size), DType::F32, &self.device)?);
+            return Ok(Tensor::zeros(
+                (0, cfg.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
         }
         let rows: Vec<u32> = batch.logit_rows.iter().map(|&r| r as u32).collect();
         if rows.iter().any(|&r| r as usize >= n) {

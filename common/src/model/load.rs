@@ -165,7 +165,10 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LlamaModel> {
             _ => format!("{p}.mlp.{part}_proj.weight"),
         }
     })?;
-    let embedding = take("model.embed_tokens.weight", &[config.vocab_size, config.hidden_size])?;
+    let embedding = take(
+        "model.embed_tokens.weight",
+        &[config.vocab_size, config.hidden_size],
+    )?;
     let norm = take("model.norm.weight", &[config.hidden_size])?;
     let lm_head = if config.tie_word_embeddings {
         embedding.clone()
@@ -192,13 +195,17 @@ pub fn load_dummy(config: ModelConfig, seed: u64, device: &Device) -> Result<Lla
         let count: usize = shape.iter().product();
         let values: Vec<f32> = if shape.len() == 1 {
             // Norm weights near one keep activations in range.
-            (0..count).map(|_| 1.0 + rng.random_range(-0.1..0.1)).collect()
+            (0..count)
+                .map(|_| 1.0 + rng.random_range(-0.1..0.1))
+                .collect()
         } else {
             // Uniform with the standard deviation of a 0.02 normal init scaled by fan-in, so the
             // logits of a deep random model stay finite and varied.
             let fan_in = shape[shape.len() - 1] as f32;
             let bound = (3.0 / fan_in).sqrt();
-            (0..count).map(|_| rng.random_range(-bound..bound)).collect()
+            (0..count)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect()
         };
         Ok(Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)
     };
@@ -292,29 +299,67 @@ mod tests {
         let g = |name: &str| w[name].clone();
         let lin = |x: &Tensor, name: &str| x.matmul(&g(name).t().unwrap()).unwrap();
         let idx = Tensor::new(ids, &Device::Cpu).unwrap();
-        let mut x = g("model.embed_tokens.weight").index_select(&idx, 0).unwrap();
+        let mut x = g("model.embed_tokens.weight")
+            .index_select(&idx, 0)
+            .unwrap();
         let mask: Vec<f32> = (0..n)
             .flat_map(|i| (0..n).map(move |j| if j <= i { 0. } else { f32::NEG_INFINITY }))
             .collect();
         let mask = Tensor::from_vec(mask, (1, n, n), &Device::Cpu).unwrap();
         for l in 0..c.num_layers {
             let p = format!("model.layers.{l}");
-            let hs = rms_norm(&x, &g(&format!("{p}.input_layernorm.weight")), c.rms_norm_eps);
-            let q = rope_halves(&lin(&hs, &format!("{p}.self_attn.q_proj.weight")).reshape((n, h, d)).unwrap(), c.rope_theta);
-            let k = rope_halves(&lin(&hs, &format!("{p}.self_attn.k_proj.weight")).reshape((n, kvh, d)).unwrap(), c.rope_theta);
-            let v = lin(&hs, &format!("{p}.self_attn.v_proj.weight")).reshape((n, kvh, d)).unwrap();
+            let hs = rms_norm(
+                &x,
+                &g(&format!("{p}.input_layernorm.weight")),
+                c.rms_norm_eps,
+            );
+            let q = rope_halves(
+                &lin(&hs, &format!("{p}.self_attn.q_proj.weight"))
+                    .reshape((n, h, d))
+                    .unwrap(),
+                c.rope_theta,
+            );
+            let k = rope_halves(
+                &lin(&hs, &format!("{p}.self_attn.k_proj.weight"))
+                    .reshape((n, kvh, d))
+                    .unwrap(),
+                c.rope_theta,
+            );
+            let v = lin(&hs, &format!("{p}.self_attn.v_proj.weight"))
+                .reshape((n, kvh, d))
+                .unwrap();
             let rep = |t: &Tensor| {
-                t.unsqueeze(2).unwrap().repeat((1, 1, h / kvh, 1)).unwrap().reshape((n, h, d)).unwrap()
-                    .transpose(0, 1).unwrap().contiguous().unwrap()
+                t.unsqueeze(2)
+                    .unwrap()
+                    .repeat((1, 1, h / kvh, 1))
+                    .unwrap()
+                    .reshape((n, h, d))
+                    .unwrap()
+                    .transpose(0, 1)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
             };
             let (k, v) = (rep(&k), rep(&v));
             let q = q.transpose(0, 1).unwrap().contiguous().unwrap();
             let att = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
-            let att = candle_nn::ops::softmax(&att.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
-            let o = att.matmul(&v).unwrap().transpose(0, 1).unwrap().reshape((n, h * d)).unwrap();
+            let att =
+                candle_nn::ops::softmax(&att.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
+            let o = att
+                .matmul(&v)
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap()
+                .reshape((n, h * d))
+                .unwrap();
             x = (x + lin(&o, &format!("{p}.self_attn.o_proj.weight"))).unwrap();
-            let hs = rms_norm(&x, &g(&format!("{p}.post_attention_layernorm.weight")), c.rms_norm_eps);
-            let act = (candle_nn::ops::silu(&lin(&hs, &format!("{p}.mlp.gate_proj.weight"))).unwrap()
+            let hs = rms_norm(
+                &x,
+                &g(&format!("{p}.post_attention_layernorm.weight")),
+                c.rms_norm_eps,
+            );
+            let act = (candle_nn::ops::silu(&lin(&hs, &format!("{p}.mlp.gate_proj.weight")))
+                .unwrap()
                 * lin(&hs, &format!("{p}.mlp.up_proj.weight")))
             .unwrap();
             x = (x + lin(&act, &format!("{p}.mlp.down_proj.weight"))).unwrap();
@@ -360,7 +405,11 @@ mod tests {
     fn hugging_face_folder_matches_a_plain_reference_forward() {
         let config = ModelConfig::preset("tiny").unwrap();
         let (h, kvh, d) = (config.num_heads, config.num_kv_heads, config.head_dim);
-        let (hidden, inter, vocab) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+        let (hidden, inter, vocab) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+        );
         let mut shapes: Vec<(String, Vec<usize>)> = vec![
             ("model.embed_tokens.weight".into(), vec![vocab, hidden]),
             ("model.norm.weight".into(), vec![hidden]),
@@ -371,8 +420,14 @@ mod tests {
                 (format!("{p}.input_layernorm.weight"), vec![hidden]),
                 (format!("{p}.post_attention_layernorm.weight"), vec![hidden]),
                 (format!("{p}.self_attn.q_proj.weight"), vec![h * d, hidden]),
-                (format!("{p}.self_attn.k_proj.weight"), vec![kvh * d, hidden]),
-                (format!("{p}.self_attn.v_proj.weight"), vec![kvh * d, hidden]),
+                (
+                    format!("{p}.self_attn.k_proj.weight"),
+                    vec![kvh * d, hidden],
+                ),
+                (
+                    format!("{p}.self_attn.v_proj.weight"),
+                    vec![kvh * d, hidden],
+                ),
                 (format!("{p}.self_attn.o_proj.weight"), vec![hidden, h * d]),
                 (format!("{p}.mlp.gate_proj.weight"), vec![inter, hidden]),
                 (format!("{p}.mlp.up_proj.weight"), vec![inter, hidden]),
@@ -408,15 +463,23 @@ mod tests {
         let want = reference_logits(&hf_config, &weights, &ids);
         for chunks in [vec![11], vec![4, 1, 6], vec![1; 11]] {
             let got = run(&loaded.model, &ids, &chunks);
-            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(diff < 1e-3, "chunks {chunks:?}: max logit difference {diff}");
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-3,
+                "chunks {chunks:?}: max logit difference {diff}"
+            );
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn dummy_weights_are_seeded_and_give_finite_logits() {
-        let load = |seed| load_dummy(ModelConfig::preset("tiny").unwrap(), seed, &Device::Cpu).unwrap();
+        let load =
+            |seed| load_dummy(ModelConfig::preset("tiny").unwrap(), seed, &Device::Cpu).unwrap();
         let ids = [1u32, 2, 3, 4, 5];
         let a = run(&load(1), &ids, &[5]);
         assert!(a.iter().all(|x| x.is_finite()));

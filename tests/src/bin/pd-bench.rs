@@ -105,7 +105,11 @@ fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
             max_batch_tokens,
             ..args.engine.clone()
         };
-        Ok(EngineCore::new(loaded.model.clone(), loaded.tokenizer.clone(), config)?)
+        Ok(EngineCore::new(
+            loaded.model.clone(),
+            loaded.tokenizer.clone(),
+            config,
+        )?)
     };
 
     // Prefill: the whole prompt in one step, timed to its first token.
