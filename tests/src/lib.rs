@@ -67,14 +67,17 @@ pub struct RunResult {
     pub reason: FinishReason,
 }
 
+/// One request's stream and what it has delivered so far.
+struct Stream {
+    events: mpsc::UnboundedReceiver<SeqEvent>,
+    ids: Vec<u32>,
+    text: String,
+    reason: Option<FinishReason>,
+}
+
 /// Streams of requests added to an engine.
 pub struct Runs {
-    streams: Vec<(
-        mpsc::UnboundedReceiver<SeqEvent>,
-        Vec<u32>,
-        String,
-        Option<FinishReason>,
-    )>,
+    streams: Vec<Stream>,
 }
 
 impl Runs {
@@ -89,7 +92,12 @@ impl Runs {
         let (tx, rx) = mpsc::unbounded_channel();
         core.add_request(request, tx)
             .unwrap_or_else(|e| panic!("request refused: {e}"));
-        self.streams.push((rx, Vec::new(), String::new(), None));
+        self.streams.push(Stream {
+            events: rx,
+            ids: Vec::new(),
+            text: String::new(),
+            reason: None,
+        });
         self.streams.len() - 1
     }
 
@@ -112,17 +120,25 @@ impl Runs {
         self.drain();
         self.streams
             .into_iter()
-            .map(|(_, ids, text, reason)| RunResult {
-                ids,
-                text,
-                reason: reason.unwrap_or_else(|| panic!("a request never finished")),
+            .map(|s| RunResult {
+                ids: s.ids,
+                text: s.text,
+                reason: s
+                    .reason
+                    .unwrap_or_else(|| panic!("a request never finished")),
             })
             .collect()
     }
 
     fn drain(&mut self) {
-        for (rx, ids, text, reason) in &mut self.streams {
-            while let Ok(event) = rx.try_recv() {
+        for Stream {
+            events,
+            ids,
+            text,
+            reason,
+        } in &mut self.streams
+        {
+            while let Ok(event) = events.try_recv() {
                 match event {
                     SeqEvent::Token(t) => {
                         ids.push(t.id);

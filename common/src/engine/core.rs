@@ -225,7 +225,7 @@ impl EngineCore {
                 Err(e) => finished.push((i, Err(e))),
             }
         }
-        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, outcome) in finished {
             let seq = self.running.remove(i);
             match outcome {

@@ -50,7 +50,7 @@ impl AttentionMeta {
         num_kv_heads: usize,
         head_dim: usize,
     ) -> Result<Self> {
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
             return Err(Error::UnsupportedModel(format!(
                 "{num_heads} query heads cannot share {num_kv_heads} KV heads"
             )));
