@@ -80,3 +80,79 @@ fn bad_values_exit_with_a_message_not_a_panic() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn prompts_file_runs_every_prompt_and_messages_take_a_system_turn() {
+    let dir = std::env::temp_dir().join(format!("pd-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("prompts.txt");
+    std::fs::write(
+        &file,
+        "What is the capital of France? Answer in one sentence.\n\nName a color.\nCount to three.\n",
+    )
+    .unwrap();
+    let out = pd_generate()
+        .arg("--prompts-file")
+        .arg(&file)
+        .args(["--max-tokens", "8", "--temperature", "0", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "one result per non-empty line");
+    // Run together, the first prompt still gives what it gives alone.
+    assert_eq!(
+        lines[0]["generated_text"],
+        "The capital of France is Paris."
+    );
+    for l in &lines {
+        assert!(l["completion_tokens"].as_u64().unwrap() >= 1);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let messages = r#"[{"role":"system","content":"You answer in French."},{"role":"user","content":"Hello"}]"#;
+    let with_system = pd_generate()
+        .args([
+            "--messages",
+            messages,
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(with_system.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&with_system.stdout).unwrap();
+    // The default system turn of the template is 20 tokens; this one is shorter.
+    let default_system = pd_generate()
+        .args([
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let default_json: serde_json::Value = serde_json::from_slice(&default_system.stdout).unwrap();
+    assert_ne!(json["prompt_tokens"], default_json["prompt_tokens"]);
+
+    let bad = pd_generate()
+        .args(["--messages", "not json"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--messages"));
+}

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::kv::BlockId;
@@ -157,7 +158,8 @@ impl CustomOp3 for PagedAttention {
 
 /// An element of the KV cache as the CPU kernel reads it.
 trait CacheElem: Copy + Send + Sync {
-    fn to_f32(self) -> f32;
+    /// Converts a run of elements (in bulk: SIMD conversions where the CPU has them).
+    fn extend_f32(dst: &mut Vec<f32>, src: &[Self]);
     /// Rounds to this type's precision. With a half-precision cache the query and the attention
     /// probabilities are rounded like this before they meet K and V, as ggml does: it keeps the
     /// output close to llama.cpp's, whose CPU path our golden tests compare against.
@@ -165,8 +167,8 @@ trait CacheElem: Copy + Send + Sync {
 }
 
 impl CacheElem for f32 {
-    fn to_f32(self) -> f32 {
-        self
+    fn extend_f32(dst: &mut Vec<f32>, src: &[Self]) {
+        dst.extend_from_slice(src);
     }
     fn round(x: f32) -> f32 {
         x
@@ -174,8 +176,10 @@ impl CacheElem for f32 {
 }
 
 impl CacheElem for half::f16 {
-    fn to_f32(self) -> f32 {
-        half::f16::to_f32(self)
+    fn extend_f32(dst: &mut Vec<f32>, src: &[Self]) {
+        let at = dst.len();
+        dst.resize(at + src.len(), 0.0);
+        src.convert_to_f32_slice(&mut dst[at..]);
     }
     fn round(x: f32) -> f32 {
         half::f16::from_f32(x).to_f32()
@@ -183,8 +187,10 @@ impl CacheElem for half::f16 {
 }
 
 impl CacheElem for half::bf16 {
-    fn to_f32(self) -> f32 {
-        half::bf16::to_f32(self)
+    fn extend_f32(dst: &mut Vec<f32>, src: &[Self]) {
+        let at = dst.len();
+        dst.resize(at + src.len(), 0.0);
+        src.convert_to_f32_slice(&mut dst[at..]);
     }
     fn round(x: f32) -> f32 {
         half::bf16::from_f32(x).to_f32()
@@ -235,14 +241,21 @@ fn attend_sequence<T: CacheElem>(
     let ctx = s.context_len;
     let mut keys = Vec::with_capacity(ctx * kv_row);
     let mut values = Vec::with_capacity(ctx * kv_row);
-    for j in 0..ctx {
-        let slot = s.block_table[j / m.block_size] as usize * m.block_size + j % m.block_size;
-        if slot >= capacity {
-            candle_core::bail!("paged-attention: slot {slot} outside the cache")
+    // Block by block: a block's tokens are contiguous in the cache.
+    for (b, &block) in s
+        .block_table
+        .iter()
+        .enumerate()
+        .take(ctx.div_ceil(m.block_size))
+    {
+        let tokens = m.block_size.min(ctx - b * m.block_size);
+        let first = block as usize * m.block_size;
+        if first + tokens > capacity {
+            candle_core::bail!("paged-attention: block {block} outside the cache")
         }
-        let at = slot * kv_row;
-        keys.extend(kc[at..at + kv_row].iter().map(|x| x.to_f32()));
-        values.extend(vc[at..at + kv_row].iter().map(|x| x.to_f32()));
+        let (at, end) = (first * kv_row, (first + tokens) * kv_row);
+        T::extend_f32(&mut keys, &kc[at..end]);
+        T::extend_f32(&mut values, &vc[at..end]);
     }
     out.par_chunks_mut(h * d)
         .zip(q.par_chunks(h * d))
