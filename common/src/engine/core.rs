@@ -256,7 +256,9 @@ impl EngineCore {
                 }
             }
             if needed > self.allocator.num_free() {
-                break;
+                // Out of blocks even after preempting everyone younger: admitting new requests
+                // now would only take blocks this sequence needs.
+                return scheduled;
             }
             if let Ok(blocks) = self.allocator.allocate(needed) {
                 self.running[i].blocks.extend(blocks);
