@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
     about = "Generate text with the single-process engine"
 )]
 struct Args {
-    /// A GGUF file, a Hugging Face folder, or dummy:<shape> (default: the fetched SmolLM2 GGUF).
+    /// A GGUF file, a Hugging Face folder, or `dummy:<shape>` (default: the fetched SmolLM2 GGUF).
     #[arg(long, env = "PD_MODEL")]
     model: Option<String>,
 

@@ -27,7 +27,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct EngineArgs {
-    /// A GGUF file, a Hugging Face folder, or dummy:<shape> (default: the fetched SmolLM2 GGUF).
+    /// A GGUF file, a Hugging Face folder, or `dummy:<shape>` (default: the fetched SmolLM2 GGUF).
     #[arg(long, env = "PD_MODEL")]
     model: Option<String>,
 
