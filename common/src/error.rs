@@ -57,6 +57,9 @@ pub enum Error {
     #[error("internal error: {0}")]
     Internal(String),
 
+    #[error("membership: {0}")]
+    Membership(#[from] crate::membership::MembershipError),
+
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
 
@@ -67,6 +70,7 @@ pub enum Error {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
+            Error::Membership(e) => e.kind(),
             Error::InvalidRequest(_) | Error::ChatTemplate(_) => ErrorKind::InvalidArgument,
             Error::PromptTooLong { .. } | Error::CacheTooSmall { .. } => {
                 ErrorKind::ResourceExhausted

@@ -9,6 +9,7 @@ pub mod chat_template;
 pub mod engine;
 pub mod error;
 pub mod kv;
+pub mod membership;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;

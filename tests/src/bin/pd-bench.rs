@@ -12,6 +12,11 @@ use pd_common::model::{self, ModelSource};
 use pd_common::sampling::SamplingParams;
 use tokio::sync::mpsc;
 
+/// glibc's allocator hands large freed blocks back to the kernel and faults them in again on the
+/// next step, which halved decode speed after a long prefill; mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "pd-bench", about = "Benchmarks of pd-cluster")]
 struct Args {
@@ -23,6 +28,8 @@ struct Args {
 enum Command {
     /// Prefill and batched decode speed of the single-process engine.
     Engine(EngineArgs),
+    /// The quantized matmul kernels against candle's, on the model's shapes.
+    Kernels,
 }
 
 #[derive(clap::Args)]
@@ -58,6 +65,7 @@ struct EngineArgs {
 fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Engine(args) => bench_engine(args),
+        Command::Kernels => bench_kernels(),
     }
 }
 
@@ -205,5 +213,72 @@ fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
         );
     }
     println!("\nload average after: {}", load_average());
+    Ok(())
+}
+
+/// Seconds per call: the median of several timed batches after a warm-up.
+fn time_per_call(mut f: impl FnMut()) -> f64 {
+    f();
+    let mut samples = Vec::new();
+    for _ in 0..7 {
+        let reps = 20;
+        let t = Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        samples.push(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    median(samples)
+}
+
+fn bench_kernels() -> anyhow::Result<()> {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+    use pd_common::model::quant_cpu::QuantMatrix;
+
+    println!(
+        "Q4_1 x Q8_1 matmul, {} threads; load average {}",
+        rayon::current_num_threads(),
+        load_average()
+    );
+    println!(
+        "| m | n | k | ours GFLOP/s | ours us/call | weights GB/s | candle GFLOP/s | speed-up |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    // The SmolLM2 shapes: fused QKV, fused gate/up, down, and the output layer.
+    for (m, n, k) in [
+        (1, 960, 576),
+        (1, 3072, 576),
+        (1, 576, 1536),
+        (1, 49152, 576),
+        (16, 3072, 576),
+        (32, 576, 1536),
+        (512, 3072, 576),
+    ] {
+        let w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu)?;
+        let qt = QTensor::quantize(&w, GgmlDType::Q4_1)?;
+        let ours =
+            QuantMatrix::from_qtensor(&qt)?.ok_or_else(|| anyhow::anyhow!("no kernel for Q4_1"))?;
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut out = vec![0f32; m * n];
+        let mut ours_s = 0.0;
+        // From a pool worker, as the model's forward pass calls it.
+        rayon::scope(|_| ours_s = time_per_call(|| ours.matmul(&xs, m, &mut out).unwrap_or(())));
+        let candle = QMatMul::from_qtensor(qt)?;
+        let candle_s = time_per_call(|| {
+            let _ = candle.forward(&x);
+        });
+        let flop = 2.0 * (m * n * k) as f64;
+        let bytes = (n * k / 32 * 20) as f64;
+        println!(
+            "| {m} | {n} | {k} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0}x |",
+            flop / ours_s / 1e9,
+            ours_s * 1e6,
+            bytes / ours_s / 1e9,
+            flop / candle_s / 1e9,
+            candle_s / ours_s
+        );
+    }
     Ok(())
 }

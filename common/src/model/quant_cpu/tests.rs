@@ -1,7 +1,6 @@
 use super::*;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module};
-use std::time::Instant;
 
 const FORMATS: [QuantFormat; 3] = [QuantFormat::Q4_0, QuantFormat::Q4_1, QuantFormat::Q8_0];
 
@@ -387,96 +386,4 @@ fn forward_is_matmul_over_leading_dims() {
     assert!(w
         .forward(&Tensor::zeros((2, 32), candle_core::DType::F32, &Device::Cpu).unwrap())
         .is_err());
-}
-
-/// Seconds per call: warm up, then time batches of calls for at least `min_s` in all and keep
-/// the fastest batch (the machine may be shared; the minimum is the least disturbed figure).
-fn time_per_call(min_s: f64, mut f: impl FnMut()) -> f64 {
-    f();
-    let start = Instant::now();
-    let mut best = f64::INFINITY;
-    while start.elapsed().as_secs_f64() < min_s || best.is_infinite() {
-        let batch = Instant::now();
-        let mut calls = 0u32;
-        while calls < 2 || batch.elapsed().as_secs_f64() < 0.02 {
-            f();
-            calls += 1;
-        }
-        best = best.min(batch.elapsed().as_secs_f64() / calls as f64);
-    }
-    best
-}
-
-#[test]
-#[ignore = "benchmark: run with --release -- --ignored --nocapture"]
-fn bench_quant_matmul_prints_gflops() {
-    println!(
-        "Q4_1 matmul, {} rayon threads, best level {:?}",
-        rayon::current_num_threads(),
-        Level::detect()
-    );
-    println!(
-        "{:>4} {:>6} {:>5} | {:>9} {:>8} {:>8} | {:>9} {:>8} | {:>9} | {:>9} | {:>7}",
-        "m",
-        "n",
-        "k",
-        "GFLOP/s",
-        "us/call",
-        "wt GB/s",
-        "in-pool",
-        "us/call",
-        "AVX2",
-        "candle",
-        "speedup"
-    );
-    let shapes = [
-        (1, 1536, 576),
-        (16, 1536, 576),
-        (32, 576, 1536),
-        (16, 49152, 576),
-        // Single-row decode against weights that do not fit in L2: bandwidth-bound.
-        (1, 49152, 576),
-    ];
-    for (m, n, k) in shapes {
-        let (qt, w) = weights(QuantFormat::Q4_1, n, k, 20);
-        let x = Rng::new(21).vec(m * k);
-        let mut out = vec![0f32; m * n];
-        let flop = 2.0 * (m * n * k) as f64;
-        // Called from this (non-pool) thread, as a plain caller would.
-        let ours = time_per_call(0.5, || w.matmul(&x, m, &mut out).unwrap());
-        // Called from a pool worker, as inside a model forward run in the pool.
-        let mut in_pool = 0.0;
-        rayon::scope(|_| in_pool = time_per_call(0.5, || w.matmul(&x, m, &mut out).unwrap()));
-        let avx2 = if Level::available().contains(&Level::Avx2) {
-            time_per_call(0.5, || w.matmul_with(Level::Avx2, &x, m, &mut out).unwrap())
-        } else {
-            f64::NAN
-        };
-        let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
-        let qmm = QMatMul::from_qtensor(qt).unwrap();
-        let candle = time_per_call(0.5, || {
-            qmm.forward(&xt).unwrap();
-        });
-        let weight_bytes = (n * k / QK * QuantFormat::Q4_1.block_bytes()) as f64;
-        println!(
-            "{m:>4} {n:>6} {k:>5} | {:>9.1} {:>8.1} {:>8.1} | {:>9.1} {:>8.1} | {:>9.1} | {:>9.2} | {:>6.0}x",
-            flop / ours / 1e9,
-            ours * 1e6,
-            weight_bytes / ours / 1e9,
-            flop / in_pool / 1e9,
-            in_pool * 1e6,
-            flop / avx2 / 1e9,
-            flop / candle / 1e9,
-            candle / ours
-        );
-    }
-    // For scale: the rate at which the pool can just read 20 MB (as the last shape's weights).
-    let buf = vec![1u64; 20 << 17];
-    let mut total = 0u64;
-    let read = time_per_call(0.5, || {
-        let sum: u64 = buf.par_chunks(1 << 14).map(|c| c.iter().sum::<u64>()).sum();
-        total = total.wrapping_add(sum);
-    });
-    let gbs = (20 << 20) as f64 / read / 1e9;
-    println!("plain parallel read of 20 MB: {gbs:.1} GB/s (checksum {total})");
 }
