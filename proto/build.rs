@@ -1,7 +1,11 @@
 //! Compiles the .proto files with protox (pure Rust), so no system protoc is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/pd/v1/model.proto", "proto/pd/v1/cluster.proto"];
+    let files = [
+        "proto/pd/v1/model.proto",
+        "proto/pd/v1/cluster.proto",
+        "proto/pd/v1/kv_transfer.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -57,6 +57,16 @@ pub enum Error {
     #[error("internal error: {0}")]
     Internal(String),
 
+    #[error("KV fingerprint mismatch on {field}: ours is {ours}, the peer's is {theirs}")]
+    FingerprintMismatch {
+        field: &'static str,
+        ours: String,
+        theirs: String,
+    },
+
+    #[error("bad KV chunk: {0}")]
+    BadKvChunk(String),
+
     #[error("membership: {0}")]
     Membership(#[from] crate::membership::MembershipError),
 
@@ -71,7 +81,10 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Membership(e) => e.kind(),
-            Error::InvalidRequest(_) | Error::ChatTemplate(_) => ErrorKind::InvalidArgument,
+            Error::InvalidRequest(_)
+            | Error::ChatTemplate(_)
+            | Error::FingerprintMismatch { .. }
+            | Error::BadKvChunk(_) => ErrorKind::InvalidArgument,
             Error::PromptTooLong { .. } | Error::CacheTooSmall { .. } => {
                 ErrorKind::ResourceExhausted
             }

@@ -13,5 +13,6 @@ pub mod membership;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;
+pub mod transfer;
 
 pub use error::{Error, ErrorKind, Result};
