@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 model=$(deploy/fetch-model.sh | tail -n 1)
-cargo build --release --locked -p pd-common --bin pd-generate
+# The dev profile optimises pd-common and every dependency (see Cargo.toml), and shares its build
+# with deploy/test.sh.
+cargo build --locked -p pd-common --bin pd-generate
 prompt=${*:-"Explain in three sentences why the sky is blue."}
-exec target/release/pd-generate --model "$model" --prompt "$prompt" --max-tokens 200
+exec target/debug/pd-generate --model "$model" --prompt "$prompt" --max-tokens 200
