@@ -156,7 +156,14 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LlamaModel> {
         }
         Ok(t.to_dtype(dtype)?)
     };
-    let weights = build_dense(&config, &mut take, |i, part| {
+    build_dense(config, device, dtype, &mut take, |layer, part| {
+        let Some(i) = layer else {
+            return match part {
+                "embed" => "model.embed_tokens.weight".into(),
+                "norm" => "model.norm.weight".into(),
+                _ => "lm_head.weight".into(),
+            };
+        };
         let p = format!("model.layers.{i}");
         match part {
             "attn_norm" => format!("{p}.input_layernorm.weight"),
@@ -164,26 +171,7 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LlamaModel> {
             "q" | "k" | "v" | "o" => format!("{p}.self_attn.{part}_proj.weight"),
             _ => format!("{p}.mlp.{part}_proj.weight"),
         }
-    })?;
-    let embedding = take(
-        "model.embed_tokens.weight",
-        &[config.vocab_size, config.hidden_size],
-    )?;
-    let norm = take("model.norm.weight", &[config.hidden_size])?;
-    let lm_head = if config.tie_word_embeddings {
-        embedding.clone()
-    } else {
-        take("lm_head.weight", &[config.vocab_size, config.hidden_size])?
-    };
-    Ok(LlamaModel::new(
-        config,
-        device.clone(),
-        dtype,
-        Embedding(embedding),
-        weights,
-        norm,
-        Linear::Dense(lm_head),
-    ))
+    })
 }
 
 /// Random weights of a named shape. Values are drawn from a seeded generator so every node that
@@ -209,36 +197,32 @@ pub fn load_dummy(config: ModelConfig, seed: u64, device: &Device) -> Result<Lla
         };
         Ok(Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)
     };
-    let weights = build_dense(&config, &mut take, |i, part| format!("{i}.{part}"))?;
-    let embedding = take("embed", &[config.vocab_size, config.hidden_size])?;
-    let norm = take("norm", &[config.hidden_size])?;
-    let lm_head = if config.tie_word_embeddings {
-        embedding.clone()
-    } else {
-        take("lm_head", &[config.vocab_size, config.hidden_size])?
-    };
-    Ok(LlamaModel::new(
+    build_dense(
         config,
-        device.clone(),
+        device,
         dtype,
-        Embedding(embedding),
-        weights,
-        norm,
-        Linear::Dense(lm_head),
-    ))
+        &mut take,
+        |layer, part| match layer {
+            Some(i) => format!("{i}.{part}"),
+            None => part.to_string(),
+        },
+    )
 }
 
-/// Layers from dense tensors, fetched by `take(name, shape)` with names from `name(layer, part)`.
+/// A model from dense tensors, fetched by `take(name, shape)` with names from
+/// `name(Some(layer), part)` for layer weights and `name(None, "embed" | "norm" | "lm_head")`.
 fn build_dense(
-    config: &ModelConfig,
+    config: ModelConfig,
+    device: &Device,
+    dtype: DType,
     take: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>,
-    name: impl Fn(usize, &str) -> String,
-) -> Result<Vec<Layer>> {
+    name: impl Fn(Option<usize>, &str) -> String,
+) -> Result<LlamaModel> {
     let (h, kvh, d) = (config.num_heads, config.num_kv_heads, config.head_dim);
     let (hidden, inter) = (config.hidden_size, config.intermediate_size);
     let mut layers = Vec::with_capacity(config.num_layers);
     for i in 0..config.num_layers {
-        let mut w = |part: &str, shape: [usize; 2]| take(&name(i, part), &shape);
+        let mut w = |part: &str, shape: [usize; 2]| take(&name(Some(i), part), &shape);
         let q = w("q", [h * d, hidden])?;
         let k = w("k", [kvh * d, hidden])?;
         let v = w("v", [kvh * d, hidden])?;
@@ -247,15 +231,30 @@ fn build_dense(
         let up = w("up", [inter, hidden])?;
         let down = Linear::Dense(w("down", [hidden, inter])?);
         layers.push(Layer {
-            attn_norm: take(&name(i, "attn_norm"), &[hidden])?,
+            attn_norm: take(&name(Some(i), "attn_norm"), &[hidden])?,
             qkv: FusedLinear::from_dense(vec![q, k, v])?,
             o,
-            ffn_norm: take(&name(i, "ffn_norm"), &[hidden])?,
+            ffn_norm: take(&name(Some(i), "ffn_norm"), &[hidden])?,
             gate_up: FusedLinear::from_dense(vec![gate, up])?,
             down,
         });
     }
-    Ok(layers)
+    let embedding = take(&name(None, "embed"), &[config.vocab_size, hidden])?;
+    let norm = take(&name(None, "norm"), &[hidden])?;
+    let lm_head = if config.tie_word_embeddings {
+        embedding.clone()
+    } else {
+        take(&name(None, "lm_head"), &[config.vocab_size, hidden])?
+    };
+    Ok(LlamaModel::new(
+        config,
+        device.clone(),
+        dtype,
+        Embedding(embedding),
+        layers,
+        norm,
+        Linear::Dense(lm_head),
+    ))
 }
 
 #[cfg(test)]
