@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use pd_common::engine::{EngineCore, GenerateRequest, SeqEvent};
+use pd_common::engine::{EngineConfig, EngineCore, GenerateRequest, SeqEvent};
 use pd_common::model::{self, LoadedModel, ModelSource};
 use pd_common::sampling::FinishReason;
 use serde::Deserialize;
@@ -23,6 +23,13 @@ pub fn real_model() -> &'static LoadedModel {
         model::load(&ModelSource::Gguf(path), &candle_core::Device::Cpu)
             .unwrap_or_else(|e| panic!("loading the model: {e}"))
     })
+}
+
+/// An engine over the real model.
+pub fn real_engine(config: EngineConfig) -> EngineCore {
+    let m = real_model();
+    EngineCore::new(m.model.clone(), m.tokenizer.clone(), config)
+        .unwrap_or_else(|e| panic!("starting the engine: {e}"))
 }
 
 /// One case of the reference outputs produced by llama.cpp (see tests/data/README.md).

@@ -3,7 +3,7 @@
 
 use pd_common::engine::{EngineConfig, EngineCore, GenerateRequest};
 use pd_common::sampling::SamplingParams;
-use pd_tests::{golden_cases, real_model, Runs};
+use pd_tests::{golden_cases, real_engine, Runs};
 
 fn request(prompt_ids: Vec<u32>, max_tokens: u32) -> GenerateRequest {
     GenerateRequest {
@@ -18,12 +18,10 @@ fn request(prompt_ids: Vec<u32>, max_tokens: u32) -> GenerateRequest {
 }
 
 fn engine(max_batch_tokens: usize) -> EngineCore {
-    let model = real_model();
-    let config = EngineConfig {
+    real_engine(EngineConfig {
         max_batch_tokens,
         ..EngineConfig::default()
-    };
-    EngineCore::new(model.model.clone(), model.tokenizer.clone(), config).unwrap()
+    })
 }
 
 #[test]
@@ -68,7 +66,6 @@ fn greedy_output_is_identical_alone_and_packed_with_15_others() {
 #[test]
 fn preemption_by_recompute_keeps_greedy_output() {
     // A cache too small for all sequences at once forces preemption and recompute.
-    let model = real_model();
     let prompts: Vec<Vec<u32>> = golden_cases()
         .iter()
         .filter(|c| c.prompt_ids.len() < 120)
@@ -83,11 +80,10 @@ fn preemption_by_recompute_keeps_greedy_output() {
             runs.finish(&mut core).remove(0).ids
         })
         .collect();
-    let config = EngineConfig {
+    let mut core = real_engine(EngineConfig {
         num_blocks: 24,
         ..EngineConfig::default()
-    };
-    let mut core = EngineCore::new(model.model.clone(), model.tokenizer.clone(), config).unwrap();
+    });
     let mut runs = Runs::new();
     for p in &prompts {
         runs.add(&mut core, request(p.clone(), 40));

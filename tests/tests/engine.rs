@@ -3,16 +3,10 @@
 
 use pd_common::engine::{EngineConfig, EngineCore, EngineHandle, GenerateRequest, SeqEvent};
 use pd_common::sampling::{FinishReason, SamplingParams};
-use pd_tests::{golden_cases, real_model, Runs};
+use pd_tests::{golden_cases, real_engine, real_model, Runs};
 
 fn core() -> EngineCore {
-    let m = real_model();
-    EngineCore::new(
-        m.model.clone(),
-        m.tokenizer.clone(),
-        EngineConfig::default(),
-    )
-    .unwrap()
+    real_engine(EngineConfig::default())
 }
 
 fn capital_prompt() -> Vec<u32> {

@@ -8,16 +8,10 @@ use pd_common::engine::{EngineConfig, EngineCore, GenerateRequest};
 use pd_common::model::{self, ModelSource};
 use pd_common::sampling::SamplingParams;
 use pd_common::{Error, ErrorKind};
-use pd_tests::real_model;
+use pd_tests::{real_engine, real_model};
 
 fn engine() -> EngineCore {
-    let m = real_model();
-    EngineCore::new(
-        m.model.clone(),
-        m.tokenizer.clone(),
-        EngineConfig::default(),
-    )
-    .unwrap()
+    real_engine(EngineConfig::default())
 }
 
 fn submit(
