@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/pd/v1/model.proto",
         "proto/pd/v1/cluster.proto",
         "proto/pd/v1/kv_transfer.proto",
+        "proto/pd/v1/generation.proto",
+        "proto/pd/v1/node.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -12,8 +12,12 @@ pub enum ErrorKind {
     ResourceExhausted,
     /// Something named by the caller does not exist (model, file).
     NotFound,
-    /// The service cannot take the request right now (shutting down, no capacity).
+    /// The service cannot take the request right now (shutting down, no capacity, peer gone).
     Unavailable,
+    /// A deadline passed before the work ended (a stalled KV transfer).
+    DeadlineExceeded,
+    /// The caller went away or cancelled.
+    Cancelled,
     /// A bug or a broken invariant on our side.
     Internal,
 }
@@ -54,6 +58,22 @@ pub enum Error {
     #[error("the engine has shut down")]
     EngineClosed,
 
+    #[error("not found: {0}")]
+    NotFound(String),
+
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+
+    /// A peer answered with an error status; its code is kept, not flattened into text.
+    #[error("peer: {}: {}", .0.code(), .0.message())]
+    Rpc(Box<tonic::Status>),
+
     #[error("internal error: {0}")]
     Internal(String),
 
@@ -88,8 +108,13 @@ impl Error {
             Error::PromptTooLong { .. } | Error::CacheTooSmall { .. } => {
                 ErrorKind::ResourceExhausted
             }
-            Error::ModelNotFound(_) => ErrorKind::NotFound,
-            Error::OutOfBlocks { .. } | Error::EngineClosed => ErrorKind::Unavailable,
+            Error::ModelNotFound(_) | Error::NotFound(_) => ErrorKind::NotFound,
+            Error::OutOfBlocks { .. } | Error::EngineClosed | Error::Unavailable(_) => {
+                ErrorKind::Unavailable
+            }
+            Error::DeadlineExceeded(_) => ErrorKind::DeadlineExceeded,
+            Error::Cancelled(_) => ErrorKind::Cancelled,
+            Error::Rpc(status) => kind_of_code(status.code()),
             Error::ModelLoad { .. }
             | Error::Internal(_)
             | Error::UnsupportedModel(_)
@@ -101,6 +126,61 @@ impl Error {
 
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidRequest(msg.into())
+    }
+
+    /// Whether trying again elsewhere may succeed: the fault was the peer's or the network's,
+    /// not the request's.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.kind(),
+            ErrorKind::Unavailable | ErrorKind::DeadlineExceeded | ErrorKind::Internal
+        ) || matches!(self, Error::Rpc(s) if s.code() == tonic::Code::Unknown)
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        Error::Rpc(Box::new(status))
+    }
+}
+
+impl From<tonic::transport::Error> for Error {
+    fn from(e: tonic::transport::Error) -> Self {
+        Error::Unavailable(format!("transport: {e}"))
+    }
+}
+
+/// The gRPC status of an error: the one place where kinds become codes.
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        if let Error::Rpc(status) = e {
+            return *status;
+        }
+        let code = match e.kind() {
+            ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
+            ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
+            ErrorKind::NotFound => tonic::Code::NotFound,
+            ErrorKind::Unavailable => tonic::Code::Unavailable,
+            ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+            ErrorKind::Cancelled => tonic::Code::Cancelled,
+            ErrorKind::Internal => tonic::Code::Internal,
+        };
+        tonic::Status::new(code, e.to_string())
+    }
+}
+
+fn kind_of_code(code: tonic::Code) -> ErrorKind {
+    use tonic::Code;
+    match code {
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            ErrorKind::InvalidArgument
+        }
+        Code::ResourceExhausted => ErrorKind::ResourceExhausted,
+        Code::NotFound => ErrorKind::NotFound,
+        Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+        Code::Cancelled => ErrorKind::Cancelled,
+        Code::Unavailable | Code::Aborted => ErrorKind::Unavailable,
+        _ => ErrorKind::Internal,
     }
 }
 

@@ -11,7 +11,10 @@ pub mod error;
 pub mod kv;
 pub mod membership;
 pub mod model;
+pub mod node;
+pub mod rpc;
 pub mod sampling;
+pub mod telemetry;
 pub mod tokenizer;
 pub mod transfer;
 

@@ -14,6 +14,7 @@ fn request(prompt_ids: Vec<u32>, max_tokens: u32) -> GenerateRequest {
             ignore_eos: true,
             ..SamplingParams::default()
         },
+        ..Default::default()
     }
 }
 

@@ -25,6 +25,7 @@ fn run_one(params: SamplingParams) -> pd_tests::RunResult {
         GenerateRequest {
             prompt_ids: capital_prompt(),
             params,
+            ..Default::default()
         },
     );
     runs.finish(&mut core).remove(0)
@@ -117,6 +118,7 @@ fn logprobs_come_with_each_token() {
         GenerateRequest {
             prompt_ids: capital_prompt(),
             params,
+            ..Default::default()
         },
         tx,
     )
@@ -160,6 +162,7 @@ async fn handle_serves_concurrent_requests_and_cancellation_frees_blocks() {
             GenerateRequest {
                 prompt_ids: case.prompt_ids.clone(),
                 params: params.clone(),
+                ..Default::default()
             },
         );
     }
@@ -172,7 +175,11 @@ async fn handle_serves_concurrent_requests_and_cancellation_frees_blocks() {
         let params = params.clone();
         tasks.push(tokio::spawn(async move {
             let mut stream = handle
-                .generate(GenerateRequest { prompt_ids, params })
+                .generate(GenerateRequest {
+        prompt_ids,
+        params,
+        ..Default::default()
+    })
                 .await
                 .unwrap();
             let mut ids = Vec::new();
@@ -201,6 +208,7 @@ async fn handle_serves_concurrent_requests_and_cancellation_frees_blocks() {
         .generate(GenerateRequest {
             prompt_ids: capital_prompt(),
             params,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -221,6 +229,7 @@ async fn handle_serves_concurrent_requests_and_cancellation_frees_blocks() {
         .generate(GenerateRequest {
             prompt_ids: vec![],
             params: SamplingParams::default(),
+            ..Default::default()
         })
         .await;
     assert!(err.is_err());

@@ -104,6 +104,7 @@ fn greedy_tokens_match_llama_cpp() {
             GenerateRequest {
                 prompt_ids: case.prompt_ids.clone(),
                 params: greedy(case.generated_ids.len()),
+                ..Default::default()
             },
         );
     }

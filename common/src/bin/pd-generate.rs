@@ -175,6 +175,7 @@ fn run(args: Args) -> pd_common::Result<()> {
         let request = GenerateRequest {
             prompt_ids,
             params: params.clone(),
+            ..Default::default()
         };
         core.add_request(request, tx)?;
         streams.push((rx, Output::default(), false));

@@ -7,10 +7,16 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::config::EngineConfig;
-use super::sequence::{Completion, GenerateRequest, SeqEvent, SeqId, Sequence, TokenEvent};
-use crate::kv::{blocks_for_tokens, KvBlockAllocator, KvCache};
+use super::sequence::{
+    Completion, ExportedKv, GenerateRequest, KvSink, KvSource, Placement, SeqEvent, SeqId,
+    Sequence, TokenEvent,
+};
+use crate::kv::{blocks_for_tokens, BlockId, KvBlockAllocator, KvCache};
 use crate::model::{ForwardBatch, LlamaModel};
-use crate::sampling::{check_stop_token, sample, FinishReason, SampleContext, StopChecker};
+use crate::sampling::{
+    check_stop_token, sample, FinishReason, SampleContext, SampledToken, StopChecker,
+};
+use crate::telemetry::names;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 use crate::{Error, Result};
 
@@ -19,6 +25,8 @@ use crate::{Error, Result};
 pub struct EngineStats {
     pub waiting: usize,
     pub running: usize,
+    /// Holding reserved blocks while another node fills them.
+    pub awaiting_kv: usize,
     pub free_blocks: usize,
     pub total_blocks: usize,
     /// Tokens not yet run through the model: queued prompts and unfinished prompt chunks.
@@ -39,6 +47,8 @@ pub struct EngineCore {
     waiting: VecDeque<Sequence>,
     /// Holding blocks: mid-prefill or decoding; oldest first.
     running: Vec<Sequence>,
+    /// Holding blocks reserved for KV that another node is computing; never preempted.
+    awaiting: Vec<Sequence>,
     next_id: SeqId,
     preemptions: u64,
 }
@@ -73,6 +83,7 @@ impl EngineCore {
             allocator,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            awaiting: Vec::new(),
             next_id: 0,
             preemptions: 0,
         })
@@ -86,6 +97,12 @@ impl EngineCore {
         self.max_model_len
     }
 
+    /// The cache tensors (shared: a KV receiver writes into blocks reserved for it).
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Whether a step could compute something. Sequences awaiting remote KV are not work.
     pub fn has_work(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
@@ -94,6 +111,7 @@ impl EngineCore {
         EngineStats {
             waiting: self.waiting.len(),
             running: self.running.len(),
+            awaiting_kv: self.awaiting.len(),
             free_blocks: self.allocator.num_free(),
             total_blocks: self.allocator.num_blocks(),
             // A decoding sequence always has its one sampled token pending: not prompt work.
@@ -119,8 +137,19 @@ impl EngineCore {
                 "prompt token id {id} is outside the vocabulary of {vocab}"
             )));
         }
+        if let Some(id) = req.resume_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::invalid(format!(
+                "resumed token id {id} is outside the vocabulary of {vocab}"
+            )));
+        }
         req.params.validate(vocab)?;
         let max_tokens = req.params.max_tokens as usize;
+        if req.resume_ids.len() >= max_tokens {
+            return Err(Error::invalid(format!(
+                "{} tokens already generated leave nothing to generate under max_tokens {max_tokens}",
+                req.resume_ids.len()
+            )));
+        }
         if req.prompt_ids.len() + max_tokens > self.max_model_len {
             return Err(Error::PromptTooLong {
                 prompt_tokens: req.prompt_ids.len(),
@@ -131,32 +160,103 @@ impl EngineCore {
         Ok(())
     }
 
-    /// Queues a request; its tokens arrive on `events`.
+    /// Queues a request to run here from start to end; its tokens arrive on `events`.
     pub fn add_request(
         &mut self,
         req: GenerateRequest,
+        events: mpsc::UnboundedSender<SeqEvent>,
+    ) -> Result<SeqId> {
+        self.submit(req, Placement::Local, events)
+    }
+
+    /// Queues a request whose KV is computed as `placement` says.
+    pub fn submit(
+        &mut self,
+        req: GenerateRequest,
+        placement: Placement,
         events: mpsc::UnboundedSender<SeqEvent>,
     ) -> Result<SeqId> {
         self.validate(&req)?;
         let id = self.next_id;
         self.next_id += 1;
         let seed = req.params.seed.unwrap_or_else(rand::random);
+        let kv = match placement {
+            Placement::Local => KvSource::Local,
+            Placement::Remote(reserved) => KvSource::Remote(Some(reserved)),
+            Placement::Export(sink) => KvSource::Export(sink),
+        };
+        let mut decoder = IncrementalDecoder::new(req.params.skip_special_tokens);
+        let mut stop = StopChecker::from_params(&req.params);
+        // Replay resumed tokens through the detokenizer and stop checker: their text went out
+        // already, and what was held back then (a partial character, a possible stop string)
+        // must be held back now too. Both are deterministic, so the replay ends in that state.
+        if let (Some(tok), false) = (&self.tokenizer, matches!(kv, KvSource::Export(_))) {
+            for &token in &req.resume_ids {
+                let piece = decoder.push(tok, token)?;
+                stop.push(&piece);
+            }
+        }
+        let mut tokens = req.prompt_ids;
+        let prompt_len = tokens.len();
+        tokens.extend_from_slice(&req.resume_ids);
         self.waiting.push_back(Sequence {
             id,
-            prompt_len: req.prompt_ids.len(),
+            prompt_len,
             num_computed: 0,
             blocks: Vec::new(),
-            decoder: IncrementalDecoder::new(req.params.skip_special_tokens),
-            stop: StopChecker::from_params(&req.params),
-            tokens: req.prompt_ids,
+            decoder,
+            stop,
+            tokens,
             params: req.params,
             seed,
+            kv,
             events,
             arrived: Instant::now(),
             first_scheduled: None,
             first_token: None,
         });
         Ok(id)
+    }
+
+    /// A sequence awaiting remote KV has it now, with its first token sampled there: it joins
+    /// the running batch.
+    pub fn activate(&mut self, id: SeqId, first: SampledToken) -> Result<()> {
+        let mut seq = self.take_awaiting(id)?;
+        seq.kv = KvSource::Local;
+        seq.num_computed = seq.tokens.len();
+        seq.first_scheduled.get_or_insert_with(Instant::now);
+        self.running.push(seq);
+        let i = self.running.len() - 1;
+        match self.append(i, first) {
+            Ok(Appended::Continue) => {}
+            Ok(Appended::Finished(reason)) => {
+                let seq = self.running.remove(i);
+                self.finish(seq, reason);
+            }
+            Err(e) => {
+                let seq = self.running.remove(i);
+                self.fail(seq, e);
+            }
+        }
+        Ok(())
+    }
+
+    /// A sequence awaiting remote KV computes it here instead, in the blocks it holds.
+    pub fn prefill_locally(&mut self, id: SeqId) -> Result<()> {
+        let mut seq = self.take_awaiting(id)?;
+        seq.kv = KvSource::Local;
+        seq.num_computed = 0;
+        self.running.push(seq);
+        Ok(())
+    }
+
+    fn take_awaiting(&mut self, id: SeqId) -> Result<Sequence> {
+        match self.awaiting.iter().position(|s| s.id == id) {
+            Some(i) => Ok(self.awaiting.swap_remove(i)),
+            None => Err(Error::NotFound(format!(
+                "sequence {id} is not awaiting KV (finished or cancelled)"
+            ))),
+        }
     }
 
     /// Ends a request early and frees its blocks. Returns whether it was found.
@@ -172,6 +272,10 @@ impl EngineCore {
             self.finish(seq, FinishReason::Cancelled);
             return true;
         }
+        if let Ok(seq) = self.take_awaiting(id) {
+            self.finish(seq, FinishReason::Cancelled);
+            return true;
+        }
         false
     }
 
@@ -183,15 +287,46 @@ impl EngineCore {
             return Ok(0);
         }
         let now = Instant::now();
+        let bs = self.cache.spec().block_size;
         let mut batch = ForwardBatch::default();
+        let mut exports: Vec<(KvSink, usize, Vec<BlockId>)> = Vec::new();
         for &(i, n) in &scheduled {
             let seq = &mut self.running[i];
             seq.first_scheduled.get_or_insert(now);
             let from = seq.num_computed;
             let samples = from + n == seq.tokens.len();
             batch.push_seq(&seq.tokens[from..from + n], from, &seq.blocks, samples);
+            if let KvSource::Export(sink) = &seq.kv {
+                // Every block this chunk wrote into; a block the next chunk completes goes again.
+                let (first, end) = (from / bs, blocks_for_tokens(from + n, bs));
+                exports.push((sink.clone(), first, seq.blocks[first..end].to_vec()));
+            }
         }
-        let logits = match self.model.forward(&batch, &self.cache, &mut |_| Ok(())) {
+        let cache = &self.cache;
+        let mut ship_layer = |layer: usize| -> Result<()> {
+            for (sink, first_block, blocks) in &exports {
+                let (keys, values) = cache.read_blocks(layer, blocks)?;
+                // A closed sink means the shipper is gone; the sequence ends at the next step.
+                let _ = sink.send(ExportedKv {
+                    layer,
+                    first_block: *first_block,
+                    keys,
+                    values,
+                });
+            }
+            Ok(())
+        };
+        let decode_tokens = scheduled
+            .iter()
+            .filter(|&&(i, n)| {
+                let s = &self.running[i];
+                n == 1 && s.num_computed + 1 == s.tokens.len() && s.first_token.is_some()
+            })
+            .count();
+        metrics::counter!(names::DECODE_TOKENS_TOTAL).increment(decode_tokens as u64);
+        metrics::counter!(names::PREFILL_TOKENS_TOTAL)
+            .increment((batch.num_tokens() - decode_tokens) as u64);
+        let logits = match self.model.forward(&batch, cache, &mut ship_layer) {
             Ok(l) => l.to_vec2::<f32>()?,
             Err(e) => {
                 // The whole batch is lost; fail its sequences rather than retry forever.
@@ -267,10 +402,32 @@ impl EngineCore {
             }
             i += 1;
         }
-        while budget > 0 && self.running.len() < self.config.max_num_seqs {
+        while budget > 0 && self.running.len() + self.awaiting.len() < self.config.max_num_seqs {
             let Some(seq) = self.waiting.front() else {
                 break;
             };
+            if matches!(seq.kv, KvSource::Remote(_)) {
+                // Reserve blocks for every token so far; another node fills them.
+                let Ok(blocks) = self.allocator.allocate(blocks_for_tokens(seq.tokens.len(), bs))
+                else {
+                    break;
+                };
+                let Some(mut seq) = self.waiting.pop_front() else {
+                    break;
+                };
+                let reserved = match &mut seq.kv {
+                    KvSource::Remote(reply) => reply.take(),
+                    _ => None,
+                };
+                seq.blocks = blocks;
+                seq.first_scheduled = Some(Instant::now());
+                match reserved.map(|r| r.send(seq.blocks.clone())) {
+                    Some(Ok(())) => self.awaiting.push(seq),
+                    // Whoever asked is gone: nothing will ever fill these blocks.
+                    _ => self.finish(seq, FinishReason::Cancelled),
+                }
+                continue;
+            }
             let n = seq.pending().min(budget);
             let needed = blocks_for_tokens(seq.num_computed + n, bs);
             let Ok(blocks) = self.allocator.allocate(needed) else {
@@ -292,25 +449,33 @@ impl EngineCore {
         tracing::debug!(seq = seq.id, "preempted for KV blocks");
         self.release_blocks(&mut seq);
         self.preemptions += 1;
+        metrics::counter!(names::PREEMPTIONS_TOTAL).increment(1);
         seq.num_computed = 0;
         self.waiting.push_front(seq);
     }
 
     fn sample_and_append(&mut self, i: usize, logits: &[f32]) -> Result<Appended> {
-        let seq = &mut self.running[i];
+        let seq = &self.running[i];
         let ctx = SampleContext {
             prompt_ids: &seq.tokens[..seq.prompt_len],
             generated_ids: &seq.tokens[seq.prompt_len..],
             seed: seq.seed,
         };
         let token = sample(logits, &seq.params, &ctx)?;
+        self.append(i, token)
+    }
+
+    /// Appends a sampled token to running sequence `i`, streams it and checks stop conditions.
+    fn append(&mut self, i: usize, token: SampledToken) -> Result<Appended> {
+        let seq = &mut self.running[i];
         seq.tokens.push(token.id);
         seq.first_token.get_or_insert_with(Instant::now);
 
         let stops = check_stop_token(token.id, &seq.params, &self.eog_ids);
         let mut text = String::new();
         let mut stopped_by_string = false;
-        if !stops {
+        let exporting = matches!(seq.kv, KvSource::Export(_));
+        if !stops && !exporting {
             if let Some(tok) = &self.tokenizer {
                 let piece = seq.decoder.push(tok, token.id)?;
                 let outcome = seq.stop.push(&piece);
@@ -327,7 +492,10 @@ impl EngineCore {
         if seq.events.send(event).is_err() {
             return Ok(Appended::Finished(FinishReason::Cancelled));
         }
-        Ok(if stops || stopped_by_string {
+        Ok(if exporting {
+            // A prefill's job ends with its first token; the decode node judges it.
+            Appended::Finished(FinishReason::Length)
+        } else if stops || stopped_by_string {
             Appended::Finished(FinishReason::Stop)
         } else if seq.generated().len() >= seq.params.max_tokens as usize
             || seq.tokens.len() >= self.max_model_len
@@ -341,7 +509,8 @@ impl EngineCore {
     fn finish(&mut self, mut seq: Sequence, reason: FinishReason) {
         self.release_blocks(&mut seq);
         let mut text = String::new();
-        if reason != FinishReason::Cancelled && !seq.stop.is_stopped() {
+        let exporting = matches!(seq.kv, KvSource::Export(_));
+        if reason != FinishReason::Cancelled && !seq.stop.is_stopped() && !exporting {
             if let Some(tok) = &self.tokenizer {
                 match seq.decoder.flush(tok) {
                     Ok(tail) => text = seq.stop.push(&tail).text,
@@ -379,6 +548,7 @@ impl EngineCore {
             .waiting
             .iter()
             .chain(&self.running)
+            .chain(&self.awaiting)
             .filter(|s| s.is_abandoned())
             .map(|s| s.id)
             .collect();

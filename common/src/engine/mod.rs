@@ -16,4 +16,7 @@ mod sequence;
 pub use self::config::{EngineConfig, KvCacheDtype};
 pub use self::core::{EngineCore, EngineStats};
 pub use self::handle::{EngineHandle, RequestStream};
-pub use self::sequence::{Completion, GenerateRequest, SeqEvent, SeqId, Timings, TokenEvent};
+pub use self::sequence::{
+    Completion, ExportedKv, GenerateRequest, KvSink, Placement, SeqEvent, SeqId, Timings,
+    TokenEvent,
+};

@@ -2,7 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use candle_core::Tensor;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::kv::BlockId;
 use crate::sampling::{FinishReason, SamplingParams, StopChecker};
@@ -12,10 +13,41 @@ use crate::Error;
 pub type SeqId = u64;
 
 /// What a caller asks the engine for: token ids in, tokens out.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerateRequest {
     pub prompt_ids: Vec<u32>,
     pub params: SamplingParams,
+    /// Output tokens an earlier attempt already delivered (a request resumed after a node
+    /// failed). They are computed with the prompt, count as output (for `max_tokens`, penalties
+    /// and the sampling position) and are not streamed again.
+    pub resume_ids: Vec<u32>,
+}
+
+/// Where a request's prompt KV comes from, and where it goes.
+pub enum Placement {
+    /// Computed here, then decoded here (aggregated serving).
+    Local,
+    /// Filled by another node. Once admitted, the engine reserves blocks for every token of the
+    /// request so far and sends their ids; the sequence then waits for
+    /// [`EngineHandle::activate`](super::EngineHandle::activate) (its KV has arrived, with the
+    /// first token) or [`EngineHandle::prefill_locally`](super::EngineHandle::prefill_locally).
+    Remote(oneshot::Sender<Vec<BlockId>>),
+    /// Prefill only: every layer's KV of every computed chunk goes to the sink as soon as the
+    /// layer is done; the request ends after its first token.
+    Export(KvSink),
+}
+
+/// Receives the KV a prefill computes, layer by layer.
+pub type KvSink = mpsc::UnboundedSender<ExportedKv>;
+
+/// One layer's K and V for a run of a sequence's blocks, `[blocks, block_size, kv_heads, head_dim]`.
+#[derive(Debug)]
+pub struct ExportedKv {
+    pub layer: usize,
+    /// Index of the run's first block among the sequence's blocks.
+    pub first_block: usize,
+    pub keys: Tensor,
+    pub values: Tensor,
 }
 
 /// One generated token.
@@ -61,6 +93,14 @@ pub enum SeqEvent {
     Failed(Error),
 }
 
+/// Where a sequence's KV comes from (see [`Placement`]), once queued.
+pub(crate) enum KvSource {
+    Local,
+    /// Blocks not reserved yet; the sender hears their ids.
+    Remote(Option<oneshot::Sender<Vec<BlockId>>>),
+    Export(KvSink),
+}
+
 /// A sequence as the scheduler sees it.
 pub(crate) struct Sequence {
     pub id: SeqId,
@@ -72,6 +112,7 @@ pub(crate) struct Sequence {
     pub blocks: Vec<BlockId>,
     pub params: SamplingParams,
     pub seed: u64,
+    pub kv: KvSource,
     pub decoder: IncrementalDecoder,
     pub stop: StopChecker,
     /// Per-request stream. Unbounded on purpose: the engine thread must never block on one slow
@@ -92,9 +133,9 @@ impl Sequence {
         self.tokens.len() - self.num_computed
     }
 
-    /// The client has gone away.
+    /// The client has gone away (for an export, also whoever ships its KV).
     pub fn is_abandoned(&self) -> bool {
-        self.events.is_closed()
+        self.events.is_closed() || matches!(&self.kv, KvSource::Export(sink) if sink.is_closed())
     }
 
     pub fn timings(&self, now: Instant) -> Timings {

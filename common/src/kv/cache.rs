@@ -35,8 +35,8 @@ impl KvCacheSpec {
     }
 }
 
-/// Per-layer K and V cache tensors.
-#[derive(Debug)]
+/// Per-layer K and V cache tensors. Cloning shares the tensors.
+#[derive(Debug, Clone)]
 pub struct KvCache {
     spec: KvCacheSpec,
     keys: Vec<Tensor>,

@@ -138,6 +138,39 @@ pub fn load(source: &ModelSource, device: &Device) -> Result<LoadedModel> {
     }
 }
 
+/// What a router needs of a model: its shape and how to turn text into tokens; no weights.
+pub struct ModelText {
+    pub config: ModelConfig,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    pub chat_template: Option<Arc<ChatTemplate>>,
+}
+
+/// Reads a model's configuration, tokenizer and chat template without loading its weights.
+pub fn load_text(source: &ModelSource) -> Result<ModelText> {
+    match source {
+        ModelSource::Gguf(path) => {
+            let (_file, content) = load::read_gguf(path)?;
+            let config = ModelConfig::from_gguf(&content)?;
+            let tokenizer = Tokenizer::from_gguf(&content)?;
+            let chat_template = ChatTemplate::from_gguf(&content, &tokenizer)?;
+            Ok(ModelText {
+                config,
+                tokenizer: Some(Arc::new(tokenizer)),
+                chat_template: chat_template.map(Arc::new),
+            })
+        }
+        ModelSource::HfDir(_) | ModelSource::Dummy { .. } => {
+            // Small enough to load whole; dummy weights have no tokenizer anyway.
+            let loaded = load(source, &Device::Cpu)?;
+            Ok(ModelText {
+                config: loaded.model.config().clone(),
+                tokenizer: loaded.tokenizer,
+                chat_template: loaded.chat_template,
+            })
+        }
+    }
+}
+
 impl LoadedModel {
     pub fn tokenizer(&self) -> Result<&Arc<Tokenizer>> {
         self.tokenizer

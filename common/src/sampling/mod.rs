@@ -6,6 +6,7 @@ mod filters;
 mod kernels;
 pub mod params;
 pub mod penalties;
+mod proto;
 pub mod sampler;
 pub mod stop;
 

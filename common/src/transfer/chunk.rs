@@ -18,12 +18,23 @@ pub fn encode_chunk(
     first_block: u32,
 ) -> Result<KvChunk> {
     let (k, v) = cache.read_blocks(layer, blocks)?;
-    let keys = tensor_bytes(&k)?;
-    let values = tensor_bytes(&v)?;
+    chunk_from_tensors(layer, first_block, &k, &v)
+}
+
+/// A chunk of K and V already read from a cache, `[blocks, block_size, kv_heads, head_dim]`.
+pub fn chunk_from_tensors(
+    layer: usize,
+    first_block: u32,
+    keys: &Tensor,
+    values: &Tensor,
+) -> Result<KvChunk> {
+    let num_blocks = keys.dim(0)? as u32;
+    let keys = tensor_bytes(keys)?;
+    let values = tensor_bytes(values)?;
     Ok(KvChunk {
         layer: layer as u32,
         first_block,
-        num_blocks: blocks.len() as u32,
+        num_blocks,
         checksum: checksum(&keys, &values),
         keys,
         values,

@@ -3,8 +3,9 @@
 //! build on these.
 
 pub mod chunk;
+pub mod grpc;
 
-pub use chunk::{decode_chunk_into, encode_chunk};
+pub use chunk::{chunk_from_tensors, decode_chunk_into, encode_chunk};
 
 use pd_proto::v1::ModelFingerprint;
 

@@ -129,6 +129,7 @@ fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
             GenerateRequest {
                 prompt_ids: prompt(args.prefill_tokens, 7 + r, vocab),
                 params: greedy(1),
+                ..Default::default()
             },
             tx,
         )?;
@@ -171,6 +172,7 @@ fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
                     GenerateRequest {
                         prompt_ids: prompt(args.prompt_tokens, 1000 * r + i, vocab),
                         params: greedy(args.new_tokens),
+                        ..Default::default()
                     },
                     tx,
                 )?;
