@@ -1,2 +1,206 @@
 //! pd-decode: the decode worker. It owns a paged KV cache that prefill workers fill, and generates
 //! with continuous batching through the engine of `pd-common`.
+//!
+//! A request arrives as `Decode.Generate` from the router. The engine reserves KV blocks for the
+//! prompt (so arriving KV never finds the cache full), a prefill node fills them through
+//! `KvTransfer.Push` and answers with the first token, and the sequence joins the running batch.
+//! When no prefill node is named, the prompt is short, the node runs aggregated, or every prefill
+//! attempt fails, the prompt is computed here in the same blocks.
+
+mod service;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use pd_common::engine::{EngineConfig, EngineCore, EngineHandle};
+use pd_common::membership::MembershipConfig;
+use pd_common::node::{self, ModelArgs, ReadyLine};
+use pd_common::telemetry::{self, LogFormat};
+use pd_common::transfer::{self, grpc::KvReceiver};
+use pd_common::Result;
+use pd_proto::v1::decode_server::DecodeServer;
+use pd_proto::v1::node_server::NodeServer;
+use pd_proto::v1::{NodeInfo, NodeRole};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use service::DecodeService;
+
+/// Everything a decode node can be told; every flag has a default.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "pd-decode", version, about = "pd-cluster decode worker")]
+pub struct DecodeConfig {
+    /// gRPC listen address (Decode, KvTransfer, Node, grpc.health.v1). Port 0 picks a free port.
+    #[arg(long, env = "PD_DECODE_LISTEN", default_value = "0.0.0.0:50071")]
+    pub listen: SocketAddr,
+
+    /// host:port that other nodes use to reach this one (default: the listen address, with
+    /// 127.0.0.1 for 0.0.0.0). Set it on multi-host deployments.
+    #[arg(long, env = "PD_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+
+    /// Prometheus /metrics listen address.
+    #[arg(long, env = "PD_METRICS_LISTEN", default_value = "0.0.0.0:9171")]
+    pub metrics_listen: SocketAddr,
+
+    /// This node's id in the cluster (default: decode-<random>).
+    #[arg(long, env = "PD_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Always prefill here (aggregated serving), even when the router names prefill nodes.
+    #[arg(long, env = "PD_AGGREGATED")]
+    pub aggregated: bool,
+
+    /// Prompts of fewer tokens than this are prefilled here: shipping their KV costs more than
+    /// computing it. 0 sends every prompt to a prefill node when one is named.
+    #[arg(long, env = "PD_LOCAL_PREFILL_BELOW", default_value_t = 0)]
+    pub local_prefill_below: usize,
+
+    /// Deadline of one remote prefill, KV transfer included, in milliseconds. When it passes,
+    /// the reservation is taken back from that prefill node and the next one (or this node) runs it.
+    #[arg(long, env = "PD_TRANSFER_TIMEOUT_MS", default_value_t = 30_000)]
+    pub transfer_timeout_ms: u64,
+
+    /// On shutdown, how long running sequences may take to finish before the node exits.
+    #[arg(long, env = "PD_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+
+    /// Log line format.
+    #[arg(long, env = "PD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub engine: EngineConfig,
+
+    #[command(flatten)]
+    pub membership: MembershipConfig,
+}
+
+/// Runs a decode node on `listener` (gRPC) and `metrics` until `shutdown` is cancelled, then
+/// drains: leaves etcd, stops taking requests, lets running sequences finish (up to the drain
+/// timeout) and returns.
+pub async fn run(
+    config: DecodeConfig,
+    listener: TcpListener,
+    metrics: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let prometheus = telemetry::install_metrics()?;
+    let loaded = config.model.load()?;
+    let core = EngineCore::new(
+        loaded.model.clone(),
+        loaded.tokenizer.clone(),
+        config.engine.clone(),
+    )?;
+    let spec = core.cache().spec().clone();
+    let fingerprint = transfer::fingerprint(loaded.model.config(), &spec);
+    let (engine, engine_thread) = EngineHandle::spawn(core)?;
+
+    let node_id = config
+        .node_id
+        .clone()
+        .unwrap_or_else(|| node::new_node_id("decode"));
+    let grpc_addr = node::advertised(listener.local_addr()?, config.advertise_address.as_deref());
+    let metrics_addr = node::advertised(metrics.local_addr()?, None);
+    let receiver = KvReceiver::new(engine.cache().clone(), fingerprint.clone());
+    let service = DecodeService::new(
+        engine.clone(),
+        receiver.clone(),
+        service::Options {
+            node_id: node_id.clone(),
+            self_address: grpc_addr.clone(),
+            aggregated: config.aggregated,
+            local_prefill_below: config.local_prefill_below,
+            transfer_timeout: Duration::from_millis(config.transfer_timeout_ms),
+        },
+    );
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<DecodeServer<DecodeService>>()
+        .await;
+    let serving = CancellationToken::new();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(DecodeServer::new(service.clone()))
+        .add_service(NodeServer::new(service.clone()))
+        .add_service(receiver.service())
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            serving.clone().cancelled_owned(),
+        );
+    let server = tokio::spawn(server);
+    let metrics_server = tokio::spawn(node::serve_metrics(
+        metrics,
+        prometheus,
+        serving.clone(),
+    ));
+    let gauges = tokio::spawn(node::publish_engine_gauges(engine.clone(), serving.clone()));
+
+    let info = NodeInfo {
+        node_id: node_id.clone(),
+        role: NodeRole::Decode as i32,
+        address: grpc_addr.clone(),
+        metrics_address: metrics_addr.clone(),
+        fingerprint: Some(fingerprint),
+        kv_blocks_total: spec.num_blocks as u32,
+        device: "cpu".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        transfer_backends: vec!["grpc".into()],
+    };
+    ReadyLine {
+        event: "ready".into(),
+        role: "decode".into(),
+        node_id: node_id.clone(),
+        grpc: grpc_addr.clone(),
+        metrics: metrics_addr,
+        http: String::new(),
+    }
+    .print();
+    tracing::info!(node_id, address = %grpc_addr, blocks = spec.num_blocks, "decode node serving");
+
+    let membership = config.membership.clone();
+    let registration = tokio::select! {
+        r = node::announce(&membership, &info, &shutdown) => r,
+        _ = shutdown.cancelled() => None,
+    };
+    shutdown.cancelled().await;
+
+    // Drain: leave the cluster first so the router stops sending, then refuse new requests and
+    // let running ones finish.
+    if let Some(r) = registration {
+        if let Err(e) = r.deregister().await {
+            tracing::warn!(error = %e, "deregistering failed; the lease will lapse");
+        }
+    }
+    health_reporter
+        .set_not_serving::<DecodeServer<DecodeService>>()
+        .await;
+    service.stop_admitting();
+    node::drain_engine(&engine, Duration::from_secs(config.drain_timeout_secs)).await;
+    serving.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    let _ = metrics_server.await;
+    let _ = gauges.await;
+    drop(service);
+    drop(engine);
+    drop(receiver);
+    // The engine thread ends once the last handle is gone.
+    let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+    tracing::info!("decode node stopped");
+    Ok(())
+}
+
+/// Binds the listeners of `config` and runs the node until SIGINT/SIGTERM.
+pub async fn main_with(config: DecodeConfig) -> Result<()> {
+    telemetry::init_tracing(config.log_format);
+    let listener = TcpListener::bind(config.listen).await?;
+    let metrics = TcpListener::bind(config.metrics_listen).await?;
+    let shutdown = CancellationToken::new();
+    node::cancel_on_signals(shutdown.clone());
+    run(config, listener, metrics, shutdown).await
+}

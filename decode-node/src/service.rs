@@ -1,0 +1,394 @@
+//! The gRPC services of a decode node: `Decode.Generate` and `Node.Stats`.
+//!
+//! Each request gets a task that owns it from reservation to the last token: it waits for the
+//! engine to reserve blocks, has prefill nodes fill them (one after the other until one succeeds,
+//! each within the transfer deadline, each under a fresh transfer id so a late sender can never
+//! write into a retry's blocks), falls back to computing the prompt here, and forwards the
+//! engine's events to the client. When the client goes away, the task ends and dropping the
+//! engine stream frees the sequence's blocks.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pd_common::engine::{
+    Completion, EngineHandle, GenerateRequest, Placement, RequestStream, SeqEvent,
+};
+use pd_common::kv::BlockId;
+use pd_common::sampling::{SampledToken, SamplingParams};
+use pd_common::telemetry::{self, names, with_request_id};
+use pd_common::transfer::grpc::{KvReceiver, TransferStats};
+use pd_common::{rpc, Error, Result};
+use pd_proto::v1 as pb;
+use pd_proto::v1::prefill_client::PrefillClient;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+/// Messages buffered toward one client before the engine's events wait in their own queue.
+const CLIENT_QUEUE: usize = 64;
+/// Extra time over the prefill node's own deadline before we stop waiting for its answer.
+const DEADLINE_GRACE: Duration = Duration::from_secs(2);
+
+pub struct Options {
+    pub node_id: String,
+    /// The address prefill nodes push KV to.
+    pub self_address: String,
+    pub aggregated: bool,
+    pub local_prefill_below: usize,
+    pub transfer_timeout: Duration,
+}
+
+/// Shared by the gRPC services and every request task.
+#[derive(Clone)]
+pub struct DecodeService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: EngineHandle,
+    receiver: Arc<KvReceiver>,
+    options: Options,
+    prefill_clients: Mutex<HashMap<String, PrefillClient<Channel>>>,
+    admitting: AtomicBool,
+}
+
+impl DecodeService {
+    pub fn new(engine: EngineHandle, receiver: Arc<KvReceiver>, options: Options) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                engine,
+                receiver,
+                options,
+                prefill_clients: Mutex::new(HashMap::new()),
+                admitting: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    /// New requests are refused with `Unavailable` from now on (shutting down).
+    pub fn stop_admitting(&self) {
+        self.inner.admitting.store(false, Ordering::SeqCst);
+    }
+}
+
+type ResponseStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::decode_server::Decode for DecodeService {
+    type GenerateStream = ResponseStream;
+
+    async fn generate(
+        &self,
+        request: Request<pb::DecodeRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let request_id = telemetry::request_id_of(&request);
+        let span = tracing::info_span!("decode", request_id = %request_id);
+        let inner = self.inner.clone();
+        async move {
+            if !inner.admitting.load(Ordering::SeqCst) {
+                return Err(Status::unavailable("the decode node is shutting down"));
+            }
+            let r = request.into_inner();
+            let mut params = SamplingParams::from(&r.sampling.unwrap_or_default());
+            params.seed = params.seed.or(Some(r.seed));
+            let prefill = Prefill {
+                request_id: request_id.clone(),
+                params: params.clone(),
+                prompt_len: r.prompt_ids.len(),
+                addresses: r.prefill_addresses,
+            };
+            let total = r.prompt_ids.len() + r.resume_ids.len();
+            let request = GenerateRequest {
+                prompt_ids: r.prompt_ids,
+                params,
+                resume_ids: r.resume_ids,
+            };
+            let local_reason = if inner.options.aggregated {
+                Some("aggregated")
+            } else if prefill.addresses.is_empty() {
+                Some("no_prefill_node")
+            } else if total < inner.options.local_prefill_below {
+                Some("short_prompt")
+            } else {
+                None
+            };
+            let (stream, reserved) = match local_reason {
+                Some(reason) => {
+                    metrics::counter!(names::LOCAL_PREFILLS_TOTAL, "reason" => reason)
+                        .increment(1);
+                    (inner.engine.generate(request.clone()).await?, None)
+                }
+                None => {
+                    let (tx, rx) = oneshot::channel();
+                    let stream = inner
+                        .engine
+                        .submit(request.clone(), Placement::Remote(tx))
+                        .await?;
+                    (stream, Some(rx))
+                }
+            };
+            tracing::info!(
+                prompt_tokens = prefill.prompt_len,
+                resumed = total - prefill.prompt_len,
+                local = local_reason.unwrap_or("no"),
+                "decode request accepted"
+            );
+            let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+            let task = drive(inner, request, prefill, stream, reserved, tx);
+            tokio::spawn(task.in_current_span());
+            Ok(Response::new(
+                Box::pin(ReceiverStream::new(rx)) as Self::GenerateStream
+            ))
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_server::Node for DecodeService {
+    async fn stats(
+        &self,
+        _request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::NodeStats>, Status> {
+        let s = self.inner.engine.stats().await?;
+        Ok(Response::new(pb::NodeStats {
+            node_id: self.inner.options.node_id.clone(),
+            role: pb::NodeRole::Decode as i32,
+            queued_prompt_tokens: s.pending_tokens as u64,
+            running_sequences: (s.running + s.awaiting_kv) as u32,
+            waiting_sequences: s.waiting as u32,
+            free_kv_blocks: s.free_blocks as u32,
+            total_kv_blocks: s.total_blocks as u32,
+        }))
+    }
+}
+
+/// What a remote prefill needs to know about a request.
+struct Prefill {
+    request_id: String,
+    params: SamplingParams,
+    prompt_len: usize,
+    addresses: Vec<String>,
+}
+
+/// How the prompt's KV got here, for the final timings.
+#[derive(Default)]
+struct PrefillTimings {
+    queue: f64,
+    prefill: f64,
+    transfer: f64,
+}
+
+async fn drive(
+    inner: Arc<Inner>,
+    request: GenerateRequest,
+    prefill: Prefill,
+    mut stream: RequestStream,
+    reserved: Option<oneshot::Receiver<Vec<BlockId>>>,
+    tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+) {
+    let mut timings = PrefillTimings::default();
+    if let Some(reserved) = reserved {
+        let blocks = tokio::select! {
+            blocks = reserved => blocks.ok(),
+            _ = tx.closed() => return,
+        };
+        // No blocks: the sequence ended before admission (cancelled); its stream says how.
+        if let Some(blocks) = blocks {
+            let outcome = tokio::select! {
+                o = prefill_remote(&inner, &request, &prefill, blocks) => o,
+                _ = tx.closed() => return,
+            };
+            let handoff = match outcome {
+                Ok((first, t)) => {
+                    timings = t;
+                    inner.engine.activate(stream.id, first).await
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "remote prefill failed; prefilling locally");
+                    metrics::counter!(names::LOCAL_PREFILLS_TOTAL, "reason" => "prefill_failed")
+                        .increment(1);
+                    inner.engine.prefill_locally(stream.id).await
+                }
+            };
+            if let Err(e) = handoff {
+                // The sequence is gone (cancelled meanwhile); its stream ends on its own.
+                tracing::debug!(error = %e, "handing the sequence to the engine failed");
+            }
+        }
+    }
+    forward(&prefill, &mut stream, &tx, timings).await;
+}
+
+/// Sends the engine's events to the client until the last one or until the client goes away.
+async fn forward(
+    prefill: &Prefill,
+    stream: &mut RequestStream,
+    tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    timings: PrefillTimings,
+) {
+    let want_logprobs = prefill.params.logprobs.is_some();
+    loop {
+        let event = tokio::select! {
+            e = stream.next() => e,
+            _ = tx.closed() => return,
+        };
+        let message = match event {
+            None => Err(Status::internal("the engine ended the request without a reason")),
+            Some(SeqEvent::Token(t)) => Ok(pb::GenerateResponse {
+                request_id: prefill.request_id.clone(),
+                token_ids: vec![t.id],
+                text: t.text,
+                logprobs: if want_logprobs {
+                    vec![pb::TokenLogprobs::from(&SampledToken {
+                        id: t.id,
+                        logprob: t.logprob,
+                        top_logprobs: t.top_logprobs,
+                    })]
+                } else {
+                    Vec::new()
+                },
+                completion: None,
+            }),
+            Some(SeqEvent::Finished(c)) => Ok(final_message(&prefill.request_id, c, &timings)),
+            Some(SeqEvent::Failed(e)) => Err(Status::from(e)),
+        };
+        let last = !matches!(&message, Ok(m) if m.completion.is_none());
+        if tx.send(message).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+fn final_message(request_id: &str, c: Completion, remote: &PrefillTimings) -> pb::GenerateResponse {
+    let reason = pb::FinishReason::from(c.reason);
+    pb::GenerateResponse {
+        request_id: request_id.to_string(),
+        token_ids: Vec::new(),
+        text: c.text,
+        logprobs: Vec::new(),
+        completion: Some(pb::Completion {
+            finish_reason: reason as i32,
+            usage: Some(pb::Usage {
+                prompt_tokens: c.prompt_tokens as u32,
+                completion_tokens: c.completion_tokens as u32,
+            }),
+            timings: Some(pb::Timings {
+                queue_seconds: c.timings.queue.as_secs_f64() + remote.queue,
+                prefill_seconds: if remote.prefill > 0.0 {
+                    remote.prefill
+                } else {
+                    c.timings.prefill.as_secs_f64()
+                },
+                transfer_seconds: remote.transfer,
+                time_to_first_token_seconds: c.timings.time_to_first_token.as_secs_f64(),
+                total_seconds: c.timings.total.as_secs_f64(),
+            }),
+        }),
+    }
+}
+
+/// Has the named prefill nodes fill `blocks`, one after the other until one succeeds.
+async fn prefill_remote(
+    inner: &Inner,
+    request: &GenerateRequest,
+    prefill: &Prefill,
+    blocks: Vec<BlockId>,
+) -> Result<(SampledToken, PrefillTimings)> {
+    let mut last_error = Error::Unavailable("no prefill node was named".into());
+    for (attempt, address) in prefill.addresses.iter().enumerate() {
+        if attempt > 0 {
+            metrics::counter!(names::RETRIES_TOTAL, "stage" => "prefill").increment(1);
+        }
+        match prefill_once(inner, request, prefill, &blocks, address).await {
+            Ok(done) => return Ok(done),
+            Err(e) => {
+                tracing::warn!(prefill = %address, error = %e, "prefill attempt failed");
+                last_error = e;
+            }
+        }
+    }
+    Err(last_error)
+}
+
+async fn prefill_once(
+    inner: &Inner,
+    request: &GenerateRequest,
+    prefill: &Prefill,
+    blocks: &[BlockId],
+    address: &str,
+) -> Result<(SampledToken, PrefillTimings)> {
+    let started = Instant::now();
+    // Dropped on every early return: the transfer closes and late chunks are refused.
+    let ticket = inner.receiver.expect(blocks.to_vec());
+    let mut token_ids = request.prompt_ids.clone();
+    token_ids.extend_from_slice(&request.resume_ids);
+    let deadline = inner.options.transfer_timeout;
+    let message = pb::PrefillRequest {
+        request_id: prefill.request_id.clone(),
+        token_ids,
+        sampling: Some(pb::SamplingParams::from(&prefill.params)),
+        seed: prefill.params.seed.unwrap_or_default(),
+        num_resumed: request.resume_ids.len() as u32,
+        destination: Some(pb::KvDestination {
+            address: inner.options.self_address.clone(),
+            transfer_id: ticket.id(),
+            num_blocks: blocks.len() as u32,
+            fingerprint: Some(inner.receiver.fingerprint().clone()),
+        }),
+        deadline_ms: deadline.as_millis().min(u32::MAX as u128) as u32,
+    };
+    let mut client = inner.prefill_client(address)?;
+    let call = client.prefill(with_request_id(message, &prefill.request_id));
+    let response = tokio::time::timeout(deadline + DEADLINE_GRACE, call)
+        .await
+        .map_err(|_| {
+            Error::DeadlineExceeded(format!("prefill on {address} took over {deadline:?}"))
+        })??
+        .into_inner();
+    let stats: TransferStats = ticket.finish()?;
+    let first = response
+        .first_token
+        .as_ref()
+        .map(SampledToken::from)
+        .ok_or_else(|| Error::Internal(format!("prefill node {address} sent no first token")))?;
+    metrics::histogram!(names::KV_TRANSFER_SECONDS, "direction" => "received")
+        .record(stats.duration.as_secs_f64());
+    tracing::info!(
+        prefill = %address,
+        kv_bytes = stats.bytes,
+        chunks = stats.chunks,
+        seconds = started.elapsed().as_secs_f64(),
+        "prompt KV received"
+    );
+    Ok((
+        first,
+        PrefillTimings {
+            queue: response.queue_seconds,
+            prefill: response.prefill_seconds,
+            transfer: response.transfer_seconds,
+        },
+    ))
+}
+
+impl Inner {
+    fn prefill_client(&self, address: &str) -> Result<PrefillClient<Channel>> {
+        let mut clients = self
+            .prefill_clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(address) {
+            return Ok(c.clone());
+        }
+        let client = PrefillClient::new(rpc::channel(address)?);
+        clients.insert(address.to_string(), client.clone());
+        Ok(client)
+    }
+}
