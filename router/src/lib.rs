@@ -1,2 +1,224 @@
-//! pd-router: the entry point of the cluster. It serves the gRPC and OpenAI-style HTTP APIs and
-//! assigns each request to a prefill and a decode worker.
+//! pd-router: the front door of the cluster. It serves the gRPC `Generation` API and an
+//! OpenAI-compatible HTTP API, turns requests into token ids, picks a decode node (and the
+//! prefill nodes it may use) from the membership in etcd and the nodes' live load, relays the
+//! tokens, and resumes a request on another decode node when one fails mid-stream.
+
+mod dispatch;
+mod frontend;
+mod grpc;
+mod http;
+mod pool;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use pd_common::membership::MembershipConfig;
+use pd_common::model;
+use pd_common::node::{self, ModelArgs, ReadyLine};
+use pd_common::telemetry::{self, LogFormat};
+use pd_common::Result;
+use pd_proto::v1::generation_server::GenerationServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use dispatch::{Dispatcher, Job};
+
+/// Everything a router can be told; every flag has a default.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "pd-router", version, about = "pd-cluster router: gRPC and OpenAI-compatible HTTP APIs")]
+pub struct RouterConfig {
+    /// HTTP listen address (OpenAI API, /health, /live, /metrics). Port 0 picks a free port.
+    #[arg(long, env = "PD_HTTP_LISTEN", default_value = "0.0.0.0:8000")]
+    pub http_listen: SocketAddr,
+
+    /// gRPC listen address (pd.v1.Generation, grpc.health.v1).
+    #[arg(long, env = "PD_ROUTER_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
+    pub grpc_listen: SocketAddr,
+
+    /// The name clients use for the model (default: the model file's name without extension,
+    /// or the dummy shape).
+    #[arg(long, env = "PD_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Largest HTTP request body in bytes; larger ones get 413.
+    #[arg(long, env = "PD_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Largest gRPC request message in bytes; larger ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PD_MAX_GRPC_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    pub max_grpc_message_bytes: usize,
+
+    /// This router's id (default: router-<random>).
+    #[arg(long, env = "PD_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Log line format.
+    #[arg(long, env = "PD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub membership: MembershipConfig,
+}
+
+/// Runs the router until `shutdown`: then it stops taking requests and lets open streams end
+/// (bounded), and returns.
+pub async fn run(
+    config: RouterConfig,
+    http_listener: TcpListener,
+    grpc_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let prometheus = telemetry::install_metrics()?;
+    let source = config.model.source()?;
+    let text = model::load_text(&source)?;
+    let model_name = config
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| default_model_name(&source));
+    let frontend = frontend::Frontend::new(model_name.clone(), text);
+    let stop = CancellationToken::new();
+    let pool = pool::Pool::start(config.membership.clone(), stop.clone());
+    let dispatcher = Dispatcher::new(pool.clone(), frontend.eog_ids());
+
+    let http_addr = node::advertised(http_listener.local_addr()?, None);
+    let grpc_addr = node::advertised(grpc_listener.local_addr()?, None);
+    let app = http::router(
+        http::AppState {
+            frontend: frontend.clone(),
+            dispatcher: dispatcher.clone(),
+            pool: pool.clone(),
+            metrics: prometheus,
+        },
+        config.max_body_bytes,
+    );
+    let http_server = axum::serve(http_listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let http_server = tokio::spawn(async move { http_server.await });
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<GenerationServer<grpc::GenerationService>>()
+        .await;
+    let generation = GenerationServer::new(grpc::GenerationService {
+        frontend: frontend.clone(),
+        dispatcher: dispatcher.clone(),
+    })
+    .max_decoding_message_size(config.max_grpc_message_bytes);
+    let grpc_server = tonic::transport::Server::builder()
+        .layer(grpc_limits::TooLargeIsResourceExhausted)
+        .add_service(health_service)
+        .add_service(generation)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc_listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    let grpc_server = tokio::spawn(grpc_server);
+
+    let node_id = config
+        .node_id
+        .clone()
+        .unwrap_or_else(|| node::new_node_id("router"));
+    ReadyLine {
+        event: "ready".into(),
+        role: "router".into(),
+        node_id,
+        grpc: grpc_addr.clone(),
+        metrics: http_addr.clone(),
+        http: http_addr.clone(),
+    }
+    .print();
+    tracing::info!(http = %http_addr, grpc = %grpc_addr, model = %model_name, "router serving");
+
+    shutdown.cancelled().await;
+    health_reporter
+        .set_not_serving::<GenerationServer<grpc::GenerationService>>()
+        .await;
+    // Both servers stop accepting at once and wait for open requests; bound the wait.
+    let drain = Duration::from_secs(30);
+    let _ = tokio::time::timeout(drain, async {
+        let _ = http_server.await;
+        let _ = grpc_server.await;
+    })
+    .await;
+    stop.cancel();
+    tracing::info!("router stopped");
+    Ok(())
+}
+
+fn default_model_name(source: &model::ModelSource) -> String {
+    match source {
+        model::ModelSource::Gguf(path) | model::ModelSource::HfDir(path) => path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| source.to_string()),
+        model::ModelSource::Dummy { shape, .. } => format!("dummy-{shape}"),
+    }
+}
+
+/// Binds the listeners of `config` and runs the router until SIGINT/SIGTERM.
+pub async fn main_with(config: RouterConfig) -> Result<()> {
+    telemetry::init_tracing(config.log_format);
+    let http = TcpListener::bind(config.http_listen).await?;
+    let grpc = TcpListener::bind(config.grpc_listen).await?;
+    let shutdown = CancellationToken::new();
+    node::cancel_on_signals(shutdown.clone());
+    run(config, http, grpc, shutdown).await
+}
+
+mod grpc_limits {
+    //! tonic answers a request message over the size limit with OUT_OF_RANGE; the API promises
+    //! RESOURCE_EXHAUSTED, as gRPC's own implementations answer it.
+
+    use std::task::{Context, Poll};
+
+    use futures::future::BoxFuture;
+    use tonic::codegen::http::{HeaderValue, Request, Response};
+
+    #[derive(Clone, Copy)]
+    pub struct TooLargeIsResourceExhausted;
+
+    impl<S> tower_layer::Layer<S> for TooLargeIsResourceExhausted {
+        type Service = Service<S>;
+        fn layer(&self, inner: S) -> Service<S> {
+            Service(inner)
+        }
+    }
+
+    #[derive(Clone)]
+    pub struct Service<S>(S);
+
+    impl<S, B, R> tower_service::Service<Request<B>> for Service<S>
+    where
+        S: tower_service::Service<Request<B>, Response = Response<R>> + Send,
+        S::Future: Send + 'static,
+    {
+        type Response = Response<R>;
+        type Error = S::Error;
+        type Future = BoxFuture<'static, Result<Response<R>, S::Error>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+            self.0.poll_ready(cx)
+        }
+
+        fn call(&mut self, request: Request<B>) -> Self::Future {
+            let future = self.0.call(request);
+            Box::pin(async move {
+                let mut response = future.await?;
+                let headers = response.headers_mut();
+                let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+                    && headers
+                        .get("grpc-message")
+                        .and_then(|m| m.to_str().ok())
+                        .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
+                if too_large {
+                    headers.insert("grpc-status", HeaderValue::from_static("8"));
+                }
+                Ok(response)
+            })
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! One request's journey through the cluster, as the router sees it: pick a decode node, name
+//! the prefill nodes it may use, relay its tokens, and when the decode node fails mid-stream,
+//! resume on another one with the tokens already delivered, so the client's stream continues
+//! with nothing lost or repeated.
+//!
+//! Resuming is exact because everything a decode node decides is a function of the request:
+//! greedy decoding is deterministic and batch-invariant, and sampling draws the randomness for
+//! output position `i` from `(seed, i)` alone; the router fixes the seed before the first attempt.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use pd_common::sampling::SamplingParams;
+use pd_common::telemetry::{names, with_request_id};
+use pd_common::{Error, ErrorKind, Result};
+use pd_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tonic::Streaming;
+use tracing::Instrument;
+
+use crate::pool::{ActiveGuard, Pool};
+
+/// Messages buffered toward one client.
+const CLIENT_QUEUE: usize = 64;
+
+/// A validated, tokenized request.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub request_id: String,
+    pub prompt_ids: Vec<u32>,
+    /// Complete, with the seed fixed.
+    pub params: SamplingParams,
+    pub arrived: Instant,
+}
+
+/// The messages of one job; the last is the one with a completion, or an error.
+pub type JobStream = mpsc::Receiver<Result<pb::GenerateResponse>>;
+
+pub struct Dispatcher {
+    pool: Arc<Pool>,
+    /// The model's end-of-generation ids: a stream that broke right after one is complete.
+    eog_ids: Vec<u32>,
+}
+
+/// An open stream on a decode node.
+struct Attempt {
+    node_id: String,
+    stream: Streaming<pb::GenerateResponse>,
+    _active: ActiveGuard,
+}
+
+impl Dispatcher {
+    pub fn new(pool: Arc<Pool>, eog_ids: Vec<u32>) -> Arc<Self> {
+        Arc::new(Self { pool, eog_ids })
+    }
+
+    /// Starts `job`. Returns once a decode node has accepted it, so that a refusal (bad input,
+    /// no capacity) reaches the caller as an error before any token; then the stream follows.
+    pub async fn start(self: &Arc<Self>, job: Job) -> Result<JobStream> {
+        let mut excluded = Vec::new();
+        let attempt = self.open(&job, &[], &mut excluded).await?;
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let this = self.clone();
+        let span = tracing::info_span!("request", request_id = %job.request_id);
+        tokio::spawn(async move { this.relay(job, attempt, excluded, tx).await }.instrument(span));
+        Ok(rx)
+    }
+
+    /// Opens `Decode.Generate` on the best decode node not yet tried, moving on while nodes fail.
+    async fn open(&self, job: &Job, sent: &[u32], excluded: &mut Vec<String>) -> Result<Attempt> {
+        loop {
+            let Some((node, active)) = self.pool.pick_decode(excluded) else {
+                return Err(Error::Unavailable(if excluded.is_empty() {
+                    "no decode node is available".into()
+                } else {
+                    format!("no decode node is left ({} failed)", excluded.len())
+                }));
+            };
+            let request = pb::DecodeRequest {
+                request_id: job.request_id.clone(),
+                prompt_ids: job.prompt_ids.clone(),
+                sampling: Some(pb::SamplingParams::from(&job.params)),
+                seed: job.params.seed.unwrap_or_default(),
+                resume_ids: sent.to_vec(),
+                prefill_addresses: self.pool.prefill_candidates(&node.node_id),
+            };
+            let mut client = self.pool.decode_client(&node.address)?;
+            match client
+                .generate(with_request_id(request, &job.request_id))
+                .await
+            {
+                Ok(response) => {
+                    tracing::debug!(decode = %node.node_id, resumed = sent.len(), "decode node accepted");
+                    return Ok(Attempt {
+                        node_id: node.node_id,
+                        stream: response.into_inner(),
+                        _active: active,
+                    });
+                }
+                Err(status) => {
+                    let e = Error::from(status);
+                    if !node_failed(&e) {
+                        return Err(e);
+                    }
+                    tracing::warn!(decode = %node.node_id, error = %e, "decode node failed; trying another");
+                    metrics::counter!(names::RETRIES_TOTAL, "stage" => "decode").increment(1);
+                    excluded.push(node.node_id);
+                }
+            }
+        }
+    }
+
+    async fn relay(
+        &self,
+        job: Job,
+        mut attempt: Attempt,
+        mut excluded: Vec<String>,
+        tx: mpsc::Sender<Result<pb::GenerateResponse>>,
+    ) {
+        let mut sent: Vec<u32> = Vec::new();
+        let mut clock = Clock::new(job.arrived);
+        loop {
+            let message = tokio::select! {
+                m = attempt.stream.message() => m,
+                // The client went away: dropping the stream cancels the request on the node.
+                _ = tx.closed() => return,
+            };
+            let failure = match message {
+                Ok(Some(m)) => {
+                    sent.extend_from_slice(&m.token_ids);
+                    clock.message(&m);
+                    let last = m.completion.is_some();
+                    if tx.send(Ok(m)).await.is_err() || last {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(None) => Error::Unavailable(format!(
+                    "decode node {} ended the stream without a completion",
+                    attempt.node_id
+                )),
+                Err(status) => Error::from(status),
+            };
+            if !node_failed(&failure) {
+                clock.failed();
+                let _ = tx.send(Err(failure)).await;
+                return;
+            }
+            if let Some(done) = self.already_complete(&job, &sent) {
+                let _ = tx.send(Ok(done)).await;
+                return;
+            }
+            tracing::warn!(
+                decode = %attempt.node_id,
+                delivered = sent.len(),
+                error = %failure,
+                "decode node failed mid-stream; resuming elsewhere"
+            );
+            metrics::counter!(names::RETRIES_TOTAL, "stage" => "decode").increment(1);
+            excluded.push(attempt.node_id.clone());
+            attempt = match self.open(&job, &sent, &mut excluded).await {
+                Ok(a) => a,
+                Err(e) => {
+                    clock.failed();
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+        }
+    }
+
+    /// The final message of a stream that broke after its last token but before saying so.
+    fn already_complete(&self, job: &Job, sent: &[u32]) -> Option<pb::GenerateResponse> {
+        let last = *sent.last()?;
+        let p = &job.params;
+        let stopped = p.stop_token_ids.contains(&last) || (!p.ignore_eos && self.eog_ids.contains(&last));
+        let reason = if stopped {
+            pb::FinishReason::Stop
+        } else if sent.len() >= p.max_tokens as usize {
+            pb::FinishReason::Length
+        } else {
+            return None;
+        };
+        Some(pb::GenerateResponse {
+            request_id: job.request_id.clone(),
+            completion: Some(pb::Completion {
+                finish_reason: reason as i32,
+                usage: Some(pb::Usage {
+                    prompt_tokens: job.prompt_ids.len() as u32,
+                    completion_tokens: sent.len() as u32,
+                }),
+                timings: None,
+            }),
+            ..Default::default()
+        })
+    }
+}
+
+/// Whether an error says the node (or the link to it) failed, rather than the request.
+fn node_failed(e: &Error) -> bool {
+    match e {
+        Error::Rpc(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+                | tonic::Code::Aborted
+                | tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded
+        ),
+        other => matches!(
+            other.kind(),
+            ErrorKind::Unavailable | ErrorKind::Internal | ErrorKind::DeadlineExceeded
+        ),
+    }
+}
+
+/// Latency metrics of one request as its client sees them.
+struct Clock {
+    arrived: Instant,
+    last_token: Option<Instant>,
+}
+
+impl Clock {
+    fn new(arrived: Instant) -> Self {
+        Self {
+            arrived,
+            last_token: None,
+        }
+    }
+
+    fn message(&mut self, m: &pb::GenerateResponse) {
+        let now = Instant::now();
+        if !m.token_ids.is_empty() {
+            match self.last_token {
+                None => metrics::histogram!(names::TIME_TO_FIRST_TOKEN_SECONDS)
+                    .record((now - self.arrived).as_secs_f64()),
+                Some(last) => metrics::histogram!(names::INTER_TOKEN_LATENCY_SECONDS)
+                    .record((now - last).as_secs_f64() / m.token_ids.len() as f64),
+            }
+            self.last_token = Some(now);
+        }
+        if let Some(c) = &m.completion {
+            let outcome = match c.finish_reason() {
+                pb::FinishReason::Length => "length",
+                pb::FinishReason::Cancelled => "cancelled",
+                _ => "stop",
+            };
+            metrics::counter!(names::REQUESTS_TOTAL, "outcome" => outcome).increment(1);
+            metrics::histogram!(names::REQUEST_DURATION_SECONDS)
+                .record((now - self.arrived).as_secs_f64());
+        }
+    }
+
+    fn failed(&self) {
+        metrics::counter!(names::REQUESTS_TOTAL, "outcome" => "error").increment(1);
+    }
+}

@@ -1,0 +1,392 @@
+//! `/v1/completions` and `/v1/chat/completions`: a request becomes one job per (prompt, choice),
+//! every job is started before the response begins (so a refusal is still an HTTP error), then
+//! the answer is either collected into one JSON body or streamed as server-sent events.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{self, select_all, StreamExt};
+use pd_common::sampling::SamplingParams;
+use pd_common::telemetry::new_request_id;
+use pd_common::tokenizer::Tokenizer;
+use pd_common::Error;
+use pd_proto::v1 as pb;
+use serde_json::{json, Value};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::openai::{max_tokens, ChatRequest, CompletionRequest, PromptInput};
+use super::{parse_body, ApiError, AppState};
+use crate::dispatch::{Job, JobStream};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// A request, planned: its jobs and how to present their output.
+struct Plan {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    /// (choice index, prompt index, job, text to put before the output: `echo`).
+    jobs: Vec<(usize, usize, Job, String)>,
+    stream: bool,
+    include_usage: bool,
+    logprobs: bool,
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse_body(body)?;
+    let fe = &state.frontend;
+    fe.check_model(&req.common.model)?;
+    req.check_unsupported()?;
+    let prompts: Vec<Vec<u32>> = match &req.prompt {
+        PromptInput::Text(t) => vec![fe.encode_text(t)?],
+        PromptInput::Texts(ts) => ts.iter().map(|t| fe.encode_text(t)).collect::<Result<_, _>>()?,
+        PromptInput::Tokens(ids) => vec![ids.clone()],
+        PromptInput::TokenLists(lists) => lists.clone(),
+    };
+    if prompts.is_empty() {
+        return Err(Error::invalid("prompt must not be empty").into());
+    }
+    let mut params = req.common.sampling()?;
+    params.logprobs = req.logprobs()?;
+    let max = max_tokens("max_tokens", req.max_tokens)?.or(Some(SamplingParams::default().max_tokens));
+    let echo = |ids: &[u32]| -> Result<String, ApiError> {
+        if !req.echo {
+            return Ok(String::new());
+        }
+        Ok(fe.tokenizer()?.decode(ids, params.skip_special_tokens)?)
+    };
+    let n = req.common.n()?;
+    let mut jobs = Vec::new();
+    for (p, ids) in prompts.iter().enumerate() {
+        let prefix = echo(ids)?;
+        for j in 0..n {
+            let job = fe.job(None, ids.clone(), choice_params(&params, j), max)?;
+            jobs.push((p * n + j, p, job, prefix.clone()));
+        }
+    }
+    let plan = Plan {
+        kind: Kind::Completion,
+        id: format!("cmpl-{}", new_request_id()),
+        created: now(),
+        model: fe.model_name().to_string(),
+        jobs,
+        stream: req.common.stream,
+        include_usage: req.common.include_usage(),
+        logprobs: params.logprobs.is_some(),
+    };
+    execute(state, plan).await
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse_body(body)?;
+    let fe = &state.frontend;
+    fe.check_model(&req.common.model)?;
+    req.check_unsupported()?;
+    let messages = req.messages()?;
+    let prompt_ids = fe.encode_chat(&messages)?;
+    let mut params = req.common.sampling()?;
+    params.logprobs = req.logprobs()?;
+    let max = max_tokens("max_completion_tokens", req.max_completion_tokens)?
+        .or(max_tokens("max_tokens", req.max_tokens)?);
+    let n = req.common.n()?;
+    let jobs = (0..n)
+        .map(|j| {
+            let job = fe.job(None, prompt_ids.clone(), choice_params(&params, j), max)?;
+            Ok((j, 0, job, String::new()))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let plan = Plan {
+        kind: Kind::Chat,
+        id: format!("chatcmpl-{}", new_request_id()),
+        created: now(),
+        model: fe.model_name().to_string(),
+        jobs,
+        stream: req.common.stream,
+        include_usage: req.common.include_usage(),
+        logprobs: params.logprobs.is_some(),
+    };
+    execute(state, plan).await
+}
+
+/// Choice `j` of a request: the same parameters, its own seed (when seeded, `seed + j`).
+fn choice_params(params: &SamplingParams, j: usize) -> SamplingParams {
+    let mut p = params.clone();
+    if let (Some(seed), true) = (p.seed, j > 0) {
+        p.seed = Some(seed.wrapping_add(j as u64));
+    }
+    p
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn execute(state: AppState, plan: Plan) -> Result<Response, ApiError> {
+    let mut streams = Vec::with_capacity(plan.jobs.len());
+    let mut prompt_tokens = vec![0u32; plan.jobs.iter().map(|j| j.1 + 1).max().unwrap_or(0)];
+    for (index, prompt, job, echo) in &plan.jobs {
+        prompt_tokens[*prompt] = job.prompt_ids.len() as u32;
+        // Dropping the streams started so far (on `?`) cancels them.
+        let stream = state.dispatcher.start(job.clone()).await?;
+        streams.push((*index, echo.clone(), stream));
+    }
+    let tokenizer = state.frontend.tokenizer().ok().cloned();
+    let presenter = Presenter {
+        kind: plan.kind,
+        id: plan.id,
+        created: plan.created,
+        model: plan.model,
+        logprobs: plan.logprobs,
+        tokenizer,
+    };
+    let prompt_tokens: u32 = prompt_tokens.iter().sum();
+    if plan.stream {
+        Ok(stream_sse(presenter, streams, prompt_tokens, plan.include_usage).into_response())
+    } else {
+        collect(presenter, streams, prompt_tokens).await
+    }
+}
+
+/// Formats messages as OpenAI objects.
+struct Presenter {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    logprobs: bool,
+    tokenizer: Option<std::sync::Arc<Tokenizer>>,
+}
+
+impl Presenter {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        }
+    }
+
+    fn envelope(&self, chunk: bool, choices: Vec<Value>) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(chunk),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        })
+    }
+
+    fn token_text(&self, id: u32) -> (String, Vec<u8>) {
+        let bytes = self
+            .tokenizer
+            .as_ref()
+            .and_then(|t| t.token_bytes(id).ok())
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    }
+
+    /// Logprobs of some tokens in the endpoint's format; `offset` is the text offset so far.
+    fn logprobs(&self, entries: &[pb::TokenLogprobs], offset: &mut usize) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        match self.kind {
+            Kind::Chat => {
+                let content: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let (token, bytes) = self.token_text(e.token_id);
+                        let top: Vec<Value> = e
+                            .top
+                            .iter()
+                            .map(|t| {
+                                let (token, bytes) = self.token_text(t.token_id);
+                                json!({"token": token, "logprob": t.logprob, "bytes": bytes})
+                            })
+                            .collect();
+                        json!({"token": token, "logprob": e.logprob, "bytes": bytes, "top_logprobs": top})
+                    })
+                    .collect();
+                json!({ "content": content })
+            }
+            Kind::Completion => {
+                let mut tokens = Vec::new();
+                let mut token_logprobs = Vec::new();
+                let mut top_logprobs = Vec::new();
+                let mut text_offset = Vec::new();
+                for e in entries {
+                    let (token, _) = self.token_text(e.token_id);
+                    text_offset.push(*offset);
+                    *offset += token.len();
+                    tokens.push(token);
+                    token_logprobs.push(e.logprob);
+                    let top: serde_json::Map<String, Value> = e
+                        .top
+                        .iter()
+                        .map(|t| (self.token_text(t.token_id).0, json!(t.logprob)))
+                        .collect();
+                    top_logprobs.push(Value::Object(top));
+                }
+                json!({
+                    "tokens": tokens,
+                    "token_logprobs": token_logprobs,
+                    "top_logprobs": top_logprobs,
+                    "text_offset": text_offset,
+                })
+            }
+        }
+    }
+}
+
+fn finish_reason(c: &pb::Completion) -> &'static str {
+    match c.finish_reason() {
+        pb::FinishReason::Length => "length",
+        pb::FinishReason::Cancelled => "abort",
+        pb::FinishReason::Stop | pb::FinishReason::Unspecified => "stop",
+    }
+}
+
+fn usage(prompt_tokens: u32, completion_tokens: u32) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
+}
+
+async fn collect(
+    p: Presenter,
+    streams: Vec<(usize, String, JobStream)>,
+    prompt_tokens: u32,
+) -> Result<Response, ApiError> {
+    let mut choices = Vec::with_capacity(streams.len());
+    let mut completion_tokens = 0;
+    for (index, echo, mut rx) in streams {
+        let mut text = echo;
+        let mut entries = Vec::new();
+        let mut reason = "stop";
+        while let Some(message) = rx.recv().await {
+            let m = message?;
+            text.push_str(&m.text);
+            entries.extend(m.logprobs);
+            if let Some(c) = &m.completion {
+                reason = finish_reason(c);
+                completion_tokens += c.usage.as_ref().map_or(0, |u| u.completion_tokens);
+            }
+        }
+        let logprobs = p.logprobs(&entries, &mut 0);
+        choices.push(match p.kind {
+            Kind::Completion => json!({
+                "index": index, "text": text, "logprobs": logprobs, "finish_reason": reason,
+            }),
+            Kind::Chat => json!({
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": reason,
+            }),
+        });
+    }
+    let mut body = p.envelope(false, choices);
+    body["usage"] = usage(prompt_tokens, completion_tokens);
+    Ok(Json(body).into_response())
+}
+
+/// What the SSE stream yields, per job message or at the end.
+enum Item {
+    Message(usize, String, Result<pb::GenerateResponse, Error>),
+    End,
+}
+
+fn stream_sse(
+    p: Presenter,
+    streams: Vec<(usize, String, JobStream)>,
+    prompt_tokens: u32,
+    include_usage: bool,
+) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let merged = select_all(streams.into_iter().map(|(index, echo, rx)| {
+        let mut echo = Some(echo);
+        ReceiverStream::new(rx).map(move |m| Item::Message(index, echo.take().unwrap_or_default(), m))
+    }))
+    .chain(stream::once(async { Item::End }));
+    let mut completion_tokens = 0u32;
+    let mut offsets = std::collections::HashMap::<usize, usize>::new();
+    let mut started = std::collections::HashSet::<usize>::new();
+    let mut failed = false;
+    let events = merged.flat_map(move |item| {
+        let mut out: Vec<Event> = Vec::new();
+        match item {
+            Item::Message(_, _, _) if failed => {}
+            Item::Message(index, echo, Err(e)) => {
+                failed = true;
+                let _ = (index, echo);
+                out.push(json_event(&ApiError::from(e).body()));
+            }
+            Item::Message(index, echo, Ok(m)) => {
+                let offset = offsets.entry(index).or_default();
+                let logprobs = p.logprobs(&m.logprobs, offset);
+                let reason = m.completion.as_ref().map(finish_reason);
+                if let Some(c) = &m.completion {
+                    completion_tokens += c.usage.as_ref().map_or(0, |u| u.completion_tokens);
+                }
+                let text = echo + &m.text;
+                let choice = match p.kind {
+                    Kind::Completion => json!({
+                        "index": index, "text": text, "logprobs": logprobs, "finish_reason": reason,
+                    }),
+                    Kind::Chat => {
+                        let mut delta = serde_json::Map::new();
+                        if started.insert(index) {
+                            delta.insert("role".into(), json!("assistant"));
+                        }
+                        if !text.is_empty() || delta.contains_key("role") {
+                            delta.insert("content".into(), json!(text));
+                        }
+                        json!({
+                            "index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
+                        })
+                    }
+                };
+                // Messages with nothing to say (a held-back character) are not sent.
+                let empty = text.is_empty() && reason.is_none() && !p.logprobs
+                    && !(p.kind == Kind::Chat && choice["delta"].get("role").is_some());
+                if !empty {
+                    out.push(json_event(&p.envelope(true, vec![choice])));
+                }
+            }
+            Item::End => {
+                if include_usage && !failed {
+                    let mut last = p.envelope(true, Vec::new());
+                    last["usage"] = usage(prompt_tokens, completion_tokens);
+                    out.push(json_event(&last));
+                }
+                out.push(Event::default().data("[DONE]"));
+            }
+        }
+        stream::iter(out.into_iter().map(Ok))
+    });
+    Sse::new(events)
+}
+
+fn json_event(value: &Value) -> Event {
+    Event::default().data(value.to_string())
+}
