@@ -1,6 +1,8 @@
 //! pd-tests: shared helpers for the end-to-end tests (the real model, the golden cases, running
 //! an engine to completion) and the `pd-bench` benchmark.
 
+pub mod cluster;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

@@ -1,0 +1,98 @@
+//! Same answer everywhere: greedy output through a real cluster (etcd, router, prefill and
+//! decode processes) equals the single-process engine's, over gRPC and HTTP, streamed or not,
+//! one request at a time and 32 at once, disaggregated (1P1D, 2P2D) and aggregated. After each
+//! run every node's KV blocks are free.
+
+mod common;
+
+use common::*;
+use pd_tests::cluster::{Cluster, ClusterSpec};
+use pd_tests::golden_cases;
+
+const MAX_TOKENS: u32 = 16;
+
+/// The golden prompts and the single engine's greedy output for each.
+fn references() -> Vec<(String, Vec<u32>, Generated)> {
+    golden_cases()
+        .into_iter()
+        .map(|c| {
+            let want = reference(&c.prompt_ids, &greedy(MAX_TOKENS));
+            (c.name, c.prompt_ids, want)
+        })
+        .collect()
+}
+
+async fn check_cluster(spec: ClusterSpec, concurrent: usize, http: bool) {
+    let refs = references();
+    let cluster = Cluster::start(spec).await.expect("cluster starts");
+    let mut client = grpc_client(&cluster).await;
+
+    // One at a time over gRPC: token ids equal.
+    for (name, prompt, want) in &refs {
+        let got = grpc_generate(&mut client, prompt, &greedy(MAX_TOKENS))
+            .await
+            .unwrap_or_else(|s| panic!("{name}: {s}"));
+        assert_eq!(got.ids, want.ids, "{name}");
+        assert_eq!(got.text, want.text, "{name}");
+        assert_eq!(got.finish_reason, want.finish_reason, "{name}");
+        assert_eq!(got.completion_tokens, want.ids.len() as u32, "{name}");
+    }
+
+    // Over HTTP, streamed and not: the same text.
+    if http {
+        for (name, prompt, want) in refs.iter().take(4) {
+            for stream in [false, true] {
+                let (text, reason, tokens) =
+                    http_complete(&cluster, prompt, MAX_TOKENS, stream).await;
+                assert_eq!(text, want.text, "{name} (stream: {stream})");
+                assert_eq!(reason, reason_name(want.finish_reason), "{name}");
+                assert_eq!(tokens, want.ids.len() as u64, "{name}");
+            }
+        }
+    }
+
+    // Many at once: continuous batching on every node must not change a token.
+    let calls = (0..concurrent).map(|i| {
+        let (name, prompt, want) = refs[i % refs.len()].clone();
+        let mut client = client.clone();
+        async move {
+            let got = grpc_generate(&mut client, &prompt, &greedy(MAX_TOKENS))
+                .await
+                .unwrap_or_else(|s| panic!("{name}: {s}"));
+            assert_eq!(got.ids, want.ids, "{name} among {concurrent} concurrent requests");
+        }
+    });
+    futures::future::join_all(calls).await;
+
+    assert_all_blocks_free(&cluster).await;
+    cluster.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_prefill_one_decode_equals_the_single_engine() {
+    let _serial = SERIAL.lock().await;
+    check_cluster(ClusterSpec::default(), 32, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_prefill_two_decode_equals_the_single_engine() {
+    let _serial = SERIAL.lock().await;
+    let spec = ClusterSpec {
+        prefill: 2,
+        decode: 2,
+        ..ClusterSpec::default()
+    };
+    check_cluster(spec, 32, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregated_decode_node_equals_the_single_engine() {
+    let _serial = SERIAL.lock().await;
+    let spec = ClusterSpec {
+        prefill: 1,
+        decode: 1,
+        decode_args: vec!["--aggregated".into()],
+        ..ClusterSpec::default()
+    };
+    check_cluster(spec, 8, true).await;
+}

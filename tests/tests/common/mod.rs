@@ -1,0 +1,196 @@
+//! Clients and references the cluster tests share: gRPC and HTTP calls to the router, the
+//! single-process reference output, and the check that every node's KV blocks are free.
+
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use pd_common::engine::{EngineConfig, GenerateRequest};
+use pd_common::sampling::SamplingParams;
+use pd_proto::v1 as pb;
+use pd_proto::v1::generation_client::GenerationClient;
+use pd_proto::v1::node_client::NodeClient;
+use pd_tests::cluster::Cluster;
+use pd_tests::{real_engine, Runs};
+use serde_json::{json, Value};
+
+/// Only one cluster at a time: the machine has few cores, and timings matter to some tests.
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Longest any single request may take in these tests; a hung stream fails instead of waiting.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What one request produced.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Generated {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: i32,
+    pub completion_tokens: u32,
+}
+
+/// The single-process engine's output for `prompt_ids` under `params`.
+pub fn reference(prompt_ids: &[u32], params: &SamplingParams) -> Generated {
+    let mut core = real_engine(EngineConfig::default());
+    let mut runs = Runs::new();
+    runs.add(
+        &mut core,
+        GenerateRequest {
+            prompt_ids: prompt_ids.to_vec(),
+            params: params.clone(),
+            ..Default::default()
+        },
+    );
+    let r = runs.finish(&mut core).remove(0);
+    Generated {
+        completion_tokens: r.ids.len() as u32,
+        ids: r.ids,
+        text: r.text,
+        finish_reason: pb::FinishReason::from(r.reason) as i32,
+    }
+}
+
+pub fn greedy(max_tokens: u32) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        max_tokens,
+        ..SamplingParams::default()
+    }
+}
+
+pub async fn grpc_client(cluster: &Cluster) -> GenerationClient<tonic::transport::Channel> {
+    GenerationClient::connect(cluster.grpc_url())
+        .await
+        .expect("connecting to the router's gRPC API")
+}
+
+/// Streams one request through the router's gRPC API; `Err` carries the status.
+pub async fn grpc_generate(
+    client: &mut GenerationClient<tonic::transport::Channel>,
+    prompt_ids: &[u32],
+    params: &SamplingParams,
+) -> Result<Generated, tonic::Status> {
+    let request = pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds {
+            ids: prompt_ids.to_vec(),
+        })),
+        sampling: Some(pb::SamplingParams::from(params)),
+        ..Default::default()
+    };
+    let work = async {
+        let mut stream = client.generate(request).await?.into_inner();
+        let mut out = Generated::default();
+        while let Some(m) = stream.message().await? {
+            out.ids.extend(&m.token_ids);
+            out.text.push_str(&m.text);
+            if let Some(c) = m.completion {
+                out.finish_reason = c.finish_reason;
+                out.completion_tokens = c.usage.map_or(0, |u| u.completion_tokens);
+                return Ok(out);
+            }
+        }
+        Err(tonic::Status::internal("the stream ended without a completion"))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| panic!("a gRPC stream hung for {REQUEST_TIMEOUT:?}"))
+}
+
+/// `POST /v1/completions` with token ids; returns (text, finish_reason, completion_tokens),
+/// streamed or not.
+pub async fn http_complete(
+    cluster: &Cluster,
+    prompt_ids: &[u32],
+    max_tokens: u32,
+    stream: bool,
+) -> (String, String, u64) {
+    let body = json!({
+        "model": "",
+        "prompt": prompt_ids,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "stream_options": {"include_usage": true},
+    });
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/completions", cluster.http_url()))
+        .json(&body)
+        .timeout(REQUEST_TIMEOUT)
+        .send()
+        .await
+        .expect("POST /v1/completions");
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.expect("response body");
+    if !stream {
+        let v: Value = serde_json::from_str(&text).expect("a JSON body");
+        let choice = &v["choices"][0];
+        return (
+            choice["text"].as_str().unwrap_or_default().to_string(),
+            choice["finish_reason"].as_str().unwrap_or_default().to_string(),
+            v["usage"]["completion_tokens"].as_u64().unwrap_or_default(),
+        );
+    }
+    let (mut out, mut reason, mut tokens) = (String::new(), String::new(), 0);
+    let events = sse_events(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
+    for data in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(data).expect("a JSON event");
+        assert!(v.get("error").is_none(), "{data}");
+        if let Some(choice) = v["choices"].get(0) {
+            out.push_str(choice["text"].as_str().unwrap_or_default());
+            if let Some(r) = choice["finish_reason"].as_str() {
+                reason = r.to_string();
+            }
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            tokens = n;
+        }
+    }
+    (out, reason, tokens)
+}
+
+/// The `data:` payloads of a server-sent event stream.
+pub fn sse_events(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn reason_name(reason: i32) -> &'static str {
+    match pb::FinishReason::try_from(reason) {
+        Ok(pb::FinishReason::Length) => "length",
+        _ => "stop",
+    }
+}
+
+/// Waits until every live node reports all its KV blocks free and nothing queued: nothing
+/// leaked. Fails after a deadline with the last stats.
+pub async fn assert_all_blocks_free(cluster: &Cluster) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut busy = Vec::new();
+        for node in cluster.nodes() {
+            let stats = async {
+                let mut client = NodeClient::connect(node.grpc_url()).await.ok()?;
+                Some(client.stats(pb::StatsRequest {}).await.ok()?.into_inner())
+            }
+            .await;
+            match stats {
+                Some(s)
+                    if s.free_kv_blocks == s.total_kv_blocks
+                        && s.running_sequences == 0
+                        && s.waiting_sequences == 0 => {}
+                other => busy.push(format!("{}: {other:?}", node.id)),
+            }
+        }
+        if busy.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "KV blocks still in use after the work ended: {busy:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
