@@ -124,7 +124,7 @@ pub async fn run(
         .set_serving::<DecodeServer<DecodeService>>()
         .await;
     let serving = CancellationToken::new();
-    let server = tonic::transport::Server::builder()
+    let server = pd_common::rpc::server()
         .add_service(health_service)
         .add_service(DecodeServer::new(service.clone()))
         .add_service(NodeServer::new(service.clone()))
@@ -134,11 +134,7 @@ pub async fn run(
             serving.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);
-    let metrics_server = tokio::spawn(node::serve_metrics(
-        metrics,
-        prometheus,
-        serving.clone(),
-    ));
+    let metrics_server = tokio::spawn(node::serve_metrics(metrics, prometheus, serving.clone()));
     let gauges = tokio::spawn(node::publish_engine_gauges(engine.clone(), serving.clone()));
 
     let info = NodeInfo {

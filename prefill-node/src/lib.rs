@@ -13,8 +13,8 @@ use pd_common::node::{self, ModelArgs, ReadyLine};
 use pd_common::telemetry::{self, LogFormat};
 use pd_common::transfer;
 use pd_common::Result;
-use pd_proto::v1::prefill_server::PrefillServer;
 use pd_proto::v1::node_server::NodeServer;
+use pd_proto::v1::prefill_server::PrefillServer;
 use pd_proto::v1::{NodeInfo, NodeRole};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -94,7 +94,7 @@ pub async fn run(
         .set_serving::<PrefillServer<PrefillService>>()
         .await;
     let serving = CancellationToken::new();
-    let server = tonic::transport::Server::builder()
+    let server = pd_common::rpc::server()
         .add_service(health_service)
         .add_service(PrefillServer::new(service.clone()))
         .add_service(NodeServer::new(service.clone()))
@@ -103,11 +103,7 @@ pub async fn run(
             serving.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);
-    let metrics_server = tokio::spawn(node::serve_metrics(
-        metrics,
-        prometheus,
-        serving.clone(),
-    ));
+    let metrics_server = tokio::spawn(node::serve_metrics(metrics, prometheus, serving.clone()));
     let gauges = tokio::spawn(node::publish_engine_gauges(engine.clone(), serving.clone()));
 
     let info = NodeInfo {

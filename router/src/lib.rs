@@ -26,7 +26,11 @@ pub use dispatch::{Dispatcher, Job};
 
 /// Everything a router can be told; every flag has a default.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "pd-router", version, about = "pd-cluster router: gRPC and OpenAI-compatible HTTP APIs")]
+#[command(
+    name = "pd-router",
+    version,
+    about = "pd-cluster router: gRPC and OpenAI-compatible HTTP APIs"
+)]
 pub struct RouterConfig {
     /// HTTP listen address (OpenAI API, /health, /live, /metrics). Port 0 picks a free port.
     #[arg(long, env = "PD_HTTP_LISTEN", default_value = "0.0.0.0:8000")]
@@ -95,8 +99,8 @@ pub async fn run(
         },
         config.max_body_bytes,
     );
-    let http_server = axum::serve(http_listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let http_server =
+        axum::serve(http_listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let http_server = tokio::spawn(async move { http_server.await });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -108,7 +112,7 @@ pub async fn run(
         dispatcher: dispatcher.clone(),
     })
     .max_decoding_message_size(config.max_grpc_message_bytes);
-    let grpc_server = tonic::transport::Server::builder()
+    let grpc_server = pd_common::rpc::server()
         .layer(grpc_limits::TooLargeIsResourceExhausted)
         .add_service(health_service)
         .add_service(generation)
@@ -213,7 +217,10 @@ mod grpc_limits {
                     && headers
                         .get("grpc-message")
                         .and_then(|m| m.to_str().ok())
-                        .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
+                        .is_some_and(|m| {
+                            m.contains("message%20length%20too%20large")
+                                || m.contains("message length too large")
+                        });
                 if too_large {
                     headers.insert("grpc-status", HeaderValue::from_static("8"));
                 }

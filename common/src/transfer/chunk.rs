@@ -92,31 +92,46 @@ fn checksum(keys: &[u8], values: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// Little-endian bytes of a tensor's elements.
+/// Little-endian bytes of a tensor's elements. On little-endian machines (all we build for in
+/// practice) this is one copy of the tensor's memory.
 fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     let flat = t.flatten_all()?;
     Ok(match t.dtype() {
-        DType::F32 => flat
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
-        DType::F16 => flat
-            .to_vec1::<f16>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
-        DType::BF16 => flat
-            .to_vec1::<bf16>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
+        DType::F32 => le_bytes(&flat.to_vec1::<f32>()?, |x| x.to_le_bytes()),
+        DType::F16 => le_bytes(&flat.to_vec1::<f16>()?, |x| x.to_le_bytes()),
+        DType::BF16 => le_bytes(&flat.to_vec1::<bf16>()?, |x| x.to_le_bytes()),
         other => {
             return Err(Error::UnsupportedModel(format!(
                 "KV cache of dtype {other:?} cannot be shipped"
             )))
         }
     })
+}
+
+fn le_bytes<T: bytemuck::Pod, const N: usize>(v: &[T], to_le: impl Fn(&T) -> [u8; N]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice(v).to_vec()
+    } else {
+        v.iter().flat_map(to_le).collect()
+    }
+}
+
+fn from_le_bytes<T: bytemuck::Pod, const N: usize>(
+    bytes: &[u8],
+    from_le: impl Fn([u8; N]) -> T,
+) -> Vec<T> {
+    if cfg!(target_endian = "little") {
+        // Copies into aligned memory: a message's bytes need not be aligned for T.
+        let n = bytes.len() / N;
+        let mut v = vec![T::zeroed(); n];
+        bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(&bytes[..n * N]);
+        v
+    } else {
+        bytes
+            .chunks_exact(N)
+            .map(|b| from_le(b.try_into().unwrap_or([0; N])))
+            .collect()
+    }
 }
 
 fn bytes_tensor(
@@ -126,27 +141,9 @@ fn bytes_tensor(
     device: &candle_core::Device,
 ) -> Result<Tensor> {
     Ok(match dtype {
-        DType::F32 => {
-            let v: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            Tensor::from_vec(v, shape, device)?
-        }
-        DType::F16 => {
-            let v: Vec<f16> = bytes
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]))
-                .collect();
-            Tensor::from_vec(v, shape, device)?
-        }
-        DType::BF16 => {
-            let v: Vec<bf16> = bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]))
-                .collect();
-            Tensor::from_vec(v, shape, device)?
-        }
+        DType::F32 => Tensor::from_vec(from_le_bytes(bytes, f32::from_le_bytes), shape, device)?,
+        DType::F16 => Tensor::from_vec(from_le_bytes(bytes, f16::from_le_bytes), shape, device)?,
+        DType::BF16 => Tensor::from_vec(from_le_bytes(bytes, bf16::from_le_bytes), shape, device)?,
         other => {
             return Err(Error::UnsupportedModel(format!(
                 "KV cache of dtype {other:?} cannot be shipped"
