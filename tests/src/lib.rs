@@ -1,6 +1,7 @@
 //! pd-tests: shared helpers for the end-to-end tests (the real model, the golden cases, running
 //! an engine to completion) and the `pd-bench` benchmark.
 
+pub mod bench;
 pub mod cluster;
 
 use std::path::PathBuf;

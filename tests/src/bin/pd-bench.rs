@@ -3,6 +3,9 @@
 //! `pd-bench engine`: the single-process engine on this machine: prefill tokens/s for one long
 //! prompt, and decode tokens/s with 1, 4, 16 and 32 sequences decoding together, with the machine's
 //! load average printed beside the figures (a busy machine makes them meaningless).
+//!
+//! `pd-bench kernels`: our quantized matmuls against candle's. `pd-bench transfer`: KV over gRPC
+//! against raw TCP on loopback. `pd-bench cluster`: a local cluster under closed-loop load.
 
 use std::time::Instant;
 
@@ -30,6 +33,10 @@ enum Command {
     Engine(EngineArgs),
     /// The quantized matmul kernels against candle's, on the model's shapes.
     Kernels,
+    /// KV transfer over gRPC on loopback, next to raw TCP.
+    Transfer(pd_tests::bench::transfer::TransferArgs),
+    /// A local cluster under closed-loop load, aggregated and disaggregated.
+    Cluster(pd_tests::bench::cluster::ClusterArgs),
 }
 
 #[derive(clap::Args)]
@@ -66,19 +73,12 @@ fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Engine(args) => bench_engine(args),
         Command::Kernels => bench_kernels(),
+        Command::Transfer(args) => pd_tests::bench::transfer::run(args),
+        Command::Cluster(args) => pd_tests::bench::cluster::run(args),
     }
 }
 
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
+use pd_tests::bench::{load_average, median};
 
 /// Deterministic prompt ids drawn from the ordinary-text part of the vocabulary.
 fn prompt(len: usize, salt: usize, vocab: usize) -> Vec<u32> {

@@ -1,0 +1,174 @@
+//! `pd-bench cluster`: a real local cluster (etcd, router, nodes as processes) under a
+//! closed-loop load: each of N clients sends a request, waits for its last token, and sends the
+//! next. Reports output tokens/s and time to first token / inter-token latency percentiles as
+//! the client sees them, for an aggregated cluster (the decode node prefills) and a
+//! disaggregated one (1 prefill + 1 decode node), on this machine.
+
+use std::time::{Duration, Instant};
+
+use pd_proto::v1 as pb;
+use pd_proto::v1::generation_client::GenerationClient;
+
+use crate::cluster::{Cluster, ClusterSpec};
+use crate::golden_cases;
+
+#[derive(clap::Args)]
+pub struct ClusterArgs {
+    /// Numbers of concurrent clients.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub clients: Vec<usize>,
+
+    /// Requests each client sends, one after the other.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+
+    /// Tokens generated per request (end-of-generation ignored, so every request has the same).
+    #[arg(long, default_value_t = 48)]
+    pub max_tokens: u32,
+
+    /// Modes to measure: aggregated, disaggregated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "aggregated,disaggregated"
+    )]
+    pub modes: Vec<String>,
+}
+
+/// What a client saw of one request.
+struct Sample {
+    ttft: f64,
+    /// Gaps between consecutive tokens.
+    gaps: Vec<f64>,
+    tokens: usize,
+}
+
+pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(run_async(args))
+}
+
+async fn run_async(args: ClusterArgs) -> anyhow::Result<()> {
+    let prompts: Vec<Vec<u32>> = golden_cases().into_iter().map(|c| c.prompt_ids).collect();
+    println!(
+        "closed-loop load, {} tokens per request, prompts of {}..{} tokens (load average {})",
+        args.max_tokens,
+        prompts.iter().map(Vec::len).min().unwrap_or(0),
+        prompts.iter().map(Vec::len).max().unwrap_or(0),
+        super::load_average()
+    );
+    println!(
+        "{:<14} {:>7} {:>8} {:>11} {:>10} {:>10} {:>10} {:>10}",
+        "mode", "clients", "requests", "out tok/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95"
+    );
+    for mode in &args.modes {
+        let spec = match mode.as_str() {
+            "aggregated" => ClusterSpec {
+                prefill: 0,
+                decode: 1,
+                decode_args: vec!["--aggregated".into()],
+                ..ClusterSpec::default()
+            },
+            "disaggregated" => ClusterSpec::default(),
+            other => anyhow::bail!("unknown mode {other:?}: aggregated or disaggregated"),
+        };
+        let cluster = Cluster::start(spec).await?;
+        let client = GenerationClient::connect(cluster.grpc_url()).await?;
+        // Warm-up: first-touch of caches and connections is not what we measure.
+        one_request(client.clone(), prompts[0].clone(), 4).await?;
+        for &clients in &args.clients {
+            let started = Instant::now();
+            let tasks = (0..clients).map(|c| {
+                let client = client.clone();
+                let prompts = prompts.clone();
+                let (rounds, max_tokens) = (args.rounds, args.max_tokens);
+                tokio::spawn(async move {
+                    let mut samples = Vec::new();
+                    for r in 0..rounds {
+                        let prompt = prompts[(c * rounds + r) % prompts.len()].clone();
+                        samples.push(one_request(client.clone(), prompt, max_tokens).await?);
+                    }
+                    anyhow::Ok(samples)
+                })
+            });
+            let mut samples = Vec::new();
+            for t in futures::future::join_all(tasks).await {
+                samples.extend(t??);
+            }
+            let wall = started.elapsed().as_secs_f64();
+            let tokens: usize = samples.iter().map(|s| s.tokens).sum();
+            let ttft: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
+            let gaps: Vec<f64> = samples
+                .iter()
+                .flat_map(|s| s.gaps.iter().copied())
+                .collect();
+            println!(
+                "{:<14} {:>7} {:>8} {:>11.1} {:>9.0}ms {:>9.0}ms {:>9.1}ms {:>9.1}ms",
+                mode,
+                clients,
+                samples.len(),
+                tokens as f64 / wall,
+                1e3 * percentile(&ttft, 0.5),
+                1e3 * percentile(&ttft, 0.95),
+                1e3 * percentile(&gaps, 0.5),
+                1e3 * percentile(&gaps, 0.95),
+            );
+        }
+        cluster.shutdown().await?;
+    }
+    Ok(())
+}
+
+async fn one_request(
+    mut client: GenerationClient<tonic::transport::Channel>,
+    prompt: Vec<u32>,
+    max_tokens: u32,
+) -> anyhow::Result<Sample> {
+    let request = pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds {
+            ids: prompt,
+        })),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(0.0),
+            max_tokens: Some(max_tokens),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut last: Option<Instant> = None;
+    let mut sample = Sample {
+        ttft: 0.0,
+        gaps: Vec::new(),
+        tokens: 0,
+    };
+    while let Some(m) = stream.message().await? {
+        if !m.token_ids.is_empty() {
+            let now = Instant::now();
+            match last {
+                None => sample.ttft = (now - started).as_secs_f64(),
+                Some(prev) => sample.gaps.push((now - prev).as_secs_f64()),
+            }
+            last = Some(now);
+            sample.tokens += m.token_ids.len();
+        }
+        if m.completion.is_some() {
+            return Ok(sample);
+        }
+    }
+    anyhow::bail!(
+        "a stream ended without a completion after {:?}",
+        Duration::from_secs_f64((Instant::now() - started).as_secs_f64())
+    )
+}
+
+fn percentile(xs: &[f64], q: f64) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
