@@ -120,8 +120,7 @@ impl pb::decode_server::Decode for DecodeService {
             };
             let (stream, reserved) = match local_reason {
                 Some(reason) => {
-                    metrics::counter!(names::LOCAL_PREFILLS_TOTAL, "reason" => reason)
-                        .increment(1);
+                    metrics::counter!(names::LOCAL_PREFILLS_TOTAL, "reason" => reason).increment(1);
                     (inner.engine.generate(request.clone()).await?, None)
                 }
                 None => {
@@ -241,7 +240,9 @@ async fn forward(
             _ = tx.closed() => return,
         };
         let message = match event {
-            None => Err(Status::internal("the engine ended the request without a reason")),
+            None => Err(Status::internal(
+                "the engine ended the request without a reason",
+            )),
             Some(SeqEvent::Token(t)) => Ok(pb::GenerateResponse {
                 request_id: prefill.request_id.clone(),
                 token_ids: vec![t.id],

@@ -173,7 +173,8 @@ impl Dispatcher {
     fn already_complete(&self, job: &Job, sent: &[u32]) -> Option<pb::GenerateResponse> {
         let last = *sent.last()?;
         let p = &job.params;
-        let stopped = p.stop_token_ids.contains(&last) || (!p.ignore_eos && self.eog_ids.contains(&last));
+        let stopped =
+            p.stop_token_ids.contains(&last) || (!p.ignore_eos && self.eog_ids.contains(&last));
         let reason = if stopped {
             pb::FinishReason::Stop
         } else if sent.len() >= p.max_tokens as usize {

@@ -22,7 +22,8 @@ pub struct GenerationService {
     pub dispatcher: Arc<Dispatcher>,
 }
 
-type GenerateStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+type GenerateStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 fn chat_messages(chat: &pb::Chat) -> Vec<ChatMessage> {
     chat.messages

@@ -102,7 +102,11 @@ impl Pool {
                     .then(a.node_id.cmp(&b.node_id))
             })?
             .clone();
-        let active = loads.entry(best.node_id.clone()).or_default().active.clone();
+        let active = loads
+            .entry(best.node_id.clone())
+            .or_default()
+            .active
+            .clone();
         active.fetch_add(1, Ordering::Relaxed);
         Some((
             Candidate {
@@ -185,7 +189,10 @@ async fn follow_membership(
             1.0
         });
         if !snapshot.etcd_connected {
-            tracing::warn!(nodes = snapshot.len(), "etcd unreachable: serving the last view");
+            tracing::warn!(
+                nodes = snapshot.len(),
+                "etcd unreachable: serving the last view"
+            );
         }
         let _ = tx.send(snapshot);
         tokio::select! {

@@ -59,7 +59,10 @@ async fn check_cluster(spec: ClusterSpec, concurrent: usize, http: bool) {
             let got = grpc_generate(&mut client, &prompt, &greedy(MAX_TOKENS))
                 .await
                 .unwrap_or_else(|s| panic!("{name}: {s}"));
-            assert_eq!(got.ids, want.ids, "{name} among {concurrent} concurrent requests");
+            assert_eq!(
+                got.ids, want.ids,
+                "{name} among {concurrent} concurrent requests"
+            );
         }
     });
     futures::future::join_all(calls).await;

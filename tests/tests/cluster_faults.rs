@@ -97,7 +97,11 @@ async fn running_on(node_grpc: &str) -> u32 {
 }
 
 /// Waits until every stream has delivered at least `tokens` tokens.
-async fn wait_progress(progress: &mut mpsc::UnboundedReceiver<usize>, streams: usize, tokens: usize) {
+async fn wait_progress(
+    progress: &mut mpsc::UnboundedReceiver<usize>,
+    streams: usize,
+    tokens: usize,
+) {
     let mut seen = vec![0usize; streams];
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
     while seen.iter().any(|&n| n < tokens) {
@@ -127,7 +131,11 @@ async fn killing_a_decode_node_mid_stream_resumes_every_stream_elsewhere() {
     // Kill the decode node running the most sequences.
     let mut victim = None;
     let mut most = 0;
-    for node in cluster.nodes().into_iter().filter(|n| n.role == Role::Decode) {
+    for node in cluster
+        .nodes()
+        .into_iter()
+        .filter(|n| n.role == Role::Decode)
+    {
         let running = running_on(&node.grpc).await;
         if victim.is_none() || running > most {
             most = running;
@@ -139,8 +147,14 @@ async fn killing_a_decode_node_mid_stream_resumes_every_stream_elsewhere() {
     cluster.kill_node(&victim).expect("SIGKILL");
 
     for (i, (stream, want)) in streams.into_iter().zip(&want).enumerate() {
-        let got = stream.await.expect("task").unwrap_or_else(|s| panic!("stream {i}: {s}"));
-        assert_eq!(got.ids, want.ids, "stream {i}: tokens lost, repeated or changed");
+        let got = stream
+            .await
+            .expect("task")
+            .unwrap_or_else(|s| panic!("stream {i}: {s}"));
+        assert_eq!(
+            got.ids, want.ids,
+            "stream {i}: tokens lost, repeated or changed"
+        );
         assert_eq!(got.text, want.text, "stream {i}");
         assert_eq!(got.completion_tokens, want.ids.len() as u32, "stream {i}");
     }
@@ -152,7 +166,9 @@ async fn killing_a_decode_node_mid_stream_resumes_every_stream_elsewhere() {
 async fn killing_the_last_decode_node_ends_streams_with_a_clear_error() {
     let _serial = SERIAL.lock().await;
     let work = workload(200);
-    let mut cluster = Cluster::start(ClusterSpec::default()).await.expect("cluster starts");
+    let mut cluster = Cluster::start(ClusterSpec::default())
+        .await
+        .expect("cluster starts");
     let (tx, mut progress) = mpsc::unbounded_channel();
     let streams = start_streams(&cluster, &work[..4], tx);
     wait_progress(&mut progress, 4, 2).await;
@@ -172,9 +188,14 @@ async fn killing_the_last_decode_node_ends_streams_with_a_clear_error() {
         assert!(status.message().contains("decode node"), "{status:?}");
     }
     // New requests are refused at once, and the router says why it is not ready.
-    cluster.wait_for_nodes(1, 0, Duration::from_secs(10)).await.expect("the node leaves");
+    cluster
+        .wait_for_nodes(1, 0, Duration::from_secs(10))
+        .await
+        .expect("the node leaves");
     let mut client = grpc_client(&cluster).await;
-    let status = grpc_generate(&mut client, &work[0].0, &greedy(4)).await.unwrap_err();
+    let status = grpc_generate(&mut client, &work[0].0, &greedy(4))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert_eq!(cluster.health().await.unwrap().http_status, 503);
     cluster.shutdown().await.expect("clean shutdown");
@@ -211,20 +232,32 @@ async fn killing_a_prefill_node_mid_transfer_retries_elsewhere_and_frees_the_res
     // Kill whichever prefill node is computing the prompt, while it computes.
     let deadline = Instant::now() + REQUEST_TIMEOUT;
     'find: loop {
-        for node in cluster.nodes().into_iter().filter(|n| n.role == Role::Prefill) {
+        for node in cluster
+            .nodes()
+            .into_iter()
+            .filter(|n| n.role == Role::Prefill)
+        {
             if running_on(&node.grpc).await > 0 {
                 cluster.kill_node(&node.id).expect("SIGKILL");
                 break 'find;
             }
         }
-        assert!(Instant::now() < deadline, "no prefill node ever ran the prompt");
+        assert!(
+            Instant::now() < deadline,
+            "no prefill node ever ran the prompt"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let got = request.await.expect("task").expect("the request succeeds after the retry");
+    let got = request
+        .await
+        .expect("task")
+        .expect("the request succeeds after the retry");
     assert_eq!(got.ids, want.ids);
     assert_all_blocks_free(&cluster).await;
     // The cluster keeps serving with the prefill node that is left.
-    let again = grpc_generate(&mut client, &prompt, &greedy(8)).await.expect("served");
+    let again = grpc_generate(&mut client, &prompt, &greedy(8))
+        .await
+        .expect("served");
     assert_eq!(again.ids, want.ids);
     assert_all_blocks_free(&cluster).await;
     cluster.shutdown().await.expect("clean shutdown");
@@ -261,17 +294,23 @@ async fn the_cluster_keeps_serving_while_etcd_restarts() {
     let _serial = SERIAL.lock().await;
     let prompt = golden_cases()[0].prompt_ids.clone();
     let want = reference(&prompt, &greedy(8));
-    let mut cluster = Cluster::start(ClusterSpec::default()).await.expect("cluster starts");
+    let mut cluster = Cluster::start(ClusterSpec::default())
+        .await
+        .expect("cluster starts");
     let mut client = grpc_client(&cluster).await;
 
     cluster.kill_etcd();
     let health = cluster
-        .wait_health(Duration::from_secs(15), "etcd seen as down", |h| !h.etcd_connected)
+        .wait_health(Duration::from_secs(15), "etcd seen as down", |h| {
+            !h.etcd_connected
+        })
         .await
         .expect("the router notices");
     assert_eq!(health.http_status, 200, "it keeps serving on its last view");
     assert_eq!((health.nodes.prefill, health.nodes.decode), (1, 1));
-    let got = grpc_generate(&mut client, &prompt, &greedy(8)).await.expect("served");
+    let got = grpc_generate(&mut client, &prompt, &greedy(8))
+        .await
+        .expect("served");
     assert_eq!(got.ids, want.ids);
 
     cluster.restart_etcd().await.expect("etcd restarts");
@@ -281,7 +320,9 @@ async fn the_cluster_keeps_serving_while_etcd_restarts() {
         })
         .await
         .expect("nodes re-register");
-    let got = grpc_generate(&mut client, &prompt, &greedy(8)).await.expect("served");
+    let got = grpc_generate(&mut client, &prompt, &greedy(8))
+        .await
+        .expect("served");
     assert_eq!(got.ids, want.ids);
     assert_all_blocks_free(&cluster).await;
     cluster.shutdown().await.expect("clean shutdown");

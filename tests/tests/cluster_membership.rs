@@ -39,7 +39,10 @@ async fn nodes_join_and_leave_the_routers_view() {
     let mut client = grpc_client(&cluster).await;
 
     // A late decode node joins and receives traffic.
-    let late = cluster.add_node(Role::Decode).await.expect("a late node starts");
+    let late = cluster
+        .add_node(Role::Decode)
+        .await
+        .expect("a late node starts");
     cluster
         .wait_for_nodes(1, 2, Duration::from_secs(10))
         .await
@@ -47,7 +50,10 @@ async fn nodes_join_and_leave_the_routers_view() {
     let late_metrics = cluster.node(&late).expect("late node").metrics_url();
     let deadline = Instant::now() + Duration::from_secs(60);
     while decode_tokens(&late_metrics).await == 0.0 {
-        assert!(Instant::now() < deadline, "the late node never got a request");
+        assert!(
+            Instant::now() < deadline,
+            "the late node never got a request"
+        );
         // Two at once: the router spreads them over both nodes.
         let (mut c1, mut c2, params) = (client.clone(), client.clone(), greedy(4));
         let (a, b) = tokio::join!(
@@ -108,7 +114,9 @@ async fn a_killed_node_leaves_within_its_lease() {
     eprintln!("SIGKILLed node left the view after {:?}", killed.elapsed());
     let mut client = grpc_client(&cluster).await;
     let prompt = golden_cases()[0].prompt_ids.clone();
-    grpc_generate(&mut client, &prompt, &greedy(4)).await.expect("served");
+    grpc_generate(&mut client, &prompt, &greedy(4))
+        .await
+        .expect("served");
     assert_all_blocks_free(&cluster).await;
     cluster.shutdown().await.expect("clean shutdown");
 }

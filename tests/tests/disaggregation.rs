@@ -4,9 +4,7 @@
 //! request resumed after k tokens continues exactly as it would have (seeded sampling too); and
 //! every block returns to the allocator.
 
-use pd_common::engine::{
-    EngineConfig, EngineCore, GenerateRequest, Placement, SeqEvent, SeqId,
-};
+use pd_common::engine::{EngineConfig, EngineCore, GenerateRequest, Placement, SeqEvent, SeqId};
 use pd_common::sampling::{FinishReason, SampledToken, SamplingParams};
 use pd_common::transfer::{chunk_from_tensors, decode_chunk_into};
 use pd_tests::{golden_cases, real_engine};
@@ -71,12 +69,17 @@ fn disaggregated(requests: &[GenerateRequest]) -> Vec<Output> {
     let mut prefill = real_engine(small_budget);
     let mut decode = real_engine(EngineConfig::default());
 
-    let mut pending: Vec<(SeqId, mpsc::UnboundedReceiver<SeqEvent>, oneshot::Receiver<Vec<u32>>)> =
-        Vec::new();
+    let mut pending: Vec<(
+        SeqId,
+        mpsc::UnboundedReceiver<SeqEvent>,
+        oneshot::Receiver<Vec<u32>>,
+    )> = Vec::new();
     for r in requests {
         let (reserved_tx, reserved) = oneshot::channel();
         let (tx, rx) = mpsc::unbounded_channel();
-        let id = decode.submit(r.clone(), Placement::Remote(reserved_tx), tx).unwrap();
+        let id = decode
+            .submit(r.clone(), Placement::Remote(reserved_tx), tx)
+            .unwrap();
         pending.push((id, rx, reserved));
     }
     // Admission reserves the blocks; nothing is computed on the decode side yet.
@@ -87,7 +90,9 @@ fn disaggregated(requests: &[GenerateRequest]) -> Vec<Output> {
     for r in requests {
         let (sink, exported) = mpsc::unbounded_channel();
         let (tx, rx) = mpsc::unbounded_channel();
-        prefill.submit(r.clone(), Placement::Export(sink), tx).unwrap();
+        prefill
+            .submit(r.clone(), Placement::Export(sink), tx)
+            .unwrap();
         exports.push((exported, rx));
     }
     while prefill.has_work() {
@@ -96,8 +101,7 @@ fn disaggregated(requests: &[GenerateRequest]) -> Vec<Output> {
     assert_all_free(&prefill);
 
     let mut outputs = Vec::new();
-    for ((id, events, mut reserved), (mut exported, mut first)) in
-        pending.into_iter().zip(exports)
+    for ((id, events, mut reserved), (mut exported, mut first)) in pending.into_iter().zip(exports)
     {
         let blocks = reserved.try_recv().expect("blocks reserved");
         let mut chunks = 0;
@@ -211,7 +215,9 @@ fn a_reservation_given_up_computes_locally_or_frees_its_blocks() {
     // Prefilled locally in the reserved blocks after the remote attempt failed.
     let (reserved_tx, mut reserved) = oneshot::channel();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let id = core.submit(request.clone(), Placement::Remote(reserved_tx), tx).unwrap();
+    let id = core
+        .submit(request.clone(), Placement::Remote(reserved_tx), tx)
+        .unwrap();
     core.step().unwrap();
     assert!(reserved.try_recv().is_ok());
     core.prefill_locally(id).unwrap();
@@ -221,7 +227,9 @@ fn a_reservation_given_up_computes_locally_or_frees_its_blocks() {
     // Aborted while awaiting KV: the reservation is freed.
     let (reserved_tx, _reserved) = oneshot::channel();
     let (tx, _rx) = mpsc::unbounded_channel();
-    let id = core.submit(request.clone(), Placement::Remote(reserved_tx), tx).unwrap();
+    let id = core
+        .submit(request.clone(), Placement::Remote(reserved_tx), tx)
+        .unwrap();
     core.step().unwrap();
     assert!(core.stats().free_blocks < core.stats().total_blocks);
     assert!(core.abort(id));
@@ -231,8 +239,18 @@ fn a_reservation_given_up_computes_locally_or_frees_its_blocks() {
     let (reserved_tx, reserved) = oneshot::channel();
     drop(reserved);
     let (tx, _rx) = mpsc::unbounded_channel();
-    core.submit(request, Placement::Remote(reserved_tx), tx).unwrap();
+    core.submit(request, Placement::Remote(reserved_tx), tx)
+        .unwrap();
     core.step().unwrap();
     assert_all_free(&core);
-    assert!(core.activate(id, SampledToken { id: 1, logprob: 0.0, top_logprobs: vec![] }).is_err());
+    assert!(core
+        .activate(
+            id,
+            SampledToken {
+                id: 1,
+                logprob: 0.0,
+                top_logprobs: vec![]
+            }
+        )
+        .is_err());
 }

@@ -176,10 +176,10 @@ async fn handle_serves_concurrent_requests_and_cancellation_frees_blocks() {
         tasks.push(tokio::spawn(async move {
             let mut stream = handle
                 .generate(GenerateRequest {
-        prompt_ids,
-        params,
-        ..Default::default()
-    })
+                    prompt_ids,
+                    params,
+                    ..Default::default()
+                })
                 .await
                 .unwrap();
             let mut ids = Vec::new();

@@ -20,11 +20,14 @@ fn submit(
     params: SamplingParams,
 ) -> pd_common::Result<u64> {
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-    core.add_request(GenerateRequest {
-        prompt_ids,
-        params,
-        ..Default::default()
-    }, tx)
+    core.add_request(
+        GenerateRequest {
+            prompt_ids,
+            params,
+            ..Default::default()
+        },
+        tx,
+    )
 }
 
 #[test]

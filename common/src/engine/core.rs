@@ -408,7 +408,9 @@ impl EngineCore {
             };
             if matches!(seq.kv, KvSource::Remote(_)) {
                 // Reserve blocks for every token so far; another node fills them.
-                let Ok(blocks) = self.allocator.allocate(blocks_for_tokens(seq.tokens.len(), bs))
+                let Ok(blocks) = self
+                    .allocator
+                    .allocate(blocks_for_tokens(seq.tokens.len(), bs))
                 else {
                     break;
                 };

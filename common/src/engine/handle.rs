@@ -153,7 +153,10 @@ impl EngineHandle {
     }
 
     async fn send(&self, cmd: Command) -> Result<()> {
-        self.commands.send(cmd).await.map_err(|_| Error::EngineClosed)
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| Error::EngineClosed)
     }
 
     pub async fn abort(&self, id: SeqId) -> Result<()> {

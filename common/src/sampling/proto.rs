@@ -48,30 +48,6 @@ impl From<&SamplingParams> for pb::SamplingParams {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unset_fields_take_defaults_and_set_ones_survive_a_round_trip() {
-        assert_eq!(
-            SamplingParams::from(&pb::SamplingParams::default()),
-            SamplingParams::default()
-        );
-        let p = SamplingParams {
-            temperature: 0.0,
-            top_k: 5,
-            top_p: 0.5,
-            seed: Some(7),
-            max_tokens: 3,
-            stop: vec!["x".into()],
-            logprobs: Some(2),
-            ..SamplingParams::default()
-        };
-        assert_eq!(SamplingParams::from(&pb::SamplingParams::from(&p)), p);
-    }
-}
-
 impl From<super::FinishReason> for pb::FinishReason {
     fn from(r: super::FinishReason) -> Self {
         match r {
@@ -103,5 +79,29 @@ impl From<&pb::TokenLogprobs> for super::SampledToken {
             logprob: t.logprob,
             top_logprobs: t.top.iter().map(|e| (e.token_id, e.logprob)).collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unset_fields_take_defaults_and_set_ones_survive_a_round_trip() {
+        assert_eq!(
+            SamplingParams::from(&pb::SamplingParams::default()),
+            SamplingParams::default()
+        );
+        let p = SamplingParams {
+            temperature: 0.0,
+            top_k: 5,
+            top_p: 0.5,
+            seed: Some(7),
+            max_tokens: 3,
+            stop: vec!["x".into()],
+            logprobs: Some(2),
+            ..SamplingParams::default()
+        };
+        assert_eq!(SamplingParams::from(&pb::SamplingParams::from(&p)), p);
     }
 }

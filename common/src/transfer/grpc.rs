@@ -279,8 +279,7 @@ pub async fn push(
             return Ok(());
         }
         while let Some(kv) = exported.recv().await {
-            let chunk =
-                chunk_from_tensors(kv.layer, kv.first_block as u32, &kv.keys, &kv.values)?;
+            let chunk = chunk_from_tensors(kv.layer, kv.first_block as u32, &kv.keys, &kv.values)?;
             let message = KvPushMessage {
                 message: Some(PushMessage::Chunk(chunk)),
             };
@@ -311,8 +310,7 @@ pub async fn push(
                 .record(started.elapsed().as_secs_f64());
         }
         Err(_) => {
-            metrics::counter!(names::KV_TRANSFER_FAILURES_TOTAL, "direction" => "sent")
-                .increment(1)
+            metrics::counter!(names::KV_TRANSFER_FAILURES_TOTAL, "direction" => "sent").increment(1)
         }
     }
     outcome

@@ -52,7 +52,10 @@ pub async fn completions(
     req.check_unsupported()?;
     let prompts: Vec<Vec<u32>> = match &req.prompt {
         PromptInput::Text(t) => vec![fe.encode_text(t)?],
-        PromptInput::Texts(ts) => ts.iter().map(|t| fe.encode_text(t)).collect::<Result<_, _>>()?,
+        PromptInput::Texts(ts) => ts
+            .iter()
+            .map(|t| fe.encode_text(t))
+            .collect::<Result<_, _>>()?,
         PromptInput::Tokens(ids) => vec![ids.clone()],
         PromptInput::TokenLists(lists) => lists.clone(),
     };
@@ -61,7 +64,8 @@ pub async fn completions(
     }
     let mut params = req.common.sampling()?;
     params.logprobs = req.logprobs()?;
-    let max = max_tokens("max_tokens", req.max_tokens)?.or(Some(SamplingParams::default().max_tokens));
+    let max =
+        max_tokens("max_tokens", req.max_tokens)?.or(Some(SamplingParams::default().max_tokens));
     let echo = |ids: &[u32]| -> Result<String, ApiError> {
         if !req.echo {
             return Ok(String::new());
@@ -325,7 +329,8 @@ fn stream_sse(
 ) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
     let merged = select_all(streams.into_iter().map(|(index, echo, rx)| {
         let mut echo = Some(echo);
-        ReceiverStream::new(rx).map(move |m| Item::Message(index, echo.take().unwrap_or_default(), m))
+        ReceiverStream::new(rx)
+            .map(move |m| Item::Message(index, echo.take().unwrap_or_default(), m))
     }))
     .chain(stream::once(async { Item::End }));
     let mut completion_tokens = 0u32;

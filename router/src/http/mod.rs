@@ -179,6 +179,10 @@ pub fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> R
             Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
             Category::Syntax | Category::Eof | Category::Io => StatusCode::BAD_REQUEST,
         };
-        ApiError::new(status, format!("invalid request body: {e}"), "invalid_request_error")
+        ApiError::new(
+            status,
+            format!("invalid request body: {e}"),
+            "invalid_request_error",
+        )
     })
 }

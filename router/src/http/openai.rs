@@ -145,7 +145,9 @@ impl CommonParams {
     }
 
     pub fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }
 
@@ -224,9 +226,9 @@ impl ChatRequest {
             .transpose()?;
         match (self.logprobs.unwrap_or(false), top) {
             (true, top) => Ok(Some(top.unwrap_or(0) as u32)),
-            (false, Some(n)) if n > 0 => Err(Error::invalid(
-                "top_logprobs requires logprobs to be true",
-            )),
+            (false, Some(n)) if n > 0 => {
+                Err(Error::invalid("top_logprobs requires logprobs to be true"))
+            }
             (false, _) => Ok(None),
         }
     }
@@ -256,7 +258,9 @@ fn float(name: &str, value: Option<f64>, default: f32) -> Result<f32> {
     match value {
         None => Ok(default),
         Some(v) if v.is_finite() => Ok(v as f32),
-        Some(v) => Err(Error::invalid(format!("{name} must be a finite number, got {v}"))),
+        Some(v) => Err(Error::invalid(format!(
+            "{name} must be a finite number, got {v}"
+        ))),
     }
 }
 
@@ -267,7 +271,9 @@ fn int_in(name: &str, value: i64, min: i64, max: i64) -> Result<i64> {
         } else {
             format!("at most {max}")
         };
-        return Err(Error::invalid(format!("{name} must be {bound}, got {value}")));
+        return Err(Error::invalid(format!(
+            "{name} must be {bound}, got {value}"
+        )));
     }
     Ok(value)
 }

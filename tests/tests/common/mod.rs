@@ -89,7 +89,9 @@ pub async fn grpc_generate(
                 return Ok(out);
             }
         }
-        Err(tonic::Status::internal("the stream ended without a completion"))
+        Err(tonic::Status::internal(
+            "the stream ended without a completion",
+        ))
     };
     tokio::time::timeout(REQUEST_TIMEOUT, work)
         .await
@@ -126,7 +128,10 @@ pub async fn http_complete(
         let choice = &v["choices"][0];
         return (
             choice["text"].as_str().unwrap_or_default().to_string(),
-            choice["finish_reason"].as_str().unwrap_or_default().to_string(),
+            choice["finish_reason"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             v["usage"]["completion_tokens"].as_u64().unwrap_or_default(),
         );
     }
