@@ -169,3 +169,31 @@ pub async fn drain_engine(engine: &crate::engine::EngineHandle, timeout: std::ti
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// The last phase of a node's shutdown, after its drain: requests still running fail with
+/// `Unavailable` (the router resumes them elsewhere), the gRPC server gets a moment to flush
+/// those last messages, and the engine thread gets a bounded time to end.
+pub async fn stop_engine(
+    engine: crate::engine::EngineHandle,
+    engine_thread: std::thread::JoinHandle<()>,
+    server: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    serving: CancellationToken,
+) {
+    let _ = engine.abort_all().await;
+    serving.cancel();
+    let abort = server.abort_handle();
+    if tokio::time::timeout(std::time::Duration::from_secs(2), server)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
+    drop(engine);
+    let joined = tokio::task::spawn_blocking(move || engine_thread.join());
+    if tokio::time::timeout(std::time::Duration::from_secs(5), joined)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the engine thread did not end in time");
+    }
+}

@@ -113,6 +113,7 @@ pub async fn run(
         metrics_address: metrics_addr.clone(),
         fingerprint: Some(fingerprint),
         kv_blocks_total: spec.num_blocks as u32,
+        max_model_len: engine.max_model_len() as u32,
         device: "cpu".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         transfer_backends: vec!["grpc".into()],
@@ -147,14 +148,10 @@ pub async fn run(
         .await;
     service.stop_admitting();
     node::drain_engine(&engine, Duration::from_secs(config.drain_timeout_secs)).await;
-    serving.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-    let _ = metrics_server.await;
-    let _ = gauges.await;
     drop(service);
-    drop(engine);
-    // The engine thread ends once the last handle is gone.
-    let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+    node::stop_engine(engine, engine_thread, server, serving).await;
+    let _ = gauges.await;
+    let _ = metrics_server.await;
     tracing::info!("prefill node stopped");
     Ok(())
 }

@@ -125,6 +125,9 @@ async fn prefill(
     }
     let mut params = SamplingParams::from(&r.sampling.unwrap_or_default());
     params.seed = params.seed.or(Some(r.seed));
+    // This node samples one token; the request's own max_tokens is the decode node's business
+    // and must not make a smaller cache here refuse the prompt.
+    params.max_tokens = r.num_resumed + 1;
     let mut prompt_ids = r.token_ids;
     let resume_ids = prompt_ids.split_off(prompt_ids.len() - num_resumed);
     let request = GenerateRequest {

@@ -10,8 +10,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use pd_common::sampling::SamplingParams;
+use pd_common::sampling::{SamplingParams, StopChecker};
 use pd_common::telemetry::{names, with_request_id};
+use pd_common::tokenizer::{IncrementalDecoder, Tokenizer};
 use pd_common::{Error, ErrorKind, Result};
 use pd_proto::v1 as pb;
 use tokio::sync::mpsc;
@@ -38,8 +39,8 @@ pub type JobStream = mpsc::Receiver<Result<pb::GenerateResponse>>;
 
 pub struct Dispatcher {
     pool: Arc<Pool>,
-    /// The model's end-of-generation ids: a stream that broke right after one is complete.
-    eog_ids: Vec<u32>,
+    /// Replays delivered tokens when a stream breaks right at its end (see `already_complete`).
+    tokenizer: Option<Arc<Tokenizer>>,
 }
 
 /// An open stream on a decode node.
@@ -50,8 +51,8 @@ struct Attempt {
 }
 
 impl Dispatcher {
-    pub fn new(pool: Arc<Pool>, eog_ids: Vec<u32>) -> Arc<Self> {
-        Arc::new(Self { pool, eog_ids })
+    pub fn new(pool: Arc<Pool>, tokenizer: Option<Arc<Tokenizer>>) -> Arc<Self> {
+        Arc::new(Self { pool, tokenizer })
     }
 
     /// Starts `job`. Returns once a decode node has accepted it, so that a refusal (bad input,
@@ -84,11 +85,14 @@ impl Dispatcher {
                 resume_ids: sent.to_vec(),
                 prefill_addresses: self.pool.prefill_candidates(&node.node_id),
             };
-            let mut client = self.pool.decode_client(&node.address)?;
-            match client
-                .generate(with_request_id(request, &job.request_id))
-                .await
-            {
+            let call = async {
+                let mut client = self.pool.decode_client(&node.address)?;
+                client
+                    .generate(with_request_id(request, &job.request_id))
+                    .await
+                    .map_err(Error::from)
+            };
+            match call.await {
                 Ok(response) => {
                     tracing::debug!(decode = %node.node_id, resumed = sent.len(), "decode node accepted");
                     return Ok(Attempt {
@@ -97,9 +101,10 @@ impl Dispatcher {
                         _active: active,
                     });
                 }
-                Err(status) => {
-                    let e = Error::from(status);
-                    if !node_failed(&e) {
+                Err(e) => {
+                    // A bad node address in etcd is that node's fault, not the request's.
+                    let bad_address = matches!(e, Error::InvalidRequest(_));
+                    if !node_failed(&e) && !bad_address {
                         return Err(e);
                     }
                     tracing::warn!(decode = %node.node_id, error = %e, "decode node failed; trying another");
@@ -170,12 +175,34 @@ impl Dispatcher {
     }
 
     /// The final message of a stream that broke after its last token but before saying so.
+    ///
+    /// Replays the delivered tokens as a decode node does, so that text held back then (a
+    /// partial character, a possible stop string) is released now as it would have been.
     fn already_complete(&self, job: &Job, sent: &[u32]) -> Option<pb::GenerateResponse> {
         let last = *sent.last()?;
         let p = &job.params;
-        let stopped =
-            p.stop_token_ids.contains(&last) || (!p.ignore_eos && self.eog_ids.contains(&last));
-        let reason = if stopped {
+        let eog = self.tokenizer.as_ref().is_some_and(|t| t.is_eog(last));
+        let stop_token = p.stop_token_ids.contains(&last) || (!p.ignore_eos && eog);
+        let mut decoder = IncrementalDecoder::new(p.skip_special_tokens);
+        let mut stop = StopChecker::from_params(p);
+        let mut text = String::new();
+        if let Some(tok) = &self.tokenizer {
+            let replayed = if stop_token {
+                &sent[..sent.len() - 1]
+            } else {
+                sent
+            };
+            for &id in replayed {
+                let piece = decoder.push(tok, id).ok()?;
+                stop.push(&piece);
+            }
+            if !stop.is_stopped() {
+                let tail = decoder.flush(tok).ok()?;
+                text = stop.push(&tail).text;
+                text.push_str(&stop.finish());
+            }
+        }
+        let reason = if stop_token || stop.is_stopped() {
             pb::FinishReason::Stop
         } else if sent.len() >= p.max_tokens as usize {
             pb::FinishReason::Length
@@ -184,6 +211,7 @@ impl Dispatcher {
         };
         Some(pb::GenerateResponse {
             request_id: job.request_id.clone(),
+            text,
             completion: Some(pb::Completion {
                 finish_reason: reason as i32,
                 usage: Some(pb::Usage {

@@ -12,24 +12,32 @@ use pd_common::tokenizer::Tokenizer;
 use pd_common::{Error, Result};
 
 use crate::dispatch::Job;
+use crate::pool::Pool;
 
 pub struct Frontend {
     model_name: String,
     text: ModelText,
+    pool: Arc<Pool>,
 }
 
 impl Frontend {
-    pub fn new(model_name: String, text: ModelText) -> Arc<Self> {
-        Arc::new(Self { model_name, text })
+    pub fn new(model_name: String, text: ModelText, pool: Arc<Pool>) -> Arc<Self> {
+        Arc::new(Self {
+            model_name,
+            text,
+            pool,
+        })
     }
 
     pub fn model_name(&self) -> &str {
         &self.model_name
     }
 
-    /// Longest prompt plus output the model takes.
+    /// Longest prompt plus output the cluster takes: the model's context, or less where the
+    /// decode nodes' KV caches hold less.
     pub fn max_model_len(&self) -> usize {
-        self.text.config.max_position_embeddings
+        let model = self.text.config.max_position_embeddings;
+        self.pool.max_model_len().map_or(model, |n| n.min(model))
     }
 
     pub fn tokenizer(&self) -> Result<&Arc<Tokenizer>> {
@@ -37,14 +45,6 @@ impl Frontend {
             .tokenizer
             .as_ref()
             .ok_or_else(|| Error::invalid("this model has no tokenizer: send token ids"))
-    }
-
-    pub fn eog_ids(&self) -> Vec<u32> {
-        self.text
-            .tokenizer
-            .as_ref()
-            .map(|t| t.eog_token_ids().to_vec())
-            .unwrap_or_default()
     }
 
     /// Fails unless `requested` names the served model (empty selects it).

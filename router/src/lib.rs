@@ -83,10 +83,11 @@ pub async fn run(
         .served_model_name
         .clone()
         .unwrap_or_else(|| default_model_name(&source));
-    let frontend = frontend::Frontend::new(model_name.clone(), text);
     let stop = CancellationToken::new();
     let pool = pool::Pool::start(config.membership.clone(), stop.clone());
-    let dispatcher = Dispatcher::new(pool.clone(), frontend.eog_ids());
+    let tokenizer = text.tokenizer.clone();
+    let frontend = frontend::Frontend::new(model_name.clone(), text, pool.clone());
+    let dispatcher = Dispatcher::new(pool.clone(), tokenizer);
 
     let http_addr = node::advertised(http_listener.local_addr()?, None);
     let grpc_addr = node::advertised(grpc_listener.local_addr()?, None);

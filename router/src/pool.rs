@@ -145,6 +145,17 @@ impl Pool {
             .collect()
     }
 
+    /// The longest request every decode node takes (their caches may hold less than the
+    /// model's context); `None` before any decode node is known.
+    pub fn max_model_len(&self) -> Option<usize> {
+        self.snapshot()
+            .decode
+            .values()
+            .map(|n| n.max_model_len as usize)
+            .filter(|&n| n > 0)
+            .min()
+    }
+
     pub fn decode_client(&self, address: &str) -> pd_common::Result<DecodeClient<Channel>> {
         Ok(DecodeClient::new(self.channel(address)?))
     }
@@ -218,14 +229,19 @@ async fn poll_stats(pool: Arc<Pool>, stop: CancellationToken) {
         let polls = nodes.into_iter().map(|node| {
             let pool = pool.clone();
             async move {
-                let channel = pool.channel(&node.address).ok()?;
-                let mut client = NodeClient::new(channel);
-                let stats = tokio::time::timeout(STATS_TIMEOUT, client.stats(StatsRequest {}))
-                    .await
-                    .ok()?
-                    .ok()?
-                    .into_inner();
-                Some((node.node_id, stats))
+                let stats = async {
+                    let mut client = NodeClient::new(pool.channel(&node.address).ok()?);
+                    let call = client.stats(StatsRequest {});
+                    Some(
+                        tokio::time::timeout(STATS_TIMEOUT, call)
+                            .await
+                            .ok()?
+                            .ok()?
+                            .into_inner(),
+                    )
+                }
+                .await;
+                (node.node_id, stats)
             }
         });
         let answers = futures::future::join_all(polls).await;
@@ -238,8 +254,9 @@ async fn poll_stats(pool: Arc<Pool>, stop: CancellationToken) {
             .collect();
         // Forget nodes that left; keep the open-stream counters of those still there.
         loads.retain(|id, l| live.contains(&id.as_str()) || l.active.load(Ordering::Relaxed) > 0);
-        for (id, stats) in answers.into_iter().flatten() {
-            loads.entry(id).or_default().stats = Some(stats);
+        for (id, stats) in answers {
+            // A node that does not answer keeps no stale "idle" figures.
+            loads.entry(id).or_default().stats = stats;
         }
     }
 }

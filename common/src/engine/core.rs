@@ -221,6 +221,14 @@ impl EngineCore {
     /// A sequence awaiting remote KV has it now, with its first token sampled there: it joins
     /// the running batch.
     pub fn activate(&mut self, id: SeqId, first: SampledToken) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        if first.id as usize >= vocab {
+            // A peer's word is not trusted with the embedding table: the caller falls back.
+            return Err(Error::invalid(format!(
+                "first token {} is outside the vocabulary of {vocab}",
+                first.id
+            )));
+        }
         let mut seq = self.take_awaiting(id)?;
         seq.kv = KvSource::Local;
         seq.num_computed = seq.tokens.len();
@@ -545,7 +553,22 @@ impl EngineCore {
         }
     }
 
-    fn drop_abandoned(&mut self) {
+    /// Fails every sequence with `Unavailable` (shutdown after the drain deadline): a router
+    /// resumes such a request on another node.
+    pub fn abort_all(&mut self) {
+        let all: Vec<Sequence> = self
+            .waiting
+            .drain(..)
+            .chain(self.running.drain(..))
+            .chain(self.awaiting.drain(..))
+            .collect();
+        for seq in all {
+            self.fail(seq, Error::Unavailable("the node is shutting down".into()));
+        }
+    }
+
+    /// Cancels sequences whose client has gone away, freeing their blocks.
+    pub fn drop_abandoned(&mut self) {
         let abandoned: Vec<SeqId> = self
             .waiting
             .iter()

@@ -33,6 +33,7 @@ enum Command {
         reply: oneshot::Sender<Result<()>>,
     },
     Abort(SeqId),
+    AbortAll,
     Stats(oneshot::Sender<EngineStats>),
 }
 
@@ -152,6 +153,11 @@ impl EngineHandle {
         answer.await.map_err(|_| Error::EngineClosed)?
     }
 
+    /// Ends every request now with `Unavailable`, so that callers can move them elsewhere.
+    pub async fn abort_all(&self) -> Result<()> {
+        self.send(Command::AbortAll).await
+    }
+
     async fn send(&self, cmd: Command) -> Result<()> {
         self.commands
             .send(cmd)
@@ -204,6 +210,8 @@ fn run(mut core: EngineCore, mut commands: mpsc::Receiver<Command>) {
         if !open {
             return;
         }
+        // A stream dropped while the command queue was full is only noticed here.
+        core.drop_abandoned();
         match commands.blocking_recv() {
             Some(cmd) => handle(&mut core, cmd),
             None => return,
@@ -230,6 +238,7 @@ fn handle(core: &mut EngineCore, cmd: Command) {
         Command::Abort(id) => {
             core.abort(id);
         }
+        Command::AbortAll => core.abort_all(),
         Command::Stats(reply) => {
             let _ = reply.send(core.stats());
         }

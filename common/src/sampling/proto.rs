@@ -23,7 +23,7 @@ impl From<&pb::SamplingParams> for SamplingParams {
             stop: p.stop.clone(),
             logprobs: p.logprobs,
             ignore_eos: p.ignore_eos,
-            skip_special_tokens: d.skip_special_tokens,
+            skip_special_tokens: p.skip_special_tokens.unwrap_or(d.skip_special_tokens),
         }
     }
 }
@@ -44,6 +44,7 @@ impl From<&SamplingParams> for pb::SamplingParams {
             stop: p.stop.clone(),
             logprobs: p.logprobs,
             ignore_eos: p.ignore_eos,
+            skip_special_tokens: Some(p.skip_special_tokens),
         }
     }
 }

@@ -2,6 +2,8 @@
 //! every job is started before the response begins (so a refusal is still an HTTP error), then
 //! the answer is either collected into one JSON body or streamed as server-sent events.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -22,6 +24,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::openai::{max_tokens, ChatRequest, CompletionRequest, PromptInput};
 use super::{parse_body, ApiError, AppState};
 use crate::dispatch::{Job, JobStream};
+
+/// Most completions (prompts times `n`) one request may ask for.
+const MAX_CHOICES: usize = 64;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -73,6 +78,13 @@ pub async fn completions(
         Ok(fe.tokenizer()?.decode(ids, params.skip_special_tokens)?)
     };
     let n = req.common.n()?;
+    if prompts.len() * n > MAX_CHOICES {
+        return Err(Error::invalid(format!(
+            "{} prompts times n={n} asks for more than {MAX_CHOICES} completions",
+            prompts.len()
+        ))
+        .into());
+    }
     let mut jobs = Vec::new();
     for (p, ids) in prompts.iter().enumerate() {
         let prefix = echo(ids)?;
@@ -327,12 +339,15 @@ fn stream_sse(
     prompt_tokens: u32,
     include_usage: bool,
 ) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let ended = Arc::new(AtomicBool::new(false));
+    let ended_check = ended.clone();
     let merged = select_all(streams.into_iter().map(|(index, echo, rx)| {
         let mut echo = Some(echo);
         ReceiverStream::new(rx)
             .map(move |m| Item::Message(index, echo.take().unwrap_or_default(), m))
     }))
-    .chain(stream::once(async { Item::End }));
+    .chain(stream::once(async { Item::End }))
+    .take_while(move |_| futures::future::ready(!ended_check.load(Ordering::Relaxed)));
     let mut completion_tokens = 0u32;
     let mut offsets = std::collections::HashMap::<usize, usize>::new();
     let mut started = std::collections::HashSet::<usize>::new();
@@ -341,10 +356,13 @@ fn stream_sse(
         let mut out: Vec<Event> = Vec::new();
         match item {
             Item::Message(_, _, _) if failed => {}
-            Item::Message(index, echo, Err(e)) => {
+            Item::Message(_, _, Err(e)) => {
+                // An error ends the response: the other choices' streams are dropped with it,
+                // which cancels them.
                 failed = true;
-                let _ = (index, echo);
+                ended.store(true, Ordering::Relaxed);
                 out.push(json_event(&ApiError::from(e).body()));
+                out.push(Event::default().data("[DONE]"));
             }
             Item::Message(index, echo, Ok(m)) => {
                 let offset = offsets.entry(index).or_default();
@@ -378,8 +396,9 @@ fn stream_sse(
                     out.push(json_event(&p.envelope(true, vec![choice])));
                 }
             }
+            Item::End if failed => {}
             Item::End => {
-                if include_usage && !failed {
+                if include_usage {
                     let mut last = p.envelope(true, Vec::new());
                     last["usage"] = usage(prompt_tokens, completion_tokens);
                     out.push(json_event(&last));
