@@ -91,15 +91,13 @@ pub async fn run(
 
     let http_addr = node::advertised(http_listener.local_addr()?, None);
     let grpc_addr = node::advertised(grpc_listener.local_addr()?, None);
-    let app = http::router(
-        http::AppState {
-            frontend: frontend.clone(),
-            dispatcher: dispatcher.clone(),
-            pool: pool.clone(),
-            metrics: prometheus,
-        },
-        config.max_body_bytes,
-    );
+    let app = http::router(http::AppState {
+        frontend: frontend.clone(),
+        dispatcher: dispatcher.clone(),
+        pool: pool.clone(),
+        metrics: prometheus,
+        max_body_bytes: config.max_body_bytes,
+    });
     let http_server =
         axum::serve(http_listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let http_server = tokio::spawn(async move { http_server.await });

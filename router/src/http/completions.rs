@@ -6,8 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -47,11 +46,8 @@ struct Plan {
     logprobs: bool,
 }
 
-pub async fn completions(
-    State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse_body(body)?;
+pub async fn completions(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse_body(body, state.max_body_bytes).await?;
     let fe = &state.frontend;
     fe.check_model(&req.common.model)?;
     req.check_unsupported()?;
@@ -108,9 +104,9 @@ pub async fn completions(
 
 pub async fn chat_completions(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse_body(body)?;
+    let req: ChatRequest = parse_body(body, state.max_body_bytes).await?;
     let fe = &state.frontend;
     fe.check_model(&req.common.model)?;
     req.check_unsupported()?;

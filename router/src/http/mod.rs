@@ -11,13 +11,13 @@ mod openai;
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use pd_common::{Error, ErrorKind};
 use serde::de::DeserializeOwned;
@@ -33,9 +33,16 @@ pub struct AppState {
     pub dispatcher: Arc<Dispatcher>,
     pub pool: Arc<Pool>,
     pub metrics: PrometheusHandle,
+    /// Largest request body; larger ones get 413.
+    pub max_body_bytes: usize,
 }
 
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+/// Bodies over the limit are still read (and dropped) up to this size, so that the client
+/// finishes sending and reads the 413 instead of a reset connection; beyond it the
+/// connection is dropped.
+const DRAIN_LIMIT: usize = 64 << 20;
+
+pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(completions::chat_completions))
@@ -46,7 +53,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such route", "not_found_error")
         })
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -161,18 +168,34 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Parses a JSON body whatever its content type (clients and curl differ), classifying
-/// failures as OpenAI servers do.
-pub fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let bytes = body.map_err(|rejection| {
-        let status = rejection.status();
-        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "request_too_large"
-        } else {
-            "invalid_request_error"
-        };
-        ApiError::new(status, rejection.body_text(), kind)
-    })?;
+/// Reads a JSON body whatever its content type (clients and curl differ), classifying failures
+/// as OpenAI servers do.
+pub async fn parse_body<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
+    let mut frames = body.into_data_stream();
+    let mut bytes = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = frames.next().await {
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("reading the request body: {e}"),
+                "invalid_request_error",
+            )
+        })?;
+        total += frame.len();
+        if total <= limit {
+            bytes.extend_from_slice(&frame);
+        } else if total > DRAIN_LIMIT {
+            break;
+        }
+    }
+    if total > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over the limit of {limit} bytes"),
+            "request_too_large",
+        ));
+    }
     serde_json::from_slice(&bytes).map_err(|e| {
         use serde_json::error::Category;
         let status = match e.classify() {
