@@ -94,7 +94,13 @@ impl Dispatcher {
             };
             match call.await {
                 Ok(response) => {
-                    tracing::debug!(decode = %node.node_id, resumed = sent.len(), "decode node accepted");
+                    tracing::info!(
+                        request_id = %job.request_id,
+                        decode = %node.node_id,
+                        prompt_tokens = job.prompt_ids.len(),
+                        resumed = sent.len(),
+                        "request dispatched"
+                    );
                     return Ok(Attempt {
                         node_id: node.node_id,
                         stream: response.into_inner(),

@@ -1,6 +1,7 @@
 //! Membership through etcd as the router sees it: a node started late joins and gets traffic, a
 //! node stopped cleanly leaves at once (well before its lease could lapse), a node killed with
-//! SIGKILL leaves within its lease TTL.
+//! SIGKILL leaves within its lease TTL, and streams on a node stopped cleanly complete (drained
+//! there, or handed off when the drain deadline passes).
 
 mod common;
 
@@ -117,6 +118,70 @@ async fn a_killed_node_leaves_within_its_lease() {
     grpc_generate(&mut client, &prompt, &greedy(4))
         .await
         .expect("served");
+    assert_all_blocks_free(&cluster).await;
+    cluster.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_survive_a_decode_node_stopped_cleanly() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start(ClusterSpec {
+        prefill: 1,
+        decode: 2,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster starts");
+    let prompt = golden_cases()[0].prompt_ids.clone();
+    let params = pd_common::sampling::SamplingParams {
+        ignore_eos: true,
+        ..greedy(60)
+    };
+    let want = reference(&prompt, &params);
+    let streams: Vec<_> = (0..4)
+        .map(|_| {
+            let (prompt, params) = (prompt.clone(), params.clone());
+            let url = cluster.grpc_url();
+            tokio::spawn(async move {
+                let mut client = pd_proto::v1::generation_client::GenerationClient::connect(url)
+                    .await
+                    .expect("router reachable");
+                grpc_generate(&mut client, &prompt, &params).await
+            })
+        })
+        .collect();
+    // Stop a decode node while streams run on both.
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let victim = loop {
+        let mut busy = None;
+        for node in cluster
+            .nodes()
+            .into_iter()
+            .filter(|n| n.role == Role::Decode)
+        {
+            let mut c = pd_proto::v1::node_client::NodeClient::connect(node.grpc_url())
+                .await
+                .expect("node reachable");
+            let s = c
+                .stats(pd_proto::v1::StatsRequest {})
+                .await
+                .expect("stats")
+                .into_inner();
+            if s.running_sequences > 0 {
+                busy = Some(node.id);
+            }
+        }
+        if let Some(id) = busy {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "no stream ever ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    cluster.stop_node(&victim).await.expect("a clean stop");
+    for s in streams {
+        let got = s.await.expect("task").expect("the stream completes");
+        assert_eq!(got.ids, want.ids);
+    }
     assert_all_blocks_free(&cluster).await;
     cluster.shutdown().await.expect("clean shutdown");
 }
