@@ -145,7 +145,7 @@ pub async fn announce(
 }
 
 /// Keeps the engine gauges current until `stop`.
-pub async fn publish_engine_gauges(engine: crate::engine::EngineHandle, stop: CancellationToken) {
+async fn publish_engine_gauges(engine: crate::engine::EngineHandle, stop: CancellationToken) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -160,7 +160,7 @@ pub async fn publish_engine_gauges(engine: crate::engine::EngineHandle, stop: Ca
 }
 
 /// Waits until the engine holds no sequence, or `timeout` passes (checking every 50 ms).
-pub async fn drain_engine(engine: &crate::engine::EngineHandle, timeout: std::time::Duration) {
+async fn drain_engine(engine: &crate::engine::EngineHandle, timeout: std::time::Duration) {
     let deadline = tokio::time::Instant::now() + timeout;
     while let Ok(s) = engine.stats().await {
         if s.running + s.waiting + s.awaiting_kv == 0 || tokio::time::Instant::now() >= deadline {
@@ -173,7 +173,7 @@ pub async fn drain_engine(engine: &crate::engine::EngineHandle, timeout: std::ti
 /// The last phase of a node's shutdown, after its drain: requests still running fail with
 /// `Unavailable` (the router resumes them elsewhere), the gRPC server gets a moment to flush
 /// those last messages, and the engine thread gets a bounded time to end.
-pub async fn stop_engine(
+async fn stop_engine(
     engine: crate::engine::EngineHandle,
     engine_thread: std::thread::JoinHandle<()>,
     server: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
@@ -195,5 +195,122 @@ pub async fn stop_engine(
         .is_err()
     {
         tracing::warn!("the engine thread did not end in time");
+    }
+}
+
+/// `Node.Stats` of a worker from its engine's figures. Sequences awaiting remote KV hold blocks
+/// and a place in the batch, so they count as running.
+pub fn node_stats(
+    node_id: &str,
+    role: pd_proto::v1::NodeRole,
+    s: &crate::engine::EngineStats,
+) -> pd_proto::v1::NodeStats {
+    pd_proto::v1::NodeStats {
+        node_id: node_id.to_string(),
+        role: role as i32,
+        queued_prompt_tokens: s.pending_tokens as u64,
+        running_sequences: (s.running + s.awaiting_kv) as u32,
+        waiting_sequences: s.waiting as u32,
+        free_kv_blocks: s.free_blocks as u32,
+        total_kv_blocks: s.total_blocks as u32,
+    }
+}
+
+/// The life of a worker node (prefill or decode) apart from its own services: serve them with
+/// `grpc.health.v1` and `/metrics`, announce readiness and register in etcd, and on shutdown
+/// drain in phases (leave etcd, turn health off, stop admitting, let the engine finish up to
+/// the drain timeout, hand off the rest).
+pub struct Worker {
+    pub role: pd_proto::v1::NodeRole,
+    pub node_id: String,
+    /// The address peers dial.
+    pub grpc_address: String,
+    pub fingerprint: pd_proto::v1::ModelFingerprint,
+    pub engine: crate::engine::EngineHandle,
+    pub engine_thread: std::thread::JoinHandle<()>,
+    pub membership: crate::membership::MembershipConfig,
+    pub drain_timeout: std::time::Duration,
+}
+
+impl Worker {
+    /// Serves `routes` on `listener` until `shutdown`, then drains and returns. `health_name`
+    /// is the service whose health flips to NOT_SERVING when draining starts; `stop_admitting`
+    /// makes the services refuse new work.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        metrics: TcpListener,
+        routes: tonic::service::Routes,
+        health_name: &'static str,
+        stop_admitting: impl FnOnce(),
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        use tonic_health::ServingStatus;
+        let prometheus = crate::telemetry::install_metrics()?;
+        let metrics_address = advertised(metrics.local_addr()?, None);
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status(health_name, ServingStatus::Serving)
+            .await;
+        let serving = CancellationToken::new();
+        let server = crate::rpc::server()
+            .add_routes(routes.add_service(health_service))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                serving.clone().cancelled_owned(),
+            );
+        let server = tokio::spawn(server);
+        let metrics_server = tokio::spawn(serve_metrics(metrics, prometheus, serving.clone()));
+        let gauges = tokio::spawn(publish_engine_gauges(self.engine.clone(), serving.clone()));
+
+        let role = crate::membership::role_segment(self.role).unwrap_or("node");
+        let spec = self.engine.cache().spec();
+        let info = pd_proto::v1::NodeInfo {
+            node_id: self.node_id.clone(),
+            role: self.role as i32,
+            address: self.grpc_address.clone(),
+            metrics_address: metrics_address.clone(),
+            fingerprint: Some(self.fingerprint.clone()),
+            kv_blocks_total: spec.num_blocks as u32,
+            max_model_len: self.engine.max_model_len() as u32,
+            device: "cpu".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            transfer_backends: vec!["grpc".into()],
+        };
+        ReadyLine {
+            event: "ready".into(),
+            role: role.into(),
+            node_id: self.node_id.clone(),
+            grpc: self.grpc_address.clone(),
+            metrics: metrics_address,
+            http: String::new(),
+        }
+        .print();
+        tracing::info!(node_id = %self.node_id, address = %self.grpc_address,
+            blocks = spec.num_blocks, "{role} node serving");
+
+        let registration = tokio::select! {
+            r = announce(&self.membership, &info, &shutdown) => r,
+            _ = shutdown.cancelled() => None,
+        };
+        shutdown.cancelled().await;
+
+        // Leave the cluster first so the router stops sending, then refuse new work and let
+        // what runs finish.
+        if let Some(r) = registration {
+            if let Err(e) = r.deregister().await {
+                tracing::warn!(error = %e, "deregistering failed; the lease will lapse");
+            }
+        }
+        health
+            .set_service_status(health_name, ServingStatus::NotServing)
+            .await;
+        stop_admitting();
+        drain_engine(&self.engine, self.drain_timeout).await;
+        stop_engine(self.engine, self.engine_thread, server, serving).await;
+        let _ = gauges.await;
+        let _ = metrics_server.await;
+        tracing::info!("{role} node stopped");
+        Ok(())
     }
 }

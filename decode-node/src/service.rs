@@ -20,7 +20,7 @@ use pd_common::kv::BlockId;
 use pd_common::sampling::{SampledToken, SamplingParams};
 use pd_common::telemetry::{self, names, with_request_id};
 use pd_common::transfer::grpc::{KvReceiver, TransferStats};
-use pd_common::{rpc, Error, Result};
+use pd_common::{node, rpc, Error, Result};
 use pd_proto::v1 as pb;
 use pd_proto::v1::prefill_client::PrefillClient;
 use tokio::sync::{mpsc, oneshot};
@@ -157,15 +157,11 @@ impl pb::node_server::Node for DecodeService {
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::NodeStats>, Status> {
         let s = self.inner.engine.stats().await?;
-        Ok(Response::new(pb::NodeStats {
-            node_id: self.inner.options.node_id.clone(),
-            role: pb::NodeRole::Decode as i32,
-            queued_prompt_tokens: s.pending_tokens as u64,
-            running_sequences: (s.running + s.awaiting_kv) as u32,
-            waiting_sequences: s.waiting as u32,
-            free_kv_blocks: s.free_blocks as u32,
-            total_kv_blocks: s.total_blocks as u32,
-        }))
+        Ok(Response::new(node::node_stats(
+            &self.inner.options.node_id,
+            pb::NodeRole::Decode,
+            &s,
+        )))
     }
 }
 

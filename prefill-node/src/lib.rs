@@ -9,16 +9,17 @@ use std::time::Duration;
 
 use pd_common::engine::{EngineConfig, EngineCore, EngineHandle};
 use pd_common::membership::MembershipConfig;
-use pd_common::node::{self, ModelArgs, ReadyLine};
+use pd_common::node::{self, ModelArgs, Worker};
 use pd_common::telemetry::{self, LogFormat};
 use pd_common::transfer;
 use pd_common::Result;
 use pd_proto::v1::node_server::NodeServer;
 use pd_proto::v1::prefill_server::PrefillServer;
-use pd_proto::v1::{NodeInfo, NodeRole};
+use pd_proto::v1::NodeRole;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::service::Routes;
 
 pub use service::PrefillService;
 
@@ -70,90 +71,46 @@ pub async fn run(
     metrics: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let prometheus = telemetry::install_metrics()?;
     let loaded = config.model.load()?;
     let core = EngineCore::new(
         loaded.model.clone(),
         loaded.tokenizer.clone(),
         config.engine.clone(),
     )?;
-    let spec = core.cache().spec().clone();
-    let fingerprint = transfer::fingerprint(loaded.model.config(), &spec);
+    let fingerprint = transfer::fingerprint(loaded.model.config(), core.cache().spec());
     let (engine, engine_thread) = EngineHandle::spawn(core)?;
 
     let node_id = config
         .node_id
         .clone()
         .unwrap_or_else(|| node::new_node_id("prefill"));
-    let grpc_addr = node::advertised(listener.local_addr()?, config.advertise_address.as_deref());
-    let metrics_addr = node::advertised(metrics.local_addr()?, None);
+    let grpc_address =
+        node::advertised(listener.local_addr()?, config.advertise_address.as_deref());
     let service = PrefillService::new(engine.clone(), node_id.clone(), fingerprint.clone());
-
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<PrefillServer<PrefillService>>()
-        .await;
-    let serving = CancellationToken::new();
-    let server = pd_common::rpc::server()
-        .add_service(health_service)
-        .add_service(PrefillServer::new(service.clone()))
-        .add_service(NodeServer::new(service.clone()))
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            serving.clone().cancelled_owned(),
-        );
-    let server = tokio::spawn(server);
-    let metrics_server = tokio::spawn(node::serve_metrics(metrics, prometheus, serving.clone()));
-    let gauges = tokio::spawn(node::publish_engine_gauges(engine.clone(), serving.clone()));
-
-    let info = NodeInfo {
-        node_id: node_id.clone(),
-        role: NodeRole::Prefill as i32,
-        address: grpc_addr.clone(),
-        metrics_address: metrics_addr.clone(),
-        fingerprint: Some(fingerprint),
-        kv_blocks_total: spec.num_blocks as u32,
-        max_model_len: engine.max_model_len() as u32,
-        device: "cpu".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        transfer_backends: vec!["grpc".into()],
+    let routes = Routes::new(PrefillServer::new(service.clone()))
+        .add_service(NodeServer::new(service.clone()));
+    let worker = Worker {
+        role: NodeRole::Prefill,
+        node_id,
+        grpc_address,
+        fingerprint,
+        engine,
+        engine_thread,
+        membership: config.membership.clone(),
+        drain_timeout: Duration::from_secs(config.drain_timeout_secs),
     };
-    ReadyLine {
-        event: "ready".into(),
-        role: "prefill".into(),
-        node_id: node_id.clone(),
-        grpc: grpc_addr.clone(),
-        metrics: metrics_addr,
-        http: String::new(),
-    }
-    .print();
-    tracing::info!(node_id, address = %grpc_addr, blocks = spec.num_blocks, "prefill node serving");
-
-    let membership = config.membership.clone();
-    let registration = tokio::select! {
-        r = node::announce(&membership, &info, &shutdown) => r,
-        _ = shutdown.cancelled() => None,
-    };
-    shutdown.cancelled().await;
-
-    // Drain: leave the cluster first so the router stops sending, then refuse new requests and
-    // let running ones finish.
-    if let Some(r) = registration {
-        if let Err(e) = r.deregister().await {
-            tracing::warn!(error = %e, "deregistering failed; the lease will lapse");
-        }
-    }
-    health_reporter
-        .set_not_serving::<PrefillServer<PrefillService>>()
-        .await;
-    service.stop_admitting();
-    node::drain_engine(&engine, Duration::from_secs(config.drain_timeout_secs)).await;
-    drop(service);
-    node::stop_engine(engine, engine_thread, server, serving).await;
-    let _ = gauges.await;
-    let _ = metrics_server.await;
-    tracing::info!("prefill node stopped");
-    Ok(())
+    let health_name = <PrefillServer<PrefillService> as NamedService>::NAME;
+    let stop_admitting = move || service.stop_admitting();
+    worker
+        .serve(
+            listener,
+            metrics,
+            routes,
+            health_name,
+            stop_admitting,
+            shutdown,
+        )
+        .await
 }
 
 /// Binds the listeners of `config` and runs the node until SIGINT/SIGTERM.

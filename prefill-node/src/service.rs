@@ -15,7 +15,7 @@ use pd_common::kv::blocks_for_tokens;
 use pd_common::sampling::{SampledToken, SamplingParams};
 use pd_common::telemetry;
 use pd_common::transfer::{self, grpc};
-use pd_common::{Error, Result};
+use pd_common::{node, Error, Result};
 use pd_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
@@ -199,14 +199,10 @@ impl pb::node_server::Node for PrefillService {
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::NodeStats>, Status> {
         let s = self.inner.engine.stats().await?;
-        Ok(Response::new(pb::NodeStats {
-            node_id: self.inner.node_id.clone(),
-            role: pb::NodeRole::Prefill as i32,
-            queued_prompt_tokens: s.pending_tokens as u64,
-            running_sequences: s.running as u32,
-            waiting_sequences: s.waiting as u32,
-            free_kv_blocks: s.free_blocks as u32,
-            total_kv_blocks: s.total_blocks as u32,
-        }))
+        Ok(Response::new(node::node_stats(
+            &self.inner.node_id,
+            pb::NodeRole::Prefill,
+            &s,
+        )))
     }
 }

@@ -20,7 +20,7 @@ use pd_proto::v1 as pb;
 use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::openai::{max_tokens, ChatRequest, CompletionRequest, PromptInput};
+use super::openai::{max_tokens, ChatRequest, CommonParams, CompletionRequest, PromptInput};
 use super::{parse_body, ApiError, AppState};
 use crate::dispatch::{Job, JobStream};
 
@@ -44,6 +44,31 @@ struct Plan {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+}
+
+impl Plan {
+    fn new(
+        kind: Kind,
+        model: &str,
+        jobs: Vec<(usize, usize, Job, String)>,
+        common: &CommonParams,
+        params: &SamplingParams,
+    ) -> Self {
+        let prefix = match kind {
+            Kind::Completion => "cmpl",
+            Kind::Chat => "chatcmpl",
+        };
+        Plan {
+            kind,
+            id: format!("{prefix}-{}", new_request_id()),
+            created: now(),
+            model: model.to_string(),
+            jobs,
+            stream: common.stream,
+            include_usage: common.include_usage(),
+            logprobs: params.logprobs.is_some(),
+        }
+    }
 }
 
 pub async fn completions(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
@@ -89,16 +114,13 @@ pub async fn completions(State(state): State<AppState>, body: Body) -> Result<Re
             jobs.push((p * n + j, p, job, prefix.clone()));
         }
     }
-    let plan = Plan {
-        kind: Kind::Completion,
-        id: format!("cmpl-{}", new_request_id()),
-        created: now(),
-        model: fe.model_name().to_string(),
+    let plan = Plan::new(
+        Kind::Completion,
+        fe.model_name(),
         jobs,
-        stream: req.common.stream,
-        include_usage: req.common.include_usage(),
-        logprobs: params.logprobs.is_some(),
-    };
+        &req.common,
+        &params,
+    );
     execute(state, plan).await
 }
 
@@ -123,16 +145,7 @@ pub async fn chat_completions(
             Ok((j, 0, job, String::new()))
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    let plan = Plan {
-        kind: Kind::Chat,
-        id: format!("chatcmpl-{}", new_request_id()),
-        created: now(),
-        model: fe.model_name().to_string(),
-        jobs,
-        stream: req.common.stream,
-        include_usage: req.common.include_usage(),
-        logprobs: params.logprobs.is_some(),
-    };
+    let plan = Plan::new(Kind::Chat, fe.model_name(), jobs, &req.common, &params);
     execute(state, plan).await
 }
 
