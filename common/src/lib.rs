@@ -6,6 +6,8 @@
 //! the decode and prefill nodes all drive.
 
 pub mod chat_template;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod kv;

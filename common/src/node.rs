@@ -13,12 +13,39 @@ use crate::model::{self, LoadedModel, ModelSource};
 use crate::Result;
 
 /// Which weights a node serves.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
     /// A GGUF file, a Hugging Face folder, or `dummy:<shape>[:<seed>]`. Default: the SmolLM2
     /// GGUF that deploy/fetch-model.sh fetches.
     #[arg(long, env = "PD_MODEL")]
     pub model: Option<String>,
+
+    /// Where the model runs: `cpu`, `cuda` or `cuda:N` (GPU builds only).
+    #[arg(long, env = "PD_DEVICE", default_value = "cpu")]
+    pub device: String,
+
+    /// Weights and activations on a GPU: `bf16` (default) or `f32`. The CPU computes in f32.
+    #[arg(long, env = "PD_DTYPE", value_enum, default_value_t = ModelDtype::Auto)]
+    pub dtype: ModelDtype,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelDtype {
+    /// f32 on the CPU, bf16 on a GPU.
+    #[default]
+    Auto,
+    Bf16,
+    F32,
+}
+
+impl Default for ModelArgs {
+    fn default() -> Self {
+        Self {
+            model: None,
+            device: "cpu".into(),
+            dtype: ModelDtype::Auto,
+        }
+    }
 }
 
 impl ModelArgs {
@@ -31,8 +58,14 @@ impl ModelArgs {
 
     pub fn load(&self) -> Result<LoadedModel> {
         let source = self.source()?;
-        tracing::info!(model = %source, "loading model");
-        model::load(&source, &candle_core::Device::Cpu)
+        let device = model::open_device(&self.device)?;
+        let dtype = match self.dtype {
+            ModelDtype::Auto => model::load::activation_dtype(&device),
+            ModelDtype::Bf16 => candle_core::DType::BF16,
+            ModelDtype::F32 => candle_core::DType::F32,
+        };
+        tracing::info!(model = %source, device = %self.device, ?dtype, "loading model");
+        model::load_as(&source, &device, dtype)
     }
 }
 

@@ -34,23 +34,32 @@ pub struct EngineConfig {
     #[arg(long, env = "PD_MAX_MODEL_LEN", default_value_t = 0)]
     pub max_model_len: usize,
 
-    /// Element type of the KV cache. f16 halves its memory against f32 and is what llama.cpp
-    /// keeps by default.
-    #[arg(long, env = "PD_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::F16)]
+    /// Element type of the KV cache. `auto`: f16 on the CPU (half the memory of f32, and what
+    /// llama.cpp keeps by default), bf16 on a GPU (the activations' type there).
+    #[arg(long, env = "PD_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::Auto)]
     pub kv_cache_dtype: KvCacheDtype,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KvCacheDtype {
+    Auto,
     F32,
     F16,
     Bf16,
 }
 
 impl KvCacheDtype {
+    /// The element type on the CPU.
     pub fn dtype(self) -> candle_core::DType {
+        self.dtype_on(&candle_core::Device::Cpu)
+    }
+
+    /// The element type on `device`.
+    pub fn dtype_on(self, device: &candle_core::Device) -> candle_core::DType {
         match self {
+            KvCacheDtype::Auto if device.is_cpu() => candle_core::DType::F16,
+            KvCacheDtype::Auto => candle_core::DType::BF16,
             KvCacheDtype::F32 => candle_core::DType::F32,
             KvCacheDtype::F16 => candle_core::DType::F16,
             KvCacheDtype::Bf16 => candle_core::DType::BF16,
@@ -67,14 +76,18 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_num_seqs: 64,
             max_model_len: 0,
-            kv_cache_dtype: KvCacheDtype::F16,
+            kv_cache_dtype: KvCacheDtype::Auto,
         }
     }
 }
 
 impl EngineConfig {
-    /// The cache this configuration asks for, for a given model and cache dtype.
-    pub fn cache_spec(&self, model: &ModelConfig) -> Result<KvCacheSpec> {
+    /// The cache this configuration asks for, for a given model on a given device.
+    pub fn cache_spec(
+        &self,
+        model: &ModelConfig,
+        device: &candle_core::Device,
+    ) -> Result<KvCacheSpec> {
         if self.block_size == 0 || self.max_batch_tokens == 0 || self.max_num_seqs == 0 {
             return Err(Error::invalid(
                 "block_size, max_batch_tokens and max_num_seqs must be positive",
@@ -86,7 +99,7 @@ impl EngineConfig {
             head_dim: model.head_dim,
             block_size: self.block_size,
             num_blocks: self.num_blocks,
-            dtype: self.kv_cache_dtype.dtype(),
+            dtype: self.kv_cache_dtype.dtype_on(device),
         };
         if spec.num_blocks == 0 {
             spec.num_blocks = self.kv_cache_mb * 1024 * 1024 / spec.bytes_per_block();
@@ -104,5 +117,26 @@ impl EngineConfig {
             len = len.min(self.max_model_len);
         }
         len.min(spec.num_blocks * spec.block_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_kv_dtype_is_f16_on_the_cpu() {
+        let model = ModelConfig::preset("tiny").unwrap();
+        let spec = EngineConfig::default()
+            .cache_spec(&model, &candle_core::Device::Cpu)
+            .unwrap();
+        assert_eq!(spec.dtype, candle_core::DType::F16);
+        let f32_spec = EngineConfig {
+            kv_cache_dtype: KvCacheDtype::F32,
+            ..EngineConfig::default()
+        }
+        .cache_spec(&model, &candle_core::Device::Cpu)
+        .unwrap();
+        assert_eq!(f32_spec.dtype, candle_core::DType::F32);
     }
 }

@@ -65,7 +65,7 @@ impl EngineCore {
         tokenizer: Option<Arc<Tokenizer>>,
         config: EngineConfig,
     ) -> Result<Self> {
-        let spec = config.cache_spec(model.config())?;
+        let spec = config.cache_spec(model.config(), model.device())?;
         let max_model_len = config.max_model_len(model.config(), &spec);
         let allocator = KvBlockAllocator::new(spec.num_blocks);
         let cache = KvCache::new(spec, model.device())?;

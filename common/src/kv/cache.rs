@@ -78,10 +78,33 @@ impl KvCache {
     /// Writes the K and V of new tokens (`[tokens, num_kv_heads, head_dim]`) into their slots
     /// (`slot = block_id * block_size + offset in block`).
     pub fn write_slots(&self, layer: usize, k: &Tensor, v: &Tensor, slots: &[u32]) -> Result<()> {
+        self.write_rows(layer, k, v, &self.slot_map(slots)?)
+    }
+
+    /// Checks slots once for a whole forward step (every layer writes the same slots; on a GPU
+    /// they are uploaded once).
+    pub fn slot_map(&self, slots: &[u32]) -> Result<SlotMap> {
+        SlotMap::new(&self.spec, slots)
+    }
+
+    /// [`write_slots`](Self::write_slots) with slots checked beforehand.
+    pub fn write_rows(&self, layer: usize, k: &Tensor, v: &Tensor, slots: &SlotMap) -> Result<()> {
         let (kc, vc) = self.layer(layer)?;
-        let op = ScatterRows::new(&self.spec, slots, k)?;
-        kc.inplace_op2(&k.to_dtype(self.spec.dtype)?.contiguous()?, &op)?;
-        vc.inplace_op2(&v.to_dtype(self.spec.dtype)?.contiguous()?, &op)?;
+        let expected = [
+            slots.slots.len(),
+            self.spec.num_kv_heads,
+            self.spec.head_dim,
+        ];
+        for rows in [k, v] {
+            if rows.dims() != expected {
+                return Err(Error::invalid(format!(
+                    "new KV rows have shape {:?}, expected {expected:?}",
+                    rows.dims()
+                )));
+            }
+        }
+        kc.inplace_op2(&k.to_dtype(self.spec.dtype)?.contiguous()?, slots)?;
+        vc.inplace_op2(&v.to_dtype(self.spec.dtype)?.contiguous()?, slots)?;
         Ok(())
     }
 
@@ -89,6 +112,11 @@ impl KvCache {
     pub fn read_blocks(&self, layer: usize, blocks: &[BlockId]) -> Result<(Tensor, Tensor)> {
         self.check_blocks(blocks)?;
         let (kc, vc) = self.layer(layer)?;
+        #[cfg(feature = "cuda")]
+        if kc.device().is_cuda() {
+            let op = BlockCopy::new(&self.spec, blocks);
+            return Ok((kc.apply_op1_no_bwd(&op)?, vc.apply_op1_no_bwd(&op)?));
+        }
         let ids = Tensor::from_slice(blocks, blocks.len(), kc.device())?;
         Ok((kc.index_select(&ids, 0)?, vc.index_select(&ids, 0)?))
     }
@@ -111,6 +139,14 @@ impl KvCache {
                     t.dims()
                 )));
             }
+        }
+        #[cfg(feature = "cuda")]
+        if k.device().is_cuda() {
+            let (kc, vc) = self.layer(layer)?;
+            let op = BlockCopy::new(&self.spec, blocks);
+            kc.inplace_op2(&k.to_dtype(self.spec.dtype)?.contiguous()?, &op)?;
+            vc.inplace_op2(&v.to_dtype(self.spec.dtype)?.contiguous()?, &op)?;
+            return Ok(());
         }
         let slots: Vec<u32> = blocks
             .iter()
@@ -135,22 +171,17 @@ impl KvCache {
     }
 }
 
-/// In-place scatter of token rows into cache slots.
-struct ScatterRows {
+/// The cache slots of a step's new tokens, checked against the cache: an in-place scatter of
+/// token rows into those slots.
+pub struct SlotMap {
     slots: Vec<u32>,
     row_elems: usize,
+    #[cfg(feature = "cuda")]
+    device_slots: std::sync::OnceLock<candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>>,
 }
 
-impl ScatterRows {
-    fn new(spec: &KvCacheSpec, slots: &[u32], rows: &Tensor) -> Result<Self> {
-        let row_elems = spec.token_elems();
-        let expected = [slots.len(), spec.num_kv_heads, spec.head_dim];
-        if rows.dims() != expected {
-            return Err(Error::invalid(format!(
-                "new KV rows have shape {:?}, expected {expected:?}",
-                rows.dims()
-            )));
-        }
+impl SlotMap {
+    fn new(spec: &KvCacheSpec, slots: &[u32]) -> Result<Self> {
         let capacity = spec.num_blocks * spec.block_size;
         if let Some(slot) = slots.iter().find(|&&s| s as usize >= capacity) {
             return Err(Error::invalid(format!(
@@ -159,7 +190,9 @@ impl ScatterRows {
         }
         Ok(Self {
             slots: slots.to_vec(),
-            row_elems,
+            row_elems: spec.token_elems(),
+            #[cfg(feature = "cuda")]
+            device_slots: std::sync::OnceLock::new(),
         })
     }
 
@@ -172,7 +205,7 @@ impl ScatterRows {
     }
 }
 
-impl InplaceOp2 for ScatterRows {
+impl InplaceOp2 for SlotMap {
     fn name(&self) -> &'static str {
         "kv-scatter-rows"
     }
@@ -200,6 +233,119 @@ impl InplaceOp2 for ScatterRows {
             ),
         }
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        src: &candle_core::CudaStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let slots = match self.device_slots.get() {
+            Some(s) => s,
+            None => {
+                let uploaded = dst.device.clone_htod(&self.slots)?;
+                let _ = self.device_slots.set(uploaded);
+                self.device_slots.get().expect("just set")
+            }
+        };
+        let row_bytes = self.row_elems * crate::cuda::dtype_of(dst).size_in_bytes();
+        crate::cuda::kv::scatter_rows(dst, dst_l, src, src_l, slots, self.slots.len(), row_bytes)
+    }
+}
+
+/// Whole-block copies between the cache and a contiguous `[blocks, block_size, kv_heads,
+/// head_dim]` buffer on a GPU: a gather as a new tensor, a scatter in place.
+#[cfg(feature = "cuda")]
+struct BlockCopy {
+    blocks: Vec<u32>,
+    block_elems: usize,
+    shape: candle_core::Shape,
+}
+
+#[cfg(feature = "cuda")]
+impl BlockCopy {
+    fn new(spec: &KvCacheSpec, blocks: &[BlockId]) -> Self {
+        Self {
+            blocks: blocks.to_vec(),
+            block_elems: spec.block_size * spec.token_elems(),
+            shape: (
+                blocks.len(),
+                spec.block_size,
+                spec.num_kv_heads,
+                spec.head_dim,
+            )
+                .into(),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp1 for BlockCopy {
+    fn name(&self) -> &'static str {
+        "kv-gather-blocks"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("kv-gather-blocks runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        cache: &candle_core::CudaStorage,
+        cache_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let blocks = cache.device.clone_htod(&self.blocks)?;
+        let out = crate::cuda::kv::gather_blocks(
+            cache,
+            cache_l,
+            &blocks,
+            self.blocks.len(),
+            self.block_elems,
+        )?;
+        Ok((out, self.shape.clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl InplaceOp2 for BlockCopy {
+    fn name(&self) -> &'static str {
+        "kv-scatter-blocks"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("kv-scatter-blocks runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        cache: &mut candle_core::CudaStorage,
+        cache_l: &Layout,
+        buf: &candle_core::CudaStorage,
+        buf_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let blocks = cache.device.clone_htod(&self.blocks)?;
+        crate::cuda::kv::scatter_blocks(
+            cache,
+            cache_l,
+            buf,
+            buf_l,
+            &blocks,
+            self.blocks.len(),
+            self.block_elems,
+        )
     }
 }
 

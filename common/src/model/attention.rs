@@ -41,6 +41,30 @@ pub struct AttentionMeta {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// The same metadata uploaded to the GPU, once per step.
+    #[cfg(feature = "cuda")]
+    pub(crate) device: DeviceMetaCell,
+}
+
+/// Holds the batch's metadata on the GPU once the first layer has uploaded it.
+#[cfg(feature = "cuda")]
+#[derive(Debug, Default)]
+pub(crate) struct DeviceMetaCell(std::sync::OnceLock<Arc<crate::cuda::attention::DeviceMeta>>);
+
+#[cfg(feature = "cuda")]
+impl Clone for DeviceMetaCell {
+    /// A copy uploads its own: the metadata may be changed before it is used.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl std::ops::Deref for DeviceMetaCell {
+    type Target = std::sync::OnceLock<Arc<crate::cuda::attention::DeviceMeta>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl AttentionMeta {
@@ -91,6 +115,8 @@ impl AttentionMeta {
             num_kv_heads,
             head_dim,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            #[cfg(feature = "cuda")]
+            device: DeviceMetaCell::default(),
         })
     }
 }
@@ -153,6 +179,19 @@ impl CustomOp3 for PagedAttention {
             CpuStorage::F32(out),
             Shape::from((m.num_tokens, m.num_heads, m.head_dim)),
         ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &Layout,
+        k: &candle_core::CudaStorage,
+        k_l: &Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::attention::forward(&self.0, q, q_l, k, k_l, v, v_l)
     }
 }
 

@@ -35,9 +35,21 @@ pub struct ModelConfig {
 }
 
 /// Named shapes for dummy weights (speed does not depend on the values).
-pub const PRESETS: &[&str] = &["tiny", "smollm2-135m", "llama3-1b", "llama3-8b"];
+pub const PRESETS: &[&str] = &["tiny", "tiny-d64", "smollm2-135m", "llama3-1b", "llama3-8b"];
 
 impl ModelConfig {
+    /// Number of weights (embedding and head counted once when tied).
+    pub fn num_params(&self) -> usize {
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let hidden = self.hidden_size;
+        let layer = hidden * (h + 2 * kvh) * d
+            + h * d * hidden
+            + 3 * hidden * self.intermediate_size
+            + 2 * hidden;
+        let head = if self.tie_word_embeddings { 1 } else { 2 };
+        self.num_layers * layer + head * self.vocab_size * hidden + hidden
+    }
+
     /// A named real shape.
     pub fn preset(name: &str) -> Result<Self> {
         let c = |vocab, hidden, inter, layers, heads, kv_heads, head_dim, theta, ctx, tie| Self {
@@ -58,6 +70,8 @@ impl ModelConfig {
         Ok(match name {
             // Small enough for unit tests, with GQA.
             "tiny" => c(512, 64, 128, 2, 4, 2, 16, 10_000.0, 1024, true),
+            // Tiny, with the head size the GPU's tiled attention kernel takes.
+            "tiny-d64" => c(512, 256, 512, 2, 4, 2, 64, 10_000.0, 8192, true),
             "smollm2-135m" => c(49152, 576, 1536, 30, 9, 3, 64, 100_000.0, 8192, true),
             "llama3-1b" => c(128256, 2048, 8192, 16, 32, 8, 64, 500_000.0, 131072, true),
             "llama3-8b" => c(128256, 4096, 14336, 32, 32, 8, 128, 500_000.0, 8192, false),
@@ -223,6 +237,15 @@ impl ModelConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameter_counts_match_the_published_sizes() {
+        // Llama-3-8B: 8.03 B; SmolLM2-135M (tied embeddings): 134.5 M.
+        let llama = ModelConfig::preset("llama3-8b").unwrap().num_params();
+        assert!((8_020_000_000..8_040_000_000).contains(&llama), "{llama}");
+        let smol = ModelConfig::preset("smollm2-135m").unwrap().num_params();
+        assert!((134_000_000..135_000_000).contains(&smol), "{smol}");
+    }
 
     #[test]
     fn presets_are_consistent_and_unknown_names_fail() {

@@ -166,7 +166,7 @@ impl LlamaModel {
             cfg.num_kv_heads,
             cfg.head_dim,
         )?);
-        let slots = self.slots(batch, spec.block_size)?;
+        let slots = cache.slot_map(&self.slots(batch, spec.block_size)?)?;
         let (cos, sin) = self.rope_tables(&batch.positions)?;
         let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
 
@@ -183,7 +183,7 @@ impl LlamaModel {
             let q = self.rope(&qkv[0], h, &cos, &sin)?;
             let k = self.rope(&qkv[1], kvh, &cos, &sin)?;
             let v = qkv[2].reshape((n, kvh, d))?;
-            cache.write_slots(l, &k, &v, &slots)?;
+            cache.write_rows(l, &k, &v, &slots)?;
             on_layer(l)?;
             let (kc, vc) = cache.layer(l)?;
             let attn = paged_attention(&q, kc, vc, &meta)?.reshape((n, h * d))?;

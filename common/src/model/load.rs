@@ -36,6 +36,7 @@ pub fn load_gguf(
     file: &mut File,
     content: &gguf_file::Content,
     device: &Device,
+    dtype: DType,
 ) -> Result<LlamaModel> {
     let config = ModelConfig::from_gguf(content)?;
     let load_err = |name: &str, e: candle_core::Error| Error::ModelLoad {
@@ -56,6 +57,27 @@ pub fn load_gguf(
         }
         Ok(t)
     };
+    // On the CPU quantized weights stay quantized (our kernels); on a GPU they are dequantized
+    // to the activation dtype and run through cuBLAS.
+    let quantized = device.is_cpu();
+    let linear = |t: QTensor| -> Result<Linear> {
+        if quantized {
+            Linear::from_qtensor(t)
+        } else {
+            Ok(Linear::Dense(t.dequantize(device)?.to_dtype(dtype)?))
+        }
+    };
+    let fused = |parts: Vec<QTensor>| -> Result<FusedLinear> {
+        if quantized {
+            FusedLinear::from_qtensors(parts)
+        } else {
+            let dense = parts
+                .iter()
+                .map(|t| Ok(t.dequantize(device)?.to_dtype(dtype)?))
+                .collect::<Result<Vec<_>>>()?;
+            FusedLinear::from_dense(dense)
+        }
+    };
     let mut layers = Vec::with_capacity(config.num_layers);
     for i in 0..config.num_layers {
         let p = format!("blk.{i}");
@@ -63,26 +85,27 @@ pub fn load_gguf(
         let q = weight(&format!("{p}.attn_q.weight"), [h * d, hidden])?;
         let k = weight(&format!("{p}.attn_k.weight"), [kvh * d, hidden])?;
         let v = weight(&format!("{p}.attn_v.weight"), [kvh * d, hidden])?;
-        let o = Linear::from_qtensor(weight(&format!("{p}.attn_output.weight"), [hidden, h * d])?)?;
+        let o = linear(weight(&format!("{p}.attn_output.weight"), [hidden, h * d])?)?;
         let gate = weight(&format!("{p}.ffn_gate.weight"), [inter, hidden])?;
         let up = weight(&format!("{p}.ffn_up.weight"), [inter, hidden])?;
-        let down = Linear::from_qtensor(weight(&format!("{p}.ffn_down.weight"), [hidden, inter])?)?;
+        let down = linear(weight(&format!("{p}.ffn_down.weight"), [hidden, inter])?)?;
         layers.push((p, q, k, v, o, gate, up, down));
     }
     let mut dense = |name: &str| -> Result<Tensor> {
         let t = content
             .tensor(file, name, device)
             .map_err(|e| load_err(name, e))?;
-        t.dequantize(device).map_err(|e| load_err(name, e))
+        let t = t.dequantize(device).map_err(|e| load_err(name, e))?;
+        Ok(t.to_dtype(dtype)?)
     };
     let mut built = Vec::with_capacity(layers.len());
     for (p, q, k, v, o, gate, up, down) in layers {
         built.push(Layer {
             attn_norm: dense(&format!("{p}.attn_norm.weight"))?,
-            qkv: FusedLinear::from_qtensors(vec![q, k, v])?,
+            qkv: fused(vec![q, k, v])?,
             o,
             ffn_norm: dense(&format!("{p}.ffn_norm.weight"))?,
-            gate_up: FusedLinear::from_qtensors(vec![gate, up])?,
+            gate_up: fused(vec![gate, up])?,
             down,
         });
     }
@@ -90,19 +113,23 @@ pub fn load_gguf(
     let embd = content
         .tensor(file, "token_embd.weight", device)
         .map_err(|e| load_err("token_embd.weight", e))?;
-    let embedding = Embedding(embd.dequantize(device)?);
+    let embedding = Embedding(embd.dequantize(device)?.to_dtype(dtype)?);
     let lm_head = if config.tie_word_embeddings {
-        Linear::from_qtensor(embd)?
+        if quantized {
+            linear(embd)?
+        } else {
+            Linear::Dense(embedding.0.clone())
+        }
     } else {
         let t = content
             .tensor(file, "output.weight", device)
             .map_err(|e| load_err("output.weight", e))?;
-        Linear::from_qtensor(t)?
+        linear(t)?
     };
     Ok(LlamaModel::new(
         config,
         device.clone(),
-        activation_dtype(device),
+        dtype,
         embedding,
         built,
         norm,
@@ -110,7 +137,7 @@ pub fn load_gguf(
     ))
 }
 
-/// Activations run in f32 on the CPU and in bf16 on accelerators.
+/// Activations run in f32 on the CPU and in bf16 on accelerators, unless asked otherwise.
 pub fn activation_dtype(device: &Device) -> DType {
     if device.is_cpu() {
         DType::F32
@@ -120,7 +147,7 @@ pub fn activation_dtype(device: &Device) -> DType {
 }
 
 /// A Hugging Face llama checkpoint folder: `config.json` and one or more `*.safetensors`.
-pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LlamaModel> {
+pub fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LlamaModel> {
     let err = |reason: String| Error::ModelLoad {
         path: dir.to_path_buf(),
         reason,
@@ -146,7 +173,6 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LlamaModel> {
             .map_err(|e| err(format!("{}: {e}", f.display())))?;
         tensors.extend(loaded);
     }
-    let dtype = activation_dtype(device);
     let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
         let t = tensors
             .remove(name)
@@ -174,12 +200,33 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LlamaModel> {
     })
 }
 
+/// Dummy models up to this many parameters are drawn on the CPU, so a GPU gets the very same
+/// weights as the CPU path; larger ones are drawn on the device itself.
+const DUMMY_HOST_PARAMS: usize = 400_000_000;
+
 /// Random weights of a named shape. Values are drawn from a seeded generator so every node that
 /// builds the same dummy model gets the same weights (and the same greedy output).
-pub fn load_dummy(config: ModelConfig, seed: u64, device: &Device) -> Result<LlamaModel> {
-    let dtype = activation_dtype(device);
+pub fn load_dummy(
+    config: ModelConfig,
+    seed: u64,
+    device: &Device,
+    dtype: DType,
+) -> Result<LlamaModel> {
+    let on_device = !device.is_cpu() && config.num_params() > DUMMY_HOST_PARAMS;
+    if on_device {
+        device.set_seed(seed)?;
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let mut take = |_name: &str, shape: &[usize]| -> Result<Tensor> {
+        if on_device {
+            let t = if shape.len() == 1 {
+                (Tensor::rand(-0.1f32, 0.1, shape, device)? + 1.0)?
+            } else {
+                let bound = (3.0 / shape[shape.len() - 1] as f64).sqrt() as f32;
+                Tensor::rand(-bound, bound, shape, device)?
+            };
+            return Ok(t.to_dtype(dtype)?);
+        }
         let count: usize = shape.iter().product();
         let values: Vec<f32> = if shape.len() == 1 {
             // Norm weights near one keep activations in range.
@@ -477,8 +524,15 @@ mod tests {
 
     #[test]
     fn dummy_weights_are_seeded_and_give_finite_logits() {
-        let load =
-            |seed| load_dummy(ModelConfig::preset("tiny").unwrap(), seed, &Device::Cpu).unwrap();
+        let load = |seed| {
+            load_dummy(
+                ModelConfig::preset("tiny").unwrap(),
+                seed,
+                &Device::Cpu,
+                DType::F32,
+            )
+            .unwrap()
+        };
         let ids = [1u32, 2, 3, 4, 5];
         let a = run(&load(1), &ids, &[5]);
         assert!(a.iter().all(|x| x.is_finite()));

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 pub use attention::SeqAttention;
 pub use config::{ModelConfig, RopeStyle};
@@ -74,6 +74,34 @@ impl std::fmt::Display for ModelSource {
     }
 }
 
+/// Opens a device by name: `cpu`, `cuda` (GPU 0) or `cuda:N`.
+pub fn open_device(name: &str) -> Result<Device> {
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal: usize = match name {
+        "cuda" => 0,
+        _ => name
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                Error::invalid(format!("unknown device `{name}` (cpu, cuda, cuda:N)"))
+            })?,
+    };
+    #[cfg(feature = "cuda")]
+    {
+        // One explicit stream per device, shared by every thread that touches its tensors.
+        Ok(Device::new_cuda_with_stream(ordinal)?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ordinal;
+        Err(Error::invalid(format!(
+            "device `{name}` needs a build with the `cuda` feature"
+        )))
+    }
+}
+
 /// The default model path: `$PD_MODEL` if set, else the fetch script's cache in this checkout.
 pub fn default_model_path() -> PathBuf {
     if let Some(p) = std::env::var_os("PD_MODEL") {
@@ -93,11 +121,20 @@ pub struct LoadedModel {
     pub chat_template: Option<Arc<ChatTemplate>>,
 }
 
+/// Loads a model with the device's usual activation dtype (f32 on the CPU, bf16 on a GPU).
 pub fn load(source: &ModelSource, device: &Device) -> Result<LoadedModel> {
+    load_as(source, device, load::activation_dtype(device))
+}
+
+/// Loads a model whose weights and activations are `dtype` (the CPU runs f32 only).
+pub fn load_as(source: &ModelSource, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    if device.is_cpu() && dtype != DType::F32 {
+        return Err(Error::invalid("the CPU path computes in f32"));
+    }
     match source {
         ModelSource::Gguf(path) => {
             let (mut file, content) = load::read_gguf(path)?;
-            let model = load::load_gguf(path, &mut file, &content, device)?;
+            let model = load::load_gguf(path, &mut file, &content, device, dtype)?;
             let tokenizer = Tokenizer::from_gguf(&content)?;
             let chat_template = ChatTemplate::from_gguf(&content, &tokenizer)?;
             Ok(LoadedModel {
@@ -107,7 +144,7 @@ pub fn load(source: &ModelSource, device: &Device) -> Result<LoadedModel> {
             })
         }
         ModelSource::HfDir(dir) => {
-            let model = load::load_hf_dir(dir, device)?;
+            let model = load::load_hf_dir(dir, device, dtype)?;
             let tok_path = dir.join("tokenizer.json");
             let tokenizer = if tok_path.exists() {
                 Some(Arc::new(Tokenizer::from_tokenizer_json(&tok_path)?))
@@ -130,7 +167,7 @@ pub fn load(source: &ModelSource, device: &Device) -> Result<LoadedModel> {
         ModelSource::Dummy { shape, seed } => {
             let config = ModelConfig::preset(shape)?;
             Ok(LoadedModel {
-                model: Arc::new(load::load_dummy(config, *seed, device)?),
+                model: Arc::new(load::load_dummy(config, *seed, device, dtype)?),
                 tokenizer: None,
                 chat_template: None,
             })
@@ -191,5 +228,41 @@ impl LoadedModel {
             .ok_or_else(|| Error::invalid("this model has no chat template"))?;
         let text = template.render(messages, true)?;
         self.encode_text(&text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_are_named_cpu_cuda_or_cuda_n() {
+        assert!(open_device("cpu").unwrap().is_cpu());
+        for bad in ["gpu", "cuda:", "cuda:x", "CUDA"] {
+            let e = open_device(bad).unwrap_err().to_string();
+            assert!(e.contains("unknown device"), "{bad}: {e}");
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_cpu_build_says_the_gpu_needs_the_cuda_feature() {
+        for name in ["cuda", "cuda:1"] {
+            let e = open_device(name).unwrap_err().to_string();
+            assert!(e.contains("`cuda` feature"), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_cpu_computes_in_f32_only() {
+        let source: ModelSource = "dummy:tiny".parse().unwrap();
+        assert!(load_as(&source, &Device::Cpu, DType::BF16).is_err());
+        assert_eq!(
+            load_as(&source, &Device::Cpu, DType::F32)
+                .unwrap()
+                .model
+                .dtype(),
+            DType::F32
+        );
     }
 }

@@ -2,6 +2,8 @@
 //! ones live in the binary itself.
 
 pub mod cluster;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod transfer;
 
 /// The machine's 1/5/15-minute load averages: figures taken on a busy machine mean little.

@@ -37,6 +37,10 @@ enum Command {
     Transfer(pd_tests::bench::transfer::TransferArgs),
     /// A local cluster under closed-loop load, aggregated and disaggregated.
     Cluster(pd_tests::bench::cluster::ClusterArgs),
+    /// The GPU path: kernel and model checks against the CPU, then speed against the device's
+    /// measured ceilings (builds with the `cuda` feature).
+    #[cfg(feature = "cuda")]
+    Gpu(pd_tests::bench::gpu::GpuArgs),
 }
 
 #[derive(clap::Args)]
@@ -75,6 +79,8 @@ fn main() -> anyhow::Result<()> {
         Command::Kernels => bench_kernels(),
         Command::Transfer(args) => pd_tests::bench::transfer::run(args),
         Command::Cluster(args) => pd_tests::bench::cluster::run(args),
+        #[cfg(feature = "cuda")]
+        Command::Gpu(args) => pd_tests::bench::gpu::run(args),
     }
 }
 

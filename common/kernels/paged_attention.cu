@@ -1,0 +1,426 @@
+// Attention over the paged KV cache, for a packed batch of sequences.
+//
+// Cache layout, per layer: K and V of shape [num_blocks, block_size, num_kv_heads, head_dim].
+// A sequence's token at position p lives in block block_table[p / block_size], row p % block_size.
+//
+// Two kernels:
+// - paged_attention_*: one query token per (CTA, head), any head_dim, any dtype. Used for decode
+//   tokens, and for every token when the prefill kernel does not apply. Long contexts are split
+//   into partitions that run in parallel and are merged by paged_attention_reduce_*.
+// - prefill_attention_*: a tile of query tokens of one sequence per CTA, bf16 tensor cores
+//   (WMMA), causal, reading K/V through the block table (varlen: each tile belongs to one sequence,
+//   whose earlier chunks may already be cached).
+// Both use the online softmax, accumulate in f32 and round the probabilities to the cache's type
+// before they meet V, as the CPU kernel does.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#include <stdint.h>
+
+#define WARP 32
+#define MAX_HEAD_DIM 256
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// Rounds to the cache element's precision (identity for f32).
+template <typename C> __device__ __forceinline__ float round_to(float x) { return to_f(from_f<C>(x)); }
+
+__device__ __forceinline__ float warp_max(float x) {
+    for (int o = WARP / 2; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
+    return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int o = WARP / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffff, x, o);
+    return x;
+}
+
+// q . k for one key row: 16-byte loads when the row is a whole number of them (every supported
+// head size with a 16-bit cache), element by element otherwise.
+template <typename C>
+__device__ __forceinline__ float row_dot(const float* q_s, const C* k_row, int head_dim) {
+    constexpr int PER = 16 / sizeof(C);
+    float dot = 0.f;
+    if ((head_dim * sizeof(C)) % 16 == 0) {
+        const uint4* k4 = reinterpret_cast<const uint4*>(k_row);
+        for (int c = 0; c < head_dim / PER; c++) {
+            const uint4 w = k4[c];
+            const C* e = reinterpret_cast<const C*>(&w);
+#pragma unroll
+            for (int u = 0; u < PER; u++) dot += q_s[c * PER + u] * to_f(e[u]);
+        }
+    } else {
+        for (int d = 0; d < head_dim; d++) dot += q_s[d] * to_f(k_row[d]);
+    }
+    return dot;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-token kernel.
+//
+// grid: (num_heads, num_work_tokens, num_partitions); block: NUM_WARPS * 32 threads.
+// work_tokens[i] is the packed index of the i-th token to compute; token_seq[t] its sequence;
+// token_keys[t] how many keys it attends to (its position + 1).
+// Partition z covers keys [z * partition, (z + 1) * partition). A token whose keys fit one
+// partition writes out directly; otherwise (max, sum, unnormalised out) go to the scratch buffers.
+// Warps take 32-key tiles in turn; lane j scores key j of its warp's tile.
+// ---------------------------------------------------------------------------------------------
+template <typename A, typename C, int NUM_WARPS>
+__device__ void paged_attention_token(
+    A* __restrict__ out, const A* __restrict__ q, const C* __restrict__ k_cache,
+    const C* __restrict__ v_cache, const int* __restrict__ work_tokens,
+    const int* __restrict__ token_seq, const int* __restrict__ token_keys,
+    const int* __restrict__ block_tables, int max_blocks, int num_heads, int num_kv_heads,
+    int head_dim, int block_size, float scale, int partition, float* __restrict__ part_max,
+    float* __restrict__ part_sum, float* __restrict__ part_out) {
+    const int head = blockIdx.x;
+    const int work = blockIdx.y;
+    const int part = blockIdx.z;
+    const int num_parts = gridDim.z;
+    const int token = work_tokens[work];
+    const int seq = token_seq[token];
+    const int n_keys = token_keys[token];
+    // Each token is split by its own length, so its result does not depend on the batch.
+    const int own_parts = (n_keys + partition - 1) / partition;
+    if (part >= own_parts) return;
+    const int key_begin = part * partition;
+    const int key_end = min(n_keys, key_begin + partition);
+    const int kv_head = head / (num_heads / num_kv_heads);
+    const int lane = threadIdx.x % WARP;
+    const int warp = threadIdx.x / WARP;
+    const int kv_row = num_kv_heads * head_dim;
+    const int* table = block_tables + (size_t)seq * max_blocks;
+
+    __shared__ float q_s[MAX_HEAD_DIM];
+    __shared__ float w_max[NUM_WARPS], w_sum[NUM_WARPS];
+    __shared__ float w_out[NUM_WARPS][MAX_HEAD_DIM];
+
+    const A* q_row = q + ((size_t)token * num_heads + head) * head_dim;
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) q_s[i] = round_to<C>(to_f(q_row[i]));
+    __syncthreads();
+
+    // Dims owned by this lane when accumulating the output: a contiguous run of head_dim / 32
+    // when that divides (one vector load per key), else every 32nd.
+    const bool contiguous = head_dim % WARP == 0;
+    const int dims_per_lane = (head_dim + WARP - 1) / WARP;
+    constexpr int MAX_DPL = MAX_HEAD_DIM / WARP;
+    float acc[MAX_DPL];
+#pragma unroll
+    for (int i = 0; i < MAX_DPL; i++) acc[i] = 0.f;
+    float m = -INFINITY, l = 0.f;
+    __shared__ float p_sh[NUM_WARPS][WARP];
+    __shared__ size_t at_sh[NUM_WARPS][WARP];
+
+    for (int tile = key_begin + warp * WARP; tile < key_end; tile += NUM_WARPS * WARP) {
+        const int j = tile + lane;
+        float s = -INFINITY;
+        size_t row_at = 0;
+        if (j < key_end) {
+            const int block = table[j / block_size];
+            row_at = ((size_t)block * block_size + j % block_size) * kv_row + (size_t)kv_head * head_dim;
+            s = row_dot<C>(q_s, k_cache + row_at, head_dim) * scale;
+        }
+        const float m_new = fmaxf(m, warp_max(s));
+        const float alpha = __expf(m - m_new);
+        const float p = (j < key_end) ? __expf(s - m_new) : 0.f;
+        l = l * alpha + warp_sum(p);
+        m = m_new;
+#pragma unroll
+        for (int i = 0; i < MAX_DPL; i++) acc[i] *= alpha;
+        p_sh[warp][lane] = round_to<C>(p);
+        at_sh[warp][lane] = row_at;
+        __syncwarp();
+        const int valid = min(WARP, key_end - tile);
+        if (contiguous && sizeof(C) == 2 && dims_per_lane == 4) {
+            for (int jj = 0; jj < valid; jj++) {
+                const float pj = p_sh[warp][jj];
+                const uint2 w = *reinterpret_cast<const uint2*>(v_cache + at_sh[warp][jj] + lane * 4);
+                const C* e = reinterpret_cast<const C*>(&w);
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[i] += pj * to_f(e[i]);
+            }
+        } else if (contiguous && sizeof(C) == 2 && dims_per_lane == 2) {
+            for (int jj = 0; jj < valid; jj++) {
+                const float pj = p_sh[warp][jj];
+                const uint32_t w = *reinterpret_cast<const uint32_t*>(v_cache + at_sh[warp][jj] + lane * 2);
+                const C* e = reinterpret_cast<const C*>(&w);
+#pragma unroll
+                for (int i = 0; i < 2; i++) acc[i] += pj * to_f(e[i]);
+            }
+        } else {
+            for (int jj = 0; jj < valid; jj++) {
+                const float pj = p_sh[warp][jj];
+                const C* v_row = v_cache + at_sh[warp][jj];
+#pragma unroll
+                for (int i = 0; i < MAX_DPL; i++) {
+                    const int d = contiguous ? lane * dims_per_lane + i : lane + i * WARP;
+                    if (i < dims_per_lane && d < head_dim) acc[i] += pj * to_f(v_row[d]);
+                }
+            }
+        }
+        __syncwarp();
+    }
+
+    // Merge the warps.
+    if (lane == 0) { w_max[warp] = m; w_sum[warp] = l; }
+#pragma unroll
+    for (int i = 0; i < MAX_DPL; i++) {
+        const int d = contiguous ? lane * dims_per_lane + i : lane + i * WARP;
+        if (i < dims_per_lane && d < head_dim) w_out[warp][d] = acc[i];
+    }
+    __syncthreads();
+    float gm = -INFINITY;
+    for (int w = 0; w < NUM_WARPS; w++) gm = fmaxf(gm, w_max[w]);
+    float gl = 0.f;
+    for (int w = 0; w < NUM_WARPS; w++) if (w_max[w] > -INFINITY) gl += w_sum[w] * __expf(w_max[w] - gm);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.f;
+        for (int w = 0; w < NUM_WARPS; w++) if (w_max[w] > -INFINITY) o += w_out[w][d] * __expf(w_max[w] - gm);
+        if (own_parts == 1) {
+            out[((size_t)token * num_heads + head) * head_dim + d] = from_f<A>(o / gl);
+        } else {
+            const size_t at = ((size_t)work * num_heads + head) * num_parts + part;
+            part_out[at * head_dim + d] = o;
+        }
+    }
+    if (own_parts > 1 && threadIdx.x == 0) {
+        const size_t at = ((size_t)work * num_heads + head) * num_parts + part;
+        part_max[at] = gm;
+        part_sum[at] = gl;
+    }
+}
+
+// Merges the partitions of each (token, head). grid: (num_heads, num_work_tokens).
+template <typename A>
+__device__ void paged_attention_reduce(
+    A* __restrict__ out, const int* __restrict__ work_tokens, const int* __restrict__ token_keys,
+    int num_heads, int head_dim, int partition, int num_parts, const float* __restrict__ part_max,
+    const float* __restrict__ part_sum, const float* __restrict__ part_out) {
+    const int head = blockIdx.x;
+    const int work = blockIdx.y;
+    const int token = work_tokens[work];
+    const int used = (token_keys[token] + partition - 1) / partition;
+    if (used == 1) return;  // written directly by the first pass
+    const size_t base = ((size_t)work * num_heads + head) * num_parts;
+    float gm = -INFINITY;
+    for (int p = 0; p < used; p++) gm = fmaxf(gm, part_max[base + p]);
+    float gl = 0.f;
+    for (int p = 0; p < used; p++) gl += part_sum[base + p] * __expf(part_max[base + p] - gm);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.f;
+        for (int p = 0; p < used; p++) o += part_out[(base + p) * head_dim + d] * __expf(part_max[base + p] - gm);
+        out[((size_t)token * num_heads + head) * head_dim + d] = from_f<A>(o / gl);
+    }
+}
+
+#define PA_WARPS 4
+
+#define DEFINE_TOKEN_KERNEL(NAME, A, C)                                                          \
+    extern "C" __global__ void __launch_bounds__(PA_WARPS * WARP) NAME(                           \
+        A* out, const A* q, const C* k_cache, const C* v_cache, const int* work_tokens,           \
+        const int* token_seq, const int* token_keys, const int* block_tables, int max_blocks,     \
+        int num_heads, int num_kv_heads, int head_dim, int block_size, float scale,               \
+        int partition, float* part_max, float* part_sum, float* part_out) {                       \
+        paged_attention_token<A, C, PA_WARPS>(out, q, k_cache, v_cache, work_tokens, token_seq,   \
+                                              token_keys, block_tables, max_blocks, num_heads,    \
+                                              num_kv_heads, head_dim, block_size, scale,          \
+                                              partition, part_max, part_sum, part_out);           \
+    }
+
+DEFINE_TOKEN_KERNEL(paged_attention_bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+DEFINE_TOKEN_KERNEL(paged_attention_bf16_f16, __nv_bfloat16, __half)
+DEFINE_TOKEN_KERNEL(paged_attention_bf16_f32, __nv_bfloat16, float)
+DEFINE_TOKEN_KERNEL(paged_attention_f32_bf16, float, __nv_bfloat16)
+DEFINE_TOKEN_KERNEL(paged_attention_f32_f16, float, __half)
+DEFINE_TOKEN_KERNEL(paged_attention_f32_f32, float, float)
+
+#define DEFINE_REDUCE_KERNEL(NAME, A)                                                            \
+    extern "C" __global__ void NAME(A* out, const int* work_tokens, const int* token_keys,       \
+                                    int num_heads, int head_dim, int partition, int num_parts,  \
+                                    const float* part_max, const float* part_sum,               \
+                                    const float* part_out) {                                    \
+        paged_attention_reduce<A>(out, work_tokens, token_keys, num_heads, head_dim, partition, \
+                                  num_parts, part_max, part_sum, part_out);                     \
+    }
+
+DEFINE_REDUCE_KERNEL(paged_attention_reduce_bf16, __nv_bfloat16)
+DEFINE_REDUCE_KERNEL(paged_attention_reduce_f32, float)
+
+// ---------------------------------------------------------------------------------------------
+// Prefill kernel: bf16 query and cache, head_dim D in {64, 128}, on tensor cores.
+//
+// grid: (num_tiles, num_heads); block: 64 threads (2 warps, 16 query rows each).
+// tile_seq[t], tile_row[t]: the sequence of tile t and the index of its first query token within
+// that sequence's new tokens. seq_q_start/seq_q_len/seq_ctx describe each sequence.
+// ---------------------------------------------------------------------------------------------
+#define PF_BQ 32
+#define PF_BK 32
+#define PF_WARPS 2
+
+template <int D>
+__device__ void prefill_attention(
+    __nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ q,
+    const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,
+    const int* __restrict__ tile_seq, const int* __restrict__ tile_row,
+    const int* __restrict__ seq_q_start, const int* __restrict__ seq_q_len,
+    const int* __restrict__ seq_ctx, const int* __restrict__ block_tables, int max_blocks,
+    int num_heads, int num_kv_heads, int block_size, float scale) {
+    using namespace nvcuda;
+    const int tile = blockIdx.x;
+    const int head = blockIdx.y;
+    const int seq = tile_seq[tile];
+    const int row0 = tile_row[tile];
+    const int q_start = seq_q_start[seq];
+    const int q_len = seq_q_len[seq];
+    const int ctx = seq_ctx[seq];
+    const int cached = ctx - q_len;  // keys before the first new token
+    const int rows = min(PF_BQ, q_len - row0);
+    const int kv_head = head / (num_heads / num_kv_heads);
+    const int kv_row = num_kv_heads * D;
+    const int* table = block_tables + (size_t)seq * max_blocks;
+    const int warp = threadIdx.x / WARP;
+    const int lane = threadIdx.x % WARP;
+
+    __shared__ __align__(32) __nv_bfloat16 q_s[PF_BQ * D];
+    __shared__ __align__(32) __nv_bfloat16 k_s[PF_BK * D];
+    __shared__ __align__(32) __nv_bfloat16 v_s[PF_BK * D];
+    __shared__ __align__(32) float s_s[PF_BQ * PF_BK];
+    __shared__ __align__(32) __nv_bfloat16 p_s[PF_BQ * PF_BK];
+    __shared__ __align__(32) float o_s[PF_BQ * D];
+    __shared__ float m_s[PF_BQ], l_s[PF_BQ], alpha_s[PF_BQ];
+
+    // Load the query tile (16-byte vectors; D is a multiple of 8) and clear the accumulators.
+    const int vec_per_row = D / 8;
+    for (int i = threadIdx.x; i < PF_BQ * vec_per_row; i += blockDim.x) {
+        const int r = i / vec_per_row, c = (i % vec_per_row) * 8;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (r < rows) {
+            const size_t tok = (size_t)q_start + row0 + r;
+            val = *reinterpret_cast<const uint4*>(q + (tok * num_heads + head) * D + c);
+        }
+        *reinterpret_cast<uint4*>(q_s + r * D + c) = val;
+    }
+    for (int i = threadIdx.x; i < PF_BQ * D; i += blockDim.x) o_s[i] = 0.f;
+    for (int i = threadIdx.x; i < PF_BQ; i += blockDim.x) { m_s[i] = -INFINITY; l_s[i] = 0.f; }
+
+    // Keys this tile needs: up to the position of its last query row.
+    const int last_pos = cached + row0 + rows - 1;
+    const int n_tiles = last_pos / PF_BK + 1;
+    const int wr = warp * 16;  // this warp's first row in the tile
+
+    for (int kt = 0; kt < n_tiles; kt++) {
+        const int key0 = kt * PF_BK;
+        __syncthreads();
+        for (int i = threadIdx.x; i < PF_BK * vec_per_row; i += blockDim.x) {
+            const int r = i / vec_per_row, c = (i % vec_per_row) * 8;
+            const int j = key0 + r;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (j <= last_pos) {
+                const int block = table[j / block_size];
+                const size_t at = ((size_t)block * block_size + j % block_size) * kv_row +
+                                  (size_t)kv_head * D + c;
+                kv = *reinterpret_cast<const uint4*>(k_cache + at);
+                vv = *reinterpret_cast<const uint4*>(v_cache + at);
+            }
+            *reinterpret_cast<uint4*>(k_s + r * D + c) = kv;
+            *reinterpret_cast<uint4*>(v_s + r * D + c) = vv;
+        }
+        __syncthreads();
+
+        // S = Q K^T for this warp's 16 rows.
+        for (int n = 0; n < PF_BK / 16; n++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.f);
+            for (int k = 0; k < D / 16; k++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
+                wmma::load_matrix_sync(a, q_s + wr * D + k * 16, D);
+                wmma::load_matrix_sync(b, k_s + n * 16 * D + k * 16, D);
+                wmma::mma_sync(acc, a, b, acc);
+            }
+            wmma::store_matrix_sync(s_s + wr * PF_BK + n * 16, acc, PF_BK, wmma::mem_row_major);
+        }
+        __syncwarp();
+
+        // Online softmax: two lanes per row, 16 keys each.
+        {
+            const int r = wr + lane / 2;
+            const int half = lane % 2;
+            const int pos = cached + row0 + min(r, rows - 1);  // padding rows copy the last row
+            float mx = -INFINITY;
+            for (int c = half * 16; c < half * 16 + 16; c++) {
+                const int j = key0 + c;
+                const float s = (j <= pos) ? s_s[r * PF_BK + c] * scale : -INFINITY;
+                s_s[r * PF_BK + c] = s;
+                mx = fmaxf(mx, s);
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            const float m_old = m_s[r];
+            const float m_new = fmaxf(m_old, mx);
+            float sum = 0.f;
+            for (int c = half * 16; c < half * 16 + 16; c++) {
+                const float s = s_s[r * PF_BK + c];
+                const float p = (s == -INFINITY) ? 0.f : __expf(s - m_new);
+                const __nv_bfloat16 pb = __float2bfloat16(p);
+                p_s[r * PF_BK + c] = pb;
+                sum += p;
+            }
+            sum += __shfl_xor_sync(0xffffffff, sum, 1);
+            const float alpha = (m_old == -INFINITY) ? 0.f : __expf(m_old - m_new);
+            if (half == 0) {
+                l_s[r] = l_s[r] * alpha + sum;
+                m_s[r] = m_new;
+                alpha_s[r] = alpha;
+            }
+        }
+        __syncwarp();
+
+        // O = O * alpha + P V for this warp's rows.
+        for (int i = lane; i < 16 * D; i += WARP) {
+            const int r = wr + i / D;
+            o_s[r * D + i % D] *= alpha_s[r];
+        }
+        __syncwarp();
+        for (int n = 0; n < D / 16; n++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::load_matrix_sync(acc, o_s + wr * D + n * 16, D, wmma::mem_row_major);
+            for (int k = 0; k < PF_BK / 16; k++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+                wmma::load_matrix_sync(a, p_s + wr * PF_BK + k * 16, PF_BK);
+                wmma::load_matrix_sync(b, v_s + k * 16 * D + n * 16, D);
+                wmma::mma_sync(acc, a, b, acc);
+            }
+            wmma::store_matrix_sync(o_s + wr * D + n * 16, acc, D, wmma::mem_row_major);
+        }
+        __syncwarp();
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {
+        const int r = i / D, c = i % D;
+        const size_t tok = (size_t)q_start + row0 + r;
+        out[(tok * num_heads + head) * D + c] = __float2bfloat16(o_s[r * D + c] / l_s[r]);
+    }
+}
+
+#define DEFINE_PREFILL_KERNEL(D)                                                                 \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * WARP) prefill_attention_bf16_d##D(   \
+        __nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat16* k_cache,               \
+        const __nv_bfloat16* v_cache, const int* tile_seq, const int* tile_row,                 \
+        const int* seq_q_start, const int* seq_q_len, const int* seq_ctx,                       \
+        const int* block_tables, int max_blocks, int num_heads, int num_kv_heads,               \
+        int block_size, float scale) {                                                          \
+        prefill_attention<D>(out, q, k_cache, v_cache, tile_seq, tile_row, seq_q_start,         \
+                             seq_q_len, seq_ctx, block_tables, max_blocks, num_heads,           \
+                             num_kv_heads, block_size, scale);                                  \
+    }
+
+DEFINE_PREFILL_KERNEL(64)
+DEFINE_PREFILL_KERNEL(128)
