@@ -151,6 +151,25 @@ pub fn cancel_on_signals(token: CancellationToken) {
     });
 }
 
+/// How a node names its device in etcd: `cpu` or `cuda:N`.
+pub fn device_name(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// The KV transfer backends a node on `device` offers: gRPC always; NCCL in a build with the
+/// `nccl` feature whose engine runs on a GPU, unless `allowed` says gRPC only.
+pub fn transfer_backends(device: &candle_core::Device, allowed: KvTransfer) -> Vec<String> {
+    let mut backends = vec!["grpc".to_string()];
+    if cfg!(feature = "nccl") && device.is_cuda() && allowed == KvTransfer::Auto {
+        backends.push("nccl".into());
+    }
+    backends
+}
+
 /// A node id: `<role>-<8 hex digits>`.
 pub fn new_node_id(role: &str) -> String {
     format!("{role}-{:08x}", rand::random::<u32>())
@@ -263,6 +282,17 @@ pub struct Worker {
     pub engine_thread: std::thread::JoinHandle<()>,
     pub membership: crate::membership::MembershipConfig,
     pub drain_timeout: std::time::Duration,
+    pub kv_transfer: KvTransfer,
+}
+
+/// Which KV transfer backends a node offers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvTransfer {
+    /// gRPC, and NCCL where this build and device allow it.
+    #[default]
+    Auto,
+    /// gRPC only.
+    Grpc,
 }
 
 impl Worker {
@@ -298,6 +328,7 @@ impl Worker {
 
         let role = crate::membership::role_segment(self.role).unwrap_or("node");
         let spec = self.engine.cache().spec();
+        let device = self.engine.cache().layer(0)?.0.device().clone();
         let info = pd_proto::v1::NodeInfo {
             node_id: self.node_id.clone(),
             role: self.role as i32,
@@ -306,9 +337,9 @@ impl Worker {
             fingerprint: Some(self.fingerprint.clone()),
             kv_blocks_total: spec.num_blocks as u32,
             max_model_len: self.engine.max_model_len() as u32,
-            device: "cpu".into(),
+            device: device_name(&device),
             version: env!("CARGO_PKG_VERSION").into(),
-            transfer_backends: vec!["grpc".into()],
+            transfer_backends: transfer_backends(&device, self.kv_transfer),
         };
         ReadyLine {
             event: "ready".into(),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use pd_common::engine::{EngineConfig, EngineCore, EngineHandle};
 use pd_common::membership::MembershipConfig;
-use pd_common::node::{self, ModelArgs, Worker};
+use pd_common::node::{self, KvTransfer, ModelArgs, Worker};
 use pd_common::telemetry::{self, LogFormat};
 use pd_common::transfer::{self, grpc::KvReceiver};
 use pd_common::Result;
@@ -74,6 +74,11 @@ pub struct DecodeConfig {
     #[command(flatten)]
     pub model: ModelArgs,
 
+    /// KV transfer backends this node offers: `auto` (NCCL too, in a build with the `nccl`
+    /// feature running on a GPU) or `grpc`.
+    #[arg(long, env = "PD_KV_TRANSFER", value_enum, default_value_t = KvTransfer::Auto)]
+    pub kv_transfer: KvTransfer,
+
     #[command(flatten)]
     pub engine: EngineConfig,
 
@@ -129,6 +134,7 @@ pub async fn run(
         engine_thread,
         membership: config.membership.clone(),
         drain_timeout: Duration::from_secs(config.drain_timeout_secs),
+        kv_transfer: config.kv_transfer,
     };
     let health_name = <DecodeServer<DecodeService> as NamedService>::NAME;
     let stop_admitting = move || service.stop_admitting();

@@ -102,6 +102,7 @@ impl pb::decode_server::Decode for DecodeService {
                 params: params.clone(),
                 prompt_len: r.prompt_ids.len(),
                 addresses: r.prefill_addresses,
+                backends: r.prefill_backends,
             };
             let total = r.prompt_ids.len() + r.resume_ids.len();
             let request = GenerateRequest {
@@ -171,6 +172,8 @@ struct Prefill {
     params: SamplingParams,
     prompt_len: usize,
     addresses: Vec<String>,
+    /// KV transfer backend of each address ("grpc" where missing).
+    backends: Vec<String>,
 }
 
 /// How the prompt's KV got here, for the final timings.
@@ -300,14 +303,23 @@ async fn prefill_remote(
     blocks: Vec<BlockId>,
 ) -> Result<(SampledToken, PrefillTimings)> {
     let mut last_error = Error::Unavailable("no prefill node was named".into());
-    for (attempt, address) in prefill.addresses.iter().enumerate() {
+    // Each candidate over its backend; one that fails over NCCL is tried again over gRPC.
+    let mut attempts: Vec<(String, String)> = Vec::new();
+    for (i, address) in prefill.addresses.iter().enumerate() {
+        let backend = prefill.backends.get(i).map_or("grpc", String::as_str);
+        attempts.push((address.clone(), backend.to_string()));
+        if backend != "grpc" {
+            attempts.push((address.clone(), "grpc".to_string()));
+        }
+    }
+    for (attempt, (address, backend)) in attempts.iter().enumerate() {
         if attempt > 0 {
             metrics::counter!(names::RETRIES_TOTAL, "stage" => "prefill").increment(1);
         }
-        match prefill_once(inner, request, prefill, &blocks, address).await {
+        match prefill_once(inner, request, prefill, &blocks, address, backend).await {
             Ok(done) => return Ok(done),
             Err(e) => {
-                tracing::warn!(prefill = %address, error = %e, "prefill attempt failed");
+                tracing::warn!(prefill = %address, %backend, error = %e, "prefill attempt failed");
                 last_error = e;
             }
         }
@@ -321,6 +333,7 @@ async fn prefill_once(
     prefill: &Prefill,
     blocks: &[BlockId],
     address: &str,
+    backend: &str,
 ) -> Result<(SampledToken, PrefillTimings)> {
     let started = Instant::now();
     // Dropped on every early return: the transfer closes and late chunks are refused.
@@ -339,6 +352,7 @@ async fn prefill_once(
             transfer_id: ticket.id(),
             num_blocks: blocks.len() as u32,
             fingerprint: Some(inner.receiver.fingerprint().clone()),
+            transfer_backend: backend.to_string(),
         }),
         deadline_ms: deadline.as_millis().min(u32::MAX as u128) as u32,
     };

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Builds the GPU binaries (pd-prefill, pd-decode with `nccl`, pd-bench with `cuda`; pd-router and
-# pd-cluster are CPU programs) on any x86-64 Linux machine, with or without a GPU, and packs them
-# into dist/pd-gpu.tar.xz for a machine with an NVIDIA GPU (run them there with
-# deploy/gpu/run.sh).
+# Builds the GPU binaries on any x86-64 Linux machine, with or without a GPU, and packs them into
+# dist/pd-gpu.tar.xz for a machine with NVIDIA GPUs (run them there with deploy/gpu/run.sh):
+# pd-prefill, pd-decode and pd-bench with CUDA and NCCL, pd-router and pd-cluster, and etcd
+# when this machine has it (the GPU machine may not).
 #
 # Needs nvcc: an installed CUDA toolkit (12.x or 13.x; CUDA_HOME or PATH), or, without one,
-# the wheel toolchain: deploy/gpu/cuda-wheels.sh once, which this script then uses.
-# CUDA_COMPUTE_CAP selects the GPU generation (default 90: Hopper).
+# the wheel toolchain: deploy/gpu/cuda-wheels.sh, which this script runs when nvcc is missing.
+# CUDA_COMPUTE_CAP selects the GPU generation (default 90: Hopper). PD_GPU_FEATURES=cuda builds
+# without NCCL.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
@@ -18,15 +19,16 @@ if ! command -v nvcc >/dev/null && [ ! -x "${CUDA_HOME:-/nonexistent}/bin/nvcc" 
   source deploy/gpu/cuda-env.sh
 fi
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
-FEATURES=${PD_GPU_FEATURES:-cuda}
-cargo build --release --locked --features "$FEATURES" -p pd-tests --bin pd-bench
-cargo build --release --locked --features "$FEATURES" -p pd-prefill -p pd-decode
-cargo build --release --locked -p pd-router -p pd-tests --bin pd-cluster
+F=${PD_GPU_FEATURES:-nccl}
+cargo build --release --locked -p pd-prefill -p pd-decode -p pd-tests -p pd-router \
+  --features "pd-prefill/$F,pd-decode/$F,pd-tests/$F" \
+  --bin pd-prefill --bin pd-decode --bin pd-bench --bin pd-cluster --bin pd-router
 rm -rf dist/pd-gpu && mkdir -p dist/pd-gpu
 for b in pd-bench pd-prefill pd-decode pd-router pd-cluster; do
   cp "target/release/$b" dist/pd-gpu/
   strip dist/pd-gpu/$b
 done
+if command -v etcd >/dev/null; then cp "$(command -v etcd)" dist/pd-gpu/; fi
 cp deploy/gpu/run.sh dist/pd-gpu/
 tar -C dist -cf - pd-gpu | xz -T0 -6 > dist/pd-gpu.tar.xz
 ls -la dist/pd-gpu.tar.xz

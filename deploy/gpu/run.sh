@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Runs on a machine with an NVIDIA GPU: checks the GPU path against the CPU path, then measures
-# it against the device's own ceilings, and writes gpu-results.{json,md} (with the date and the
-# GPU) into RESULTS_DIR.
+# Runs on a machine with NVIDIA GPUs: checks the GPU path against the CPU path, then measures it
+# against the device's own ceilings; with two GPUs also KV transfer GPU to GPU (NCCL and gRPC)
+# and a 1P1D cluster (prefill on GPU 0, decode on GPU 1) under closed-loop load next to one GPU
+# serving aggregated. Writes gpu-results.{json,md} and the logs into RESULTS_DIR.
 #
 # Usage: run.sh [BUNDLE_OR_DIR] [RESULTS_DIR]
 #   BUNDLE_OR_DIR: dist/pd-gpu.tar.xz from deploy/gpu/build.sh, or the folder it unpacks to
 #   (default: the folder this script is in). RESULTS_DIR default: ./gpu-results.
-# Extra arguments for `pd-bench gpu` go in PD_GPU_BENCH_ARGS (e.g. "--shape llama3-1b").
+# PD_GPU_BENCH_ARGS: extra arguments for `pd-bench gpu` (e.g. "--shape llama3-1b").
+# PD_GPU_STEPS: which parts to run (default "single transfer cluster").
 set -euo pipefail
 SRC=${1:-$(dirname "$0")}
 RESULTS=${2:-gpu-results}
+STEPS=${PD_GPU_STEPS:-single transfer cluster}
 if [ -f "$SRC" ]; then
   DIR=$(mktemp -d)
   xz -dc "$SRC" | tar -C "$DIR" -xf -
@@ -17,6 +20,7 @@ if [ -f "$SRC" ]; then
 else
   BIN=$(cd "$SRC" && pwd)
 fi
+export PATH=$BIN:$PATH PD_BIN_DIR=$BIN
 # CUDA libraries: the system's, plus those of NVIDIA's Python wheels where they are installed.
 for py in python3 /opt/*/.venv/bin/python3; do
   NV=$("$py" -c 'import nvidia,os;print(nvidia.__path__[0])' 2>/dev/null || true)
@@ -32,7 +36,35 @@ export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
 export NCCL_NVLS_ENABLE=0
 export PD_BENCH_DATE=$(date -u +%Y-%m-%d)
 export PD_BENCH_DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo unknown)
+GPUS=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l || echo 1)
 mkdir -p "$RESULTS"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$RESULTS/gpu-info.txt" 2>&1 || true
-# shellcheck disable=SC2086
-"$BIN/pd-bench" gpu --out "$RESULTS" ${PD_GPU_BENCH_ARGS:-} 2>&1 | tee "$RESULTS/gpu-bench.log"
+nvidia-smi topo -m >> "$RESULTS/gpu-info.txt" 2>&1 || true
+status=0
+if [[ " $STEPS " == *" single "* ]]; then
+  # shellcheck disable=SC2086
+  pd-bench gpu --out "$RESULTS" ${PD_GPU_BENCH_ARGS:-} 2>&1 | tee "$RESULTS/gpu-bench.log" || status=1
+fi
+if [ "$GPUS" -ge 2 ]; then
+  if [[ " $STEPS " == *" transfer "* ]]; then
+    pd-bench gpu-transfer --from cuda:0 --to cuda:1 --json "$RESULTS/gpu-transfer.jsonl" 2>&1 \
+      | tee "$RESULTS/gpu-transfer.log" || status=1
+  fi
+  if [[ " $STEPS " == *" cluster "* ]]; then
+    # Llama-3-8B shape, dummy weights; 512-token prompts, 128 tokens out, 64 clients.
+    PD_KEEP_LOGS=1 pd-bench cluster --model dummy:llama3-8b --prompt-tokens 512 --max-tokens 128 \
+      --clients 64 --rounds 2 --modes aggregated,disaggregated,disaggregated-grpc \
+      --prefill-device cuda:0 --decode-device cuda:1 \
+      --node-arg=--kv-cache-mb=16000 --node-arg=--max-batch-tokens=2048 \
+      --node-arg=--max-num-seqs=64 --json "$RESULTS/gpu-cluster.jsonl" 2>&1 \
+      | tee "$RESULTS/gpu-cluster.log" || status=1
+    # Which backend carried the KV: the nodes log NCCL links and any fallback to gRPC.
+    for d in $(sed -n 's/.*logs kept in //p' "$RESULTS/gpu-cluster.log"); do
+      echo "== $d"
+      grep -rhoE "NCCL link (open|joined)|prefill attempt failed.*" "$d" | sort | uniq -c || true
+    done > "$RESULTS/gpu-cluster-backends.txt" 2>&1
+  fi
+else
+  echo "one GPU: the transfer and 1P1D measurements need two" | tee -a "$RESULTS/gpu-bench.log"
+fi
+exit $status

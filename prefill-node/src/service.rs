@@ -35,6 +35,9 @@ struct Inner {
     fingerprint: pb::ModelFingerprint,
     block_size: usize,
     admitting: AtomicBool,
+    /// NCCL links to decode nodes, opened on first use.
+    #[cfg(feature = "nccl")]
+    nccl: pd_common::transfer::grpc::NcclSender,
 }
 
 impl PrefillService {
@@ -47,6 +50,8 @@ impl PrefillService {
                 fingerprint,
                 block_size,
                 admitting: AtomicBool::new(true),
+                #[cfg(feature = "nccl")]
+                nccl: Default::default(),
             }),
         }
     }
@@ -146,9 +151,32 @@ async fn prefill(
         transfer_id: destination.transfer_id,
         fingerprint: Some(inner.fingerprint.clone()),
         num_blocks: destination.num_blocks,
+        ..Default::default()
     };
     let client = grpc::client(&destination.address)?;
-    let push = grpc::push(client, request_id, handshake, exported);
+    let push = async {
+        match destination.transfer_backend.as_str() {
+            "" | "grpc" => grpc::push(client, request_id, handshake, exported).await,
+            #[cfg(feature = "nccl")]
+            "nccl" => {
+                let device = inner.engine.cache().layer(0)?.0.device().clone();
+                inner
+                    .nccl
+                    .push(
+                        client,
+                        &destination.address,
+                        request_id,
+                        handshake,
+                        &device,
+                        exported,
+                    )
+                    .await
+            }
+            other => Err(Error::invalid(format!(
+                "this prefill node cannot send KV over {other:?}"
+            ))),
+        }
+    };
     let computed = async {
         let mut first = None;
         loop {

@@ -77,13 +77,19 @@ impl Dispatcher {
                     format!("no decode node is left ({} failed)", excluded.len())
                 }));
             };
+            let (prefill_addresses, prefill_backends) = self
+                .pool
+                .prefill_candidates(&node.node_id)
+                .into_iter()
+                .unzip();
             let request = pb::DecodeRequest {
                 request_id: job.request_id.clone(),
                 prompt_ids: job.prompt_ids.clone(),
                 sampling: Some(pb::SamplingParams::from(&job.params)),
                 seed: job.params.seed.unwrap_or_default(),
                 resume_ids: sent.to_vec(),
-                prefill_addresses: self.pool.prefill_candidates(&node.node_id),
+                prefill_addresses,
+                prefill_backends,
             };
             let call = async {
                 let mut client = self.pool.decode_client(&node.address)?;

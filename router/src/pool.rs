@@ -117,8 +117,9 @@ impl Pool {
         ))
     }
 
-    /// Prefill nodes whose KV fits `decode`'s cache, fewest queued prompt tokens first.
-    pub fn prefill_candidates(&self, decode_node: &str) -> Vec<String> {
+    /// Prefill nodes whose KV fits `decode`'s cache, fewest queued prompt tokens first, each with
+    /// the KV transfer backend to use: NCCL where both ends offer it, else gRPC.
+    pub fn prefill_candidates(&self, decode_node: &str) -> Vec<(String, String)> {
         let snapshot = self.snapshot();
         let Some(decode) = snapshot.decode.get(decode_node) else {
             return Vec::new();
@@ -141,7 +142,7 @@ impl Pool {
         nodes
             .into_iter()
             .take(PREFILL_CANDIDATES)
-            .map(|(_, _, p)| p.address.clone())
+            .map(|(_, _, p)| (p.address.clone(), transfer_backend(p, decode).to_string()))
             .collect()
     }
 
@@ -263,4 +264,32 @@ async fn poll_stats(pool: Arc<Pool>, stop: CancellationToken) {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// NCCL when both nodes advertise it, else gRPC (which every node speaks).
+pub fn transfer_backend(prefill: &NodeInfo, decode: &NodeInfo) -> &'static str {
+    let offers = |n: &NodeInfo| n.transfer_backends.iter().any(|b| b == "nccl");
+    if offers(prefill) && offers(decode) {
+        "nccl"
+    } else {
+        "grpc"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nccl_only_where_both_ends_offer_it() {
+        let node = |backends: &[&str]| NodeInfo {
+            transfer_backends: backends.iter().map(|b| b.to_string()).collect(),
+            ..Default::default()
+        };
+        let (both, grpc) = (node(&["grpc", "nccl"]), node(&["grpc"]));
+        assert_eq!(transfer_backend(&both, &both), "nccl");
+        assert_eq!(transfer_backend(&both, &grpc), "grpc");
+        assert_eq!(transfer_backend(&grpc, &both), "grpc");
+        assert_eq!(transfer_backend(&node(&[]), &node(&[])), "grpc");
+    }
 }

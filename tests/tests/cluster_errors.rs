@@ -259,6 +259,7 @@ async fn bad_input_gets_a_precise_error_and_leaks_nothing() {
             transfer_id: 12345,
             fingerprint: Some(fingerprint),
             num_blocks: 1,
+            ..Default::default()
         })),
     };
     let wrong = pb::ModelFingerprint {

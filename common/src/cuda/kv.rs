@@ -152,3 +152,28 @@ pub fn scatter_blocks(
     }
     Ok(())
 }
+
+/// [`scatter_blocks`] with raw device addresses on a stream of the caller's (the NCCL
+/// receiver's), for a buffer that is not a candle tensor.
+pub fn scatter_blocks_raw(
+    dev: &candle_core::CudaDevice,
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    cache: u64,
+    buf: u64,
+    blocks: &CudaSlice<u32>,
+    count: usize,
+    block_bytes: usize,
+) -> candle_core::Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    let (kernel, cfg, block_vecs) = block_launch(dev, "kv_scatter_blocks", count, block_bytes)?;
+    let func = kernel.func;
+    let mut b = stream.launch_builder(&func);
+    b.arg(&cache);
+    b.arg(&buf);
+    b.arg(blocks);
+    b.arg(&block_vecs);
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}

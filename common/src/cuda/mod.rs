@@ -26,7 +26,7 @@ pub(crate) enum Module {
 /// A kernel of ours, ready to launch on the device's stream.
 pub(crate) struct Kernel {
     stream: Arc<CudaStream>,
-    func: CudaFunction,
+    pub(crate) func: CudaFunction,
 }
 
 impl Kernel {

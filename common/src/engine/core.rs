@@ -313,14 +313,9 @@ impl EngineCore {
         let cache = &self.cache;
         let mut ship_layer = |layer: usize| -> Result<()> {
             for (sink, first_block, blocks) in &exports {
-                let (keys, values) = cache.read_blocks(layer, blocks)?;
+                let kv = ExportedKv::read(cache, layer, *first_block, blocks)?;
                 // A closed sink means the shipper is gone; the sequence ends at the next step.
-                let _ = sink.send(ExportedKv {
-                    layer,
-                    first_block: *first_block,
-                    keys,
-                    values,
-                });
+                let _ = sink.send(kv);
             }
             Ok(())
         };

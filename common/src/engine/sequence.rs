@@ -48,6 +48,39 @@ pub struct ExportedKv {
     pub first_block: usize,
     pub keys: Tensor,
     pub values: Tensor,
+    /// On a GPU: recorded on the engine's stream right after `keys` and `values` were written,
+    /// so that a sender on another stream waits for them and not for the layers after.
+    #[cfg(feature = "cuda")]
+    pub ready: Option<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaEvent>>,
+}
+
+impl ExportedKv {
+    /// A run read from `cache` just now (on a GPU, with its ready event).
+    pub fn read(
+        cache: &crate::kv::KvCache,
+        layer: usize,
+        first_block: usize,
+        blocks: &[crate::kv::BlockId],
+    ) -> crate::Result<Self> {
+        let (keys, values) = cache.read_blocks(layer, blocks)?;
+        #[cfg(feature = "cuda")]
+        let ready = match keys.device() {
+            candle_core::Device::Cuda(d) => Some(std::sync::Arc::new(
+                d.cuda_stream()
+                    .record_event(None)
+                    .map_err(|e| crate::Error::Internal(format!("CUDA: {e}")))?,
+            )),
+            _ => None,
+        };
+        Ok(Self {
+            layer,
+            first_block,
+            keys,
+            values,
+            #[cfg(feature = "cuda")]
+            ready,
+        })
+    }
 }
 
 /// One generated token.

@@ -91,7 +91,12 @@ pub fn open_device(name: &str) -> Result<Device> {
     #[cfg(feature = "cuda")]
     {
         // One explicit stream per device, shared by every thread that touches its tensors.
-        Ok(Device::new_cuda_with_stream(ordinal)?)
+        let device = Device::new_cuda_with_stream(ordinal)?;
+        // Everything candle does runs on that one stream; the only other streams are the NCCL
+        // links', which order themselves against it with explicit events. Without tracking,
+        // a cache write on a link's stream does not make the engine's stream wait for it.
+        unsafe { device.as_cuda_device()?.disable_event_tracking() };
+        Ok(device)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -196,8 +201,13 @@ pub fn load_text(source: &ModelSource) -> Result<ModelText> {
                 chat_template: chat_template.map(Arc::new),
             })
         }
-        ModelSource::HfDir(_) | ModelSource::Dummy { .. } => {
-            // Small enough to load whole; dummy weights have no tokenizer anyway.
+        ModelSource::Dummy { shape, .. } => Ok(ModelText {
+            // Dummy weights have no vocabulary: their shape is all there is to know.
+            config: ModelConfig::preset(shape)?,
+            tokenizer: None,
+            chat_template: None,
+        }),
+        ModelSource::HfDir(_) => {
             let loaded = load(source, &Device::Cpu)?;
             Ok(ModelText {
                 config: loaded.model.config().clone(),

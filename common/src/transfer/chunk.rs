@@ -43,6 +43,32 @@ pub fn chunk_from_tensors(
 
 /// Verifies a chunk and writes it into the blocks of `reservation` it names. Returns the bytes
 /// written. Nothing is written unless the whole chunk is valid.
+/// The cache blocks a chunk names: its layer must exist and its run must lie inside the
+/// reservation (chunks index the reservation; they never name cache blocks themselves).
+pub fn chunk_blocks<'a>(
+    spec: &crate::kv::KvCacheSpec,
+    chunk: &KvChunk,
+    reservation: &'a [BlockId],
+) -> Result<&'a [BlockId]> {
+    let bad = |msg: String| Error::BadKvChunk(format!("layer {}: {msg}", chunk.layer));
+    if chunk.layer as usize >= spec.num_layers {
+        return Err(bad(format!("the model has {} layers", spec.num_layers)));
+    }
+    let first = chunk.first_block as usize;
+    let count = chunk.num_blocks as usize;
+    first
+        .checked_add(count)
+        .filter(|&end| count > 0 && end <= reservation.len())
+        .map(|end| &reservation[first..end])
+        .ok_or_else(|| {
+            bad(format!(
+                "blocks {first}..{} outside the reservation of {}",
+                first.saturating_add(count),
+                reservation.len()
+            ))
+        })
+}
+
 pub fn decode_chunk_into(
     cache: &KvCache,
     chunk: &KvChunk,
@@ -50,22 +76,8 @@ pub fn decode_chunk_into(
 ) -> Result<usize> {
     let spec = cache.spec();
     let bad = |msg: String| Error::BadKvChunk(format!("layer {}: {msg}", chunk.layer));
-    if chunk.layer as usize >= spec.num_layers {
-        return Err(bad(format!("the model has {} layers", spec.num_layers)));
-    }
-    let first = chunk.first_block as usize;
-    let count = chunk.num_blocks as usize;
-    let Some(blocks) = first
-        .checked_add(count)
-        .filter(|&end| count > 0 && end <= reservation.len())
-        .map(|end| &reservation[first..end])
-    else {
-        return Err(bad(format!(
-            "blocks {first}..{} outside the reservation of {}",
-            first.saturating_add(count),
-            reservation.len()
-        )));
-    };
+    let blocks = chunk_blocks(spec, chunk, reservation)?;
+    let count = blocks.len();
     let expected = count * spec.block_size * spec.token_elems() * spec.dtype.size_in_bytes();
     if chunk.keys.len() != expected || chunk.values.len() != expected {
         return Err(bad(format!(

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use pd_proto::v1::kv_push_message::Message as PushMessage;
 use pd_proto::v1::kv_transfer_client::KvTransferClient;
 use pd_proto::v1::kv_transfer_server::{KvTransfer, KvTransferServer};
-use pd_proto::v1::{KvHandshake, KvPushAck, KvPushMessage, ModelFingerprint};
+use pd_proto::v1::{
+    KvHandshake, KvPushAck, KvPushMessage, ModelFingerprint, NcclConnectReply, NcclConnectRequest,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -63,6 +65,9 @@ pub struct KvReceiver {
     fingerprint: ModelFingerprint,
     transfers: Mutex<HashMap<u64, Arc<Mutex<Transfer>>>>,
     next_id: AtomicU64,
+    /// NCCL links prefill nodes opened to this node, by link id.
+    #[cfg(feature = "nccl")]
+    links: super::nccl::NcclLinks,
 }
 
 /// One expected transfer. Dropping it closes the transfer: later chunks are refused.
@@ -81,11 +86,18 @@ impl KvReceiver {
             // Ids from a random start: a sender that kept an id from before a restart cannot
             // hit a new reservation by chance.
             next_id: AtomicU64::new(rand::random::<u64>() >> 1),
+            #[cfg(feature = "nccl")]
+            links: super::nccl::NcclLinks::default(),
         })
     }
 
     pub fn fingerprint(&self) -> &ModelFingerprint {
         &self.fingerprint
+    }
+
+    /// The cache chunks are written into.
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
     }
 
     /// Registers the blocks reserved for one prompt.
@@ -157,18 +169,94 @@ impl KvReceiver {
             ));
         }
         let bytes = decode_chunk_into(&self.cache, chunk, &t.blocks)?;
-        let first = chunk.first_block as usize;
-        for block in first..first + chunk.num_blocks as usize {
-            t.received[chunk.layer as usize][block] = true;
-        }
-        t.stats.chunks += 1;
-        t.stats.bytes += bytes as u64;
-        if let Some(started) = t.started {
-            t.stats.duration = started.elapsed();
-        }
-        metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, "direction" => "received")
-            .increment(bytes as u64);
+        mark(&mut t, chunk, bytes);
         Ok(bytes)
+    }
+
+    /// A chunk whose data comes over an NCCL link: received into a staging buffer, then written
+    /// into the reserved blocks under the transfer's lock while it is open.
+    #[cfg(feature = "nccl")]
+    async fn write_nccl(
+        &self,
+        link: &super::nccl::NcclLink,
+        transfer: &Arc<Mutex<Transfer>>,
+        chunk: &pd_proto::v1::KvChunk,
+    ) -> Result<usize> {
+        let blocks = {
+            let t = lock(transfer);
+            if !t.open {
+                return Err(Error::Cancelled(
+                    "the KV transfer was closed by the receiver".into(),
+                ));
+            }
+            super::chunk_blocks(self.cache.spec(), chunk, &t.blocks)?.to_vec()
+        };
+        let gate = Arc::new(TransferGate(transfer.clone()));
+        let bytes = link
+            .recv(self.cache.clone(), chunk.layer as usize, blocks, gate)
+            .await?;
+        mark(&mut lock(transfer), chunk, bytes);
+        Ok(bytes)
+    }
+
+    /// Joins an NCCL link a prefill node opened (as rank 1).
+    #[cfg(feature = "nccl")]
+    async fn join_link(&self, request: NcclConnectRequest) -> Result<()> {
+        let theirs = request
+            .fingerprint
+            .as_ref()
+            .ok_or_else(|| Error::invalid("the NCCL connect request carries no fingerprint"))?;
+        check_fingerprint(&self.fingerprint, theirs)?;
+        let unique: [u8; 128] = request.unique_id.as_slice().try_into().map_err(|_| {
+            Error::invalid(format!(
+                "an NCCL unique id has 128 bytes, not {}",
+                request.unique_id.len()
+            ))
+        })?;
+        if request.link_id.is_empty() {
+            return Err(Error::invalid("an NCCL link needs an id"));
+        }
+        let device = self.cache.layer(0)?.0.device().clone();
+        let link = super::nccl::NcclLink::open(
+            request.link_id.clone(),
+            unique.map(|b| b as i8),
+            1,
+            &device,
+        )
+        .await?;
+        self.links.insert(request.link_id, link);
+        Ok(())
+    }
+}
+
+fn mark(t: &mut Transfer, chunk: &pd_proto::v1::KvChunk, bytes: usize) {
+    let first = chunk.first_block as usize;
+    for block in first..first + chunk.num_blocks as usize {
+        t.received[chunk.layer as usize][block] = true;
+    }
+    t.stats.chunks += 1;
+    t.stats.bytes += bytes as u64;
+    if let Some(started) = t.started {
+        t.stats.duration = started.elapsed();
+    }
+    metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, "direction" => "received")
+        .increment(bytes as u64);
+}
+
+/// An NCCL receive writes into the cache through this: under the transfer's lock, while open.
+#[cfg(feature = "nccl")]
+struct TransferGate(Arc<Mutex<Transfer>>);
+
+#[cfg(feature = "nccl")]
+impl super::nccl::Gate for TransferGate {
+    fn while_open(&self, write: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let t = lock(&self.0);
+        if !t.open {
+            return Err(Error::Cancelled(
+                "the KV transfer was closed by the receiver".into(),
+            ));
+        }
+        write()
     }
 }
 
@@ -234,6 +322,15 @@ impl KvTransfer for KvTransferService {
         let transfer = receiver.open(&handshake).inspect_err(|e| {
             tracing::warn!(request_id = %handshake.request_id, error = %e, "KV handshake refused");
         })?;
+        let nccl = match handshake.backend.as_str() {
+            "" | "grpc" => None,
+            "nccl" => Some(receiver.link(&handshake.nccl_link)?),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown KV transfer backend {other:?}"
+                )))
+            }
+        };
         let mut ack = KvPushAck::default();
         while let Some(message) = stream.message().await? {
             let Some(PushMessage::Chunk(chunk)) = message.message else {
@@ -241,7 +338,14 @@ impl KvTransfer for KvTransferService {
                     "only chunks may follow the handshake",
                 ));
             };
-            let written = receiver.write(&transfer, &chunk).inspect_err(|e| {
+            let written = match &nccl {
+                None => receiver.write(&transfer, &chunk),
+                #[cfg(feature = "nccl")]
+                Some(link) => receiver.write_nccl(link, &transfer, &chunk).await,
+                #[cfg(not(feature = "nccl"))]
+                Some(never) => match *never {},
+            };
+            let written = written.inspect_err(|e| {
                 metrics::counter!(names::KV_TRANSFER_FAILURES_TOTAL, "direction" => "received")
                     .increment(1);
                 tracing::warn!(request_id = %handshake.request_id, error = %e, "KV chunk refused");
@@ -250,6 +354,47 @@ impl KvTransfer for KvTransferService {
             ack.bytes += written as u64;
         }
         Ok(Response::new(ack))
+    }
+
+    async fn nccl_connect(
+        &self,
+        request: Request<NcclConnectRequest>,
+    ) -> Result<Response<NcclConnectReply>, Status> {
+        #[cfg(feature = "nccl")]
+        {
+            let request = request.into_inner();
+            let link_id = request.link_id.clone();
+            self.0.join_link(request).await.inspect_err(|e| {
+                tracing::warn!(link = %link_id, error = %e, "NCCL link refused");
+            })?;
+            tracing::info!(link = %link_id, "NCCL link joined");
+            Ok(Response::new(NcclConnectReply {}))
+        }
+        #[cfg(not(feature = "nccl"))]
+        {
+            let _ = request;
+            Err(Status::unimplemented("this node was built without NCCL"))
+        }
+    }
+}
+
+/// No NCCL in this build: a handshake naming it is refused.
+#[cfg(not(feature = "nccl"))]
+pub enum NoLink {}
+
+impl KvReceiver {
+    #[cfg(feature = "nccl")]
+    fn link(&self, id: &str) -> Result<Arc<super::nccl::NcclLink>> {
+        self.links.get(id).ok_or_else(|| {
+            Error::NotFound(format!("no NCCL link {id:?} (never joined, or broken)"))
+        })
+    }
+
+    #[cfg(not(feature = "nccl"))]
+    fn link(&self, _id: &str) -> Result<NoLink> {
+        Err(Error::Rpc(Box::new(Status::unimplemented(
+            "this node was built without NCCL",
+        ))))
     }
 }
 
@@ -316,6 +461,144 @@ pub async fn push(
     outcome
 }
 
+/// The prefill end's NCCL links, one per decode node, opened on first use.
+#[cfg(feature = "nccl")]
+#[derive(Default)]
+pub struct NcclSender {
+    links: super::nccl::NcclLinks,
+}
+
+#[cfg(feature = "nccl")]
+impl NcclSender {
+    /// The link to the decode node at `address`, opening it (as rank 0) if there is none.
+    async fn link(
+        &self,
+        client: &mut KvTransferClient<Channel>,
+        address: &str,
+        fingerprint: &ModelFingerprint,
+        device: &candle_core::Device,
+    ) -> Result<Arc<super::nccl::NcclLink>> {
+        if let Some(link) = self.links.get(address) {
+            return Ok(link);
+        }
+        let unique = super::nccl::new_unique_id()?;
+        let link_id = format!("{:016x}", rand::random::<u64>());
+        // Both ends must be inside ncclCommInitRank at once: ours runs while the decode node
+        // answers NcclConnect (which returns once it has joined).
+        let opening = tokio::spawn({
+            let (link_id, device) = (link_id.clone(), device.clone());
+            async move { super::nccl::NcclLink::open(link_id, unique, 0, &device).await }
+        });
+        let request = NcclConnectRequest {
+            unique_id: unique.map(|b| b as u8).to_vec(),
+            link_id: link_id.clone(),
+            fingerprint: Some(fingerprint.clone()),
+        };
+        let joined =
+            tokio::time::timeout(super::nccl::CONNECT_TIMEOUT, client.nccl_connect(request)).await;
+        match joined {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => {
+                opening.abort();
+                return Err(Error::from(status));
+            }
+            Err(_) => {
+                opening.abort();
+                return Err(Error::DeadlineExceeded(format!(
+                    "NCCL link to {address} not joined"
+                )));
+            }
+        }
+        let link = opening
+            .await
+            .map_err(|e| Error::Internal(format!("NCCL link task: {e}")))??;
+        tracing::info!(%address, link = %link_id, "NCCL link open");
+        self.links.insert(address.to_string(), link.clone());
+        Ok(link)
+    }
+
+    /// As [`push`], with the KV bytes going GPU to GPU over the link to `address`: each chunk is
+    /// announced on the gRPC stream, then sent over NCCL.
+    pub async fn push(
+        &self,
+        mut client: KvTransferClient<Channel>,
+        address: &str,
+        request_id: &str,
+        mut handshake: KvHandshake,
+        device: &candle_core::Device,
+        mut exported: mpsc::UnboundedReceiver<ExportedKv>,
+    ) -> Result<KvPushAck> {
+        let started = Instant::now();
+        let fingerprint = handshake
+            .fingerprint
+            .clone()
+            .ok_or_else(|| Error::invalid("a KV handshake needs a fingerprint"))?;
+        let link = self
+            .link(&mut client, address, &fingerprint, device)
+            .await?;
+        // One transfer at a time on a link: sends and receives pair up in order.
+        let _held = link.hold().await;
+        handshake.backend = "nccl".into();
+        handshake.nccl_link = link.id().to_string();
+        let (tx, rx) = mpsc::channel::<KvPushMessage>(SEND_QUEUE);
+        let sender = async {
+            let open = KvPushMessage {
+                message: Some(PushMessage::Handshake(handshake)),
+            };
+            if tx.send(open).await.is_err() {
+                return Ok(0u64);
+            }
+            let mut bytes = 0u64;
+            while let Some(kv) = exported.recv().await {
+                let announce = pd_proto::v1::KvChunk {
+                    layer: kv.layer as u32,
+                    first_block: kv.first_block as u32,
+                    num_blocks: kv.keys.dims()[0] as u32,
+                    ..Default::default()
+                };
+                if tx
+                    .send(KvPushMessage {
+                        message: Some(PushMessage::Chunk(announce)),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return Ok(bytes);
+                }
+                bytes += (2 * kv.keys.elem_count() * kv.keys.dtype().size_in_bytes()) as u64;
+                link.send(kv).await?;
+            }
+            drop(tx);
+            Ok::<u64, Error>(bytes)
+        };
+        let call = client.push(with_request_id(ReceiverStream::new(rx), request_id));
+        tokio::pin!(sender);
+        tokio::pin!(call);
+        let outcome = tokio::select! {
+            answer = &mut call => answer.map(Response::into_inner).map_err(Error::from),
+            sent = &mut sender => match sent {
+                Ok(_) => call.await.map(Response::into_inner).map_err(Error::from),
+                Err(e) => Err(e),
+            },
+        };
+        match &outcome {
+            Ok(ack) => {
+                metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, "direction" => "sent")
+                    .increment(ack.bytes);
+                metrics::histogram!(names::KV_TRANSFER_SECONDS, "direction" => "sent")
+                    .record(started.elapsed().as_secs_f64());
+            }
+            Err(_) => {
+                // The link's state is unknown (a send may be pending): never reuse it.
+                link.close();
+                metrics::counter!(names::KV_TRANSFER_FAILURES_TOTAL, "direction" => "sent")
+                    .increment(1)
+            }
+        }
+        outcome
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks cannot leave the data half-updated in a way
     // that matters more than stopping the node would.
@@ -348,6 +631,8 @@ mod tests {
             first_block: 0,
             values: k.clone(),
             keys: k,
+            #[cfg(feature = "cuda")]
+            ready: None,
         }
     }
 
@@ -367,6 +652,7 @@ mod tests {
             transfer_id: ticket.id(),
             fingerprint: Some(receiver.fingerprint().clone()),
             num_blocks: blocks,
+            ..Default::default()
         }
     }
 
@@ -441,5 +727,56 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains("head_dim"), "{status:?}");
         assert!(!ticket.is_complete());
+    }
+
+    #[tokio::test]
+    async fn unknown_backends_are_refused_and_nccl_needs_an_nccl_build() {
+        let cache = KvCache::new(spec(), &Device::Cpu).unwrap();
+        let receiver = KvReceiver::new(cache, fingerprint());
+        let address = serve(&receiver).await;
+
+        let ticket = receiver.expect(vec![0]);
+        let mut hs = handshake(&receiver, &ticket, 1);
+        hs.backend = "carrier-pigeon".into();
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let err = push(client(&address).unwrap(), "t", hs, rx)
+            .await
+            .unwrap_err();
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+        // An NCCL handshake naming a link this node never joined.
+        let mut hs = handshake(&receiver, &ticket, 1);
+        hs.backend = "nccl".into();
+        hs.nccl_link = "no-such-link".into();
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let err = push(client(&address).unwrap(), "t", hs, rx)
+            .await
+            .unwrap_err();
+        let code = tonic::Status::from(err).code();
+        let expected = if cfg!(feature = "nccl") {
+            tonic::Code::NotFound
+        } else {
+            tonic::Code::Unimplemented
+        };
+        assert_eq!(code, expected);
+        assert!(!ticket.is_complete());
+
+        // Joining a link: refused outright without NCCL, and for a malformed id with it.
+        let err = client(&address)
+            .unwrap()
+            .nccl_connect(NcclConnectRequest {
+                unique_id: vec![0; 7],
+                link_id: "l".into(),
+                fingerprint: Some(fingerprint()),
+            })
+            .await
+            .unwrap_err();
+        let expected = if cfg!(feature = "nccl") {
+            tonic::Code::InvalidArgument
+        } else {
+            tonic::Code::Unimplemented
+        };
+        assert_eq!(err.code(), expected, "{err:?}");
     }
 }

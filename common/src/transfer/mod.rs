@@ -4,8 +4,10 @@
 
 pub mod chunk;
 pub mod grpc;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
-pub use chunk::{chunk_from_tensors, decode_chunk_into, encode_chunk};
+pub use chunk::{chunk_blocks, chunk_from_tensors, decode_chunk_into, encode_chunk};
 
 use pd_proto::v1::ModelFingerprint;
 

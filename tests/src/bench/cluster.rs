@@ -11,6 +11,7 @@ use pd_proto::v1::generation_client::GenerationClient;
 
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::golden_cases;
+use rand::{Rng, SeedableRng};
 
 #[derive(clap::Args)]
 pub struct ClusterArgs {
@@ -26,17 +27,44 @@ pub struct ClusterArgs {
     #[arg(long, default_value_t = 48)]
     pub max_tokens: u32,
 
-    /// Modes to measure: aggregated, disaggregated.
+    /// Modes to measure: aggregated, disaggregated (KV over NCCL where both nodes offer it, else
+    /// gRPC), disaggregated-grpc.
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "aggregated,disaggregated"
     )]
     pub modes: Vec<String>,
+
+    /// The model every node serves (default: the nodes' own, the SmolLM2 GGUF). With a
+    /// `dummy:<shape>` model the prompts are random token ids of --prompt-tokens.
+    #[arg(long)]
+    pub model: Option<String>,
+
+    /// Length of the random prompts used with a dummy model.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+
+    /// `--device` of the prefill nodes (a GPU build: `cuda:0`).
+    #[arg(long)]
+    pub prefill_device: Option<String>,
+
+    /// `--device` of the decode node (a GPU build: `cuda:1`); the aggregated mode uses it too.
+    #[arg(long)]
+    pub decode_device: Option<String>,
+
+    /// Extra flags for every node (e.g. `--kv-cache-mb=20000`), one per use.
+    #[arg(long = "node-arg", allow_hyphen_values = true)]
+    pub node_args: Vec<String>,
+
+    /// Appends one JSON line per measurement to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 /// What a client saw of one request.
 struct Sample {
+    ids: Vec<u32>,
     ttft: f64,
     /// Gaps between consecutive tokens.
     gaps: Vec<f64>,
@@ -49,7 +77,33 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: ClusterArgs) -> anyhow::Result<()> {
-    let prompts: Vec<Vec<u32>> = golden_cases().into_iter().map(|c| c.prompt_ids).collect();
+    let prompts: Vec<Vec<u32>> = match args.model.as_deref().and_then(|m| m.strip_prefix("dummy:"))
+    {
+        Some(dummy) => {
+            let shape = dummy.split(':').next().unwrap_or(dummy);
+            let vocab = pd_common::model::ModelConfig::preset(shape)?.vocab_size as u32;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            (0..16)
+                .map(|_| {
+                    (0..args.prompt_tokens)
+                        .map(|_| rng.random_range(0..vocab))
+                        .collect()
+                })
+                .collect()
+        }
+        None => golden_cases().into_iter().map(|c| c.prompt_ids).collect(),
+    };
+    let mut json_out = match &args.json {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        ),
+        None => None,
+    };
+    // Greedy outputs of the first prompts in each mode: they must not depend on the mode.
+    let mut reference: Option<(String, Vec<Vec<u32>>)> = None;
     println!(
         "closed-loop load, {} tokens per request, prompts of {}..{} tokens (load average {})",
         args.max_tokens,
@@ -62,7 +116,7 @@ async fn run_async(args: ClusterArgs) -> anyhow::Result<()> {
         "mode", "clients", "requests", "out tok/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95"
     );
     for mode in &args.modes {
-        let spec = match mode.as_str() {
+        let mut spec = match mode.as_str() {
             "aggregated" => ClusterSpec {
                 prefill: 0,
                 decode: 1,
@@ -70,12 +124,53 @@ async fn run_async(args: ClusterArgs) -> anyhow::Result<()> {
                 ..ClusterSpec::default()
             },
             "disaggregated" => ClusterSpec::default(),
-            other => anyhow::bail!("unknown mode {other:?}: aggregated or disaggregated"),
+            // KV over gRPC even where both nodes could use NCCL.
+            "disaggregated-grpc" => ClusterSpec {
+                prefill_args: vec!["--kv-transfer".into(), "grpc".into()],
+                decode_args: vec!["--kv-transfer".into(), "grpc".into()],
+                ..ClusterSpec::default()
+            },
+            other => anyhow::bail!(
+                "unknown mode {other:?}: aggregated, disaggregated or disaggregated-grpc"
+            ),
         };
+        spec.model = args.model.as_ref().map(Into::into);
+        spec.prefill_args.extend(args.node_args.iter().cloned());
+        spec.decode_args.extend(args.node_args.iter().cloned());
+        if let Some(d) = &args.prefill_device {
+            spec.prefill_args.extend(["--device".into(), d.clone()]);
+        }
+        if let Some(d) = &args.decode_device {
+            spec.decode_args.extend(["--device".into(), d.clone()]);
+        }
         let cluster = Cluster::start(spec).await?;
         let client = GenerationClient::connect(cluster.grpc_url()).await?;
         // Warm-up: first-touch of caches and connections is not what we measure.
         one_request(client.clone(), prompts[0].clone(), 4).await?;
+        // One request at a time, so that batching cannot change the numerics.
+        let mut outputs = Vec::new();
+        for p in prompts.iter().take(4) {
+            outputs.push(one_request(client.clone(), p.clone(), 32).await?.ids);
+        }
+        match &reference {
+            None => reference = Some((mode.clone(), outputs)),
+            Some((first, want)) => {
+                let same = want == &outputs;
+                println!(
+                    "greedy outputs of {} prompts, {mode} vs {first}: {}",
+                    want.len(),
+                    if same { "identical" } else { "DIFFERENT" }
+                );
+                if let Some(f) = json_out.as_mut() {
+                    use std::io::Write;
+                    writeln!(
+                        f,
+                        "{}",
+                        serde_json::json!({"check": "greedy_equal", "mode": mode, "against": first, "identical": same})
+                    )?;
+                }
+            }
+        }
         for &clients in &args.clients {
             let started = Instant::now();
             let tasks = (0..clients).map(|c| {
@@ -113,6 +208,23 @@ async fn run_async(args: ClusterArgs) -> anyhow::Result<()> {
                 1e3 * percentile(&gaps, 0.5),
                 1e3 * percentile(&gaps, 0.95),
             );
+            if let Some(f) = json_out.as_mut() {
+                use std::io::Write;
+                writeln!(
+                    f,
+                    "{}",
+                    serde_json::json!({
+                        "mode": mode,
+                        "clients": clients,
+                        "requests": samples.len(),
+                        "output_tokens_per_s": tokens as f64 / wall,
+                        "ttft_p50_ms": 1e3 * percentile(&ttft, 0.5),
+                        "ttft_p95_ms": 1e3 * percentile(&ttft, 0.95),
+                        "itl_p50_ms": 1e3 * percentile(&gaps, 0.5),
+                        "itl_p95_ms": 1e3 * percentile(&gaps, 0.95),
+                    })
+                )?;
+            }
         }
         cluster.shutdown().await?;
     }
@@ -140,6 +252,7 @@ async fn one_request(
     let mut stream = client.generate(request).await?.into_inner();
     let mut last: Option<Instant> = None;
     let mut sample = Sample {
+        ids: Vec::new(),
         ttft: 0.0,
         gaps: Vec::new(),
         tokens: 0,
@@ -153,6 +266,7 @@ async fn one_request(
             }
             last = Some(now);
             sample.tokens += m.token_ids.len();
+            sample.ids.extend_from_slice(&m.token_ids);
         }
         if m.completion.is_some() {
             return Ok(sample);

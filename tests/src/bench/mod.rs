@@ -4,6 +4,8 @@
 pub mod cluster;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+#[cfg(feature = "nccl")]
+pub mod gpu_transfer;
 pub mod transfer;
 
 /// The machine's 1/5/15-minute load averages: figures taken on a busy machine mean little.

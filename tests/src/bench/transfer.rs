@@ -124,6 +124,7 @@ async fn grpc_once(
         transfer_id: ticket.id(),
         fingerprint: Some(fingerprint),
         num_blocks: spec.num_blocks as u32,
+        ..Default::default()
     };
     let (sink, exported) = mpsc::unbounded_channel();
     let client = grpc::client(&address)?;
@@ -134,6 +135,8 @@ async fn grpc_once(
             first_block: 0,
             keys: keys.clone(),
             values: values.clone(),
+            #[cfg(feature = "cuda")]
+            ready: None,
         })?;
     }
     drop(sink);

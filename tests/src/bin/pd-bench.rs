@@ -41,6 +41,10 @@ enum Command {
     /// measured ceilings (builds with the `cuda` feature).
     #[cfg(feature = "cuda")]
     Gpu(pd_tests::bench::gpu::GpuArgs),
+    /// KV between two GPUs over NCCL and gRPC, and the prefill time it hides behind (builds with
+    /// the `nccl` feature).
+    #[cfg(feature = "nccl")]
+    GpuTransfer(pd_tests::bench::gpu_transfer::GpuTransferArgs),
 }
 
 #[derive(clap::Args)]
@@ -81,6 +85,8 @@ fn main() -> anyhow::Result<()> {
         Command::Cluster(args) => pd_tests::bench::cluster::run(args),
         #[cfg(feature = "cuda")]
         Command::Gpu(args) => pd_tests::bench::gpu::run(args),
+        #[cfg(feature = "nccl")]
+        Command::GpuTransfer(args) => pd_tests::bench::gpu_transfer::run(args),
     }
 }
 

@@ -1,0 +1,448 @@
+//! KV over NCCL: a prefill node's GPU sends each exported layer's blocks straight to the decode
+//! node's GPU.
+//!
+//! A link joins one prefill node (rank 0) and one decode node (rank 1) in a two-rank NCCL
+//! communicator. The prefill node makes the unique id and hands it over `KvTransfer.NcclConnect`;
+//! both ends then call `ncclCommInitRank`. Each end of a link has one thread that owns its
+//! communicator and a CUDA stream of its own, and takes commands in order:
+//! - `Send`: waits (on the GPU) for the engine's stream, then sends a chunk's K and V.
+//! - `Recv`: receives K and V into a staging buffer, then, under the transfer's lock and only
+//!   while the reservation is open, scatters them into the cache blocks.
+//!
+//! Point-to-point operations on a communicator match in issue order, so a link carries one
+//! transfer at a time (the sender holds the link for the whole transfer), and every chunk is
+//! announced on the transfer's gRPC stream before its data is sent: the receiver posts its
+//! receive when the announcement arrives. Any failure breaks the link (its communicator is
+//! aborted); the next transfer opens a new one, and gRPC remains the fallback.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType};
+use candle_core::{DType, Device, Storage};
+use tokio::sync::oneshot;
+
+use crate::engine::ExportedKv;
+use crate::kv::{BlockId, KvCache};
+use crate::{Error, Result};
+
+/// How long one chunk's send or receive may take before the link is declared dead.
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long both ends may take to join a new link.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the receiving thread writes into the cache under: `while_open` runs the write under
+/// the reservation's lock, and only while the reservation is open.
+pub trait Gate: Send + Sync {
+    fn while_open(&self, write: &mut dyn FnMut() -> Result<()>) -> Result<()>;
+}
+
+enum Command {
+    Send {
+        kv: ExportedKv,
+        done: oneshot::Sender<Result<()>>,
+    },
+    Recv {
+        cache: KvCache,
+        layer: usize,
+        blocks: Vec<BlockId>,
+        gate: Arc<dyn Gate>,
+        done: oneshot::Sender<Result<usize>>,
+    },
+}
+
+/// One end of a link.
+pub struct NcclLink {
+    id: String,
+    commands: Mutex<std_mpsc::Sender<Command>>,
+    broken: Arc<AtomicBool>,
+    /// Held by a sender for a whole transfer.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl NcclLink {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+
+    /// Opens one end: a thread that joins the communicator as `rank` and then serves commands.
+    /// Resolves once the communicator is up.
+    pub async fn open(
+        id: String,
+        unique_id: [i8; 128],
+        rank: usize,
+        device: &Device,
+    ) -> Result<Arc<Self>> {
+        let cuda = device
+            .as_cuda_device()
+            .map_err(|_| Error::invalid("NCCL transfers need a CUDA device"))?;
+        let engine_stream = cuda.cuda_stream();
+        let stream = engine_stream.context().new_stream().map_err(driver)?;
+        let (tx, rx) = std_mpsc::channel();
+        let broken = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready) = oneshot::channel();
+        let thread_broken = broken.clone();
+        let unique = Id::uninit(unique_id.map(|c| c as _));
+        std::thread::Builder::new()
+            .name(format!("nccl-{id}"))
+            .spawn(move || {
+                serve(
+                    stream,
+                    engine_stream,
+                    rank,
+                    unique,
+                    ready_tx,
+                    rx,
+                    thread_broken,
+                )
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the NCCL thread: {e}")))?;
+        let joined = tokio::time::timeout(CONNECT_TIMEOUT, ready).await;
+        match joined {
+            Ok(Ok(Ok(()))) => Ok(Arc::new(Self {
+                id,
+                commands: Mutex::new(tx),
+                broken,
+                busy: tokio::sync::Mutex::new(()),
+            })),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(Error::Internal("the NCCL thread ended".into())),
+            Err(_) => {
+                broken.store(true, Ordering::SeqCst);
+                Err(Error::DeadlineExceeded(format!(
+                    "the NCCL link {id} was not joined within {CONNECT_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
+
+    /// Holds the link for one transfer.
+    pub async fn hold(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.busy.lock().await
+    }
+
+    /// Sends one exported chunk's K and V (`[blocks, block_size, kv_heads, head_dim]` on this
+    /// GPU).
+    pub async fn send(&self, kv: ExportedKv) -> Result<()> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::Send { kv, done })?;
+        self.outcome(rx).await
+    }
+
+    /// Receives one chunk into `blocks` of `layer`, written only while `gate` is open.
+    pub async fn recv(
+        &self,
+        cache: KvCache,
+        layer: usize,
+        blocks: Vec<BlockId>,
+        gate: Arc<dyn Gate>,
+    ) -> Result<usize> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::Recv {
+            cache,
+            layer,
+            blocks,
+            gate,
+            done,
+        })?;
+        self.outcome(rx).await
+    }
+
+    /// Breaks the link: its thread aborts the communicator once idle.
+    pub fn close(&self) {
+        self.broken.store(true, Ordering::SeqCst);
+        // A dropped sender ends the thread's loop.
+        *self.commands.lock().unwrap_or_else(|p| p.into_inner()) = std_mpsc::channel().0;
+    }
+
+    fn command(&self, c: Command) -> Result<()> {
+        if self.is_broken() {
+            return Err(Error::Unavailable(format!(
+                "the NCCL link {} is broken",
+                self.id
+            )));
+        }
+        self.commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(c)
+            .map_err(|_| Error::Unavailable(format!("the NCCL link {} is closed", self.id)))
+    }
+
+    async fn outcome<T>(&self, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
+        let r = rx.await.unwrap_or_else(|_| {
+            Err(Error::Unavailable(format!(
+                "the NCCL link {} ended",
+                self.id
+            )))
+        });
+        if r.is_err() {
+            self.close();
+        }
+        r
+    }
+}
+
+/// The links a node holds, by id (decode side) or by peer address (prefill side).
+#[derive(Default)]
+pub struct NcclLinks {
+    links: Mutex<HashMap<String, Arc<NcclLink>>>,
+}
+
+impl NcclLinks {
+    pub fn get(&self, key: &str) -> Option<Arc<NcclLink>> {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        match links.get(key) {
+            Some(l) if l.is_broken() => {
+                links.remove(key);
+                None
+            }
+            other => other.cloned(),
+        }
+    }
+
+    pub fn insert(&self, key: String, link: Arc<NcclLink>) {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = links.insert(key, link) {
+            old.close();
+        }
+    }
+}
+
+/// A fresh NCCL unique id, as the prefill end of a new link makes it.
+pub fn new_unique_id() -> Result<[i8; 128]> {
+    let id = Id::new().map_err(|e| Error::Internal(format!("ncclGetUniqueId: {e:?}")))?;
+    Ok(id.internal().map(|c| c as i8))
+}
+
+fn driver(e: candle_core::cuda_backend::cudarc::driver::DriverError) -> Error {
+    Error::Internal(format!("CUDA: {e}"))
+}
+
+fn nccl(e: candle_core::cuda_backend::cudarc::nccl::result::NcclError) -> Error {
+    Error::Internal(format!("NCCL: {e:?}"))
+}
+
+/// The link's thread: joins the communicator, then runs commands until the link breaks.
+fn serve(
+    stream: Arc<CudaStream>,
+    engine_stream: Arc<CudaStream>,
+    rank: usize,
+    unique: Id,
+    ready: oneshot::Sender<Result<()>>,
+    commands: std_mpsc::Receiver<Command>,
+    broken: Arc<AtomicBool>,
+) {
+    if let Err(e) = stream.context().bind_to_thread() {
+        let _ = ready.send(Err(driver(e)));
+        return;
+    }
+    let comm = match Comm::from_rank(stream.clone(), rank, 2, unique) {
+        Ok(c) => c,
+        Err(e) => {
+            broken.store(true, Ordering::SeqCst);
+            let _ = ready.send(Err(nccl(e)));
+            return;
+        }
+    };
+    if ready.send(Ok(())).is_err() {
+        broken.store(true, Ordering::SeqCst);
+        return;
+    }
+    let peer = 1 - rank as i32;
+    while let Ok(command) = commands.recv() {
+        let failed = match command {
+            Command::Send { kv, done } => {
+                let r = send(&comm, &stream, &engine_stream, &kv, peer);
+                let failed = r.is_err();
+                let _ = done.send(r);
+                failed
+            }
+            Command::Recv {
+                cache,
+                layer,
+                blocks,
+                gate,
+                done,
+            } => {
+                let r = recv(&comm, &stream, &cache, layer, &blocks, gate.as_ref(), peer);
+                let failed = r.is_err();
+                let _ = done.send(r);
+                failed
+            }
+        };
+        if failed || broken.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    broken.store(true, Ordering::SeqCst);
+    // Dropping the communicator aborts it, cancelling anything still pending.
+    drop(comm);
+}
+
+/// Waits for everything queued on `stream`, polling so that a dead peer cannot hang us.
+fn wait(stream: &CudaStream, timeout: Duration) -> Result<()> {
+    let event = stream.record_event(None).map_err(driver)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if event.try_is_complete().map_err(driver)? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::DeadlineExceeded(format!(
+                "an NCCL transfer did not complete within {timeout:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_micros(20));
+    }
+}
+
+fn send(
+    comm: &Comm,
+    stream: &Arc<CudaStream>,
+    engine_stream: &Arc<CudaStream>,
+    kv: &ExportedKv,
+    peer: i32,
+) -> Result<()> {
+    // The tensors were written by the engine's stream: ours waits for that on the GPU (for the
+    // event recorded right after them, when there is one, so not for later layers).
+    match &kv.ready {
+        Some(event) => stream.wait(event).map_err(driver)?,
+        None => {
+            let event = engine_stream.record_event(None).map_err(driver)?;
+            stream.wait(&event).map_err(driver)?;
+        }
+    }
+    for t in [&kv.keys, &kv.values] {
+        let t = t.contiguous()?;
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            return Err(Error::invalid("NCCL sends GPU tensors only"));
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            return Err(Error::invalid("NCCL sends contiguous tensors only"));
+        };
+        match t.dtype() {
+            DType::BF16 => send_slice(comm, s.as_cuda_slice::<half::bf16>()?, a, b, peer)?,
+            DType::F16 => send_slice(comm, s.as_cuda_slice::<half::f16>()?, a, b, peer)?,
+            DType::F32 => send_slice(comm, s.as_cuda_slice::<f32>()?, a, b, peer)?,
+            other => return Err(Error::invalid(format!("no NCCL transfer for {other:?}"))),
+        }
+    }
+    // The tensors must outlive the send: wait here, with them still held.
+    wait(stream, OP_TIMEOUT)
+}
+
+fn send_slice<T: NcclType + DeviceRepr>(
+    comm: &Comm,
+    s: &CudaSlice<T>,
+    a: usize,
+    b: usize,
+    peer: i32,
+) -> Result<()> {
+    comm.send(&s.slice(a..b), peer).map_err(nccl)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn recv(
+    comm: &Comm,
+    stream: &Arc<CudaStream>,
+    cache: &KvCache,
+    layer: usize,
+    blocks: &[BlockId],
+    gate: &dyn Gate,
+    peer: i32,
+) -> Result<usize> {
+    let spec = cache.spec();
+    let block_elems = spec.block_size * spec.token_elems();
+    let n = blocks.len() * block_elems;
+    match spec.dtype {
+        DType::BF16 => recv_typed::<half::bf16>(
+            comm,
+            stream,
+            cache,
+            layer,
+            blocks,
+            gate,
+            peer,
+            n,
+            block_elems,
+        ),
+        DType::F16 => recv_typed::<half::f16>(
+            comm,
+            stream,
+            cache,
+            layer,
+            blocks,
+            gate,
+            peer,
+            n,
+            block_elems,
+        ),
+        DType::F32 => recv_typed::<f32>(
+            comm,
+            stream,
+            cache,
+            layer,
+            blocks,
+            gate,
+            peer,
+            n,
+            block_elems,
+        ),
+        other => Err(Error::invalid(format!("no NCCL transfer for {other:?}"))),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn recv_typed<T: NcclType + DeviceRepr + candle_core::cuda_backend::CudaDType>(
+    comm: &Comm,
+    stream: &Arc<CudaStream>,
+    cache: &KvCache,
+    layer: usize,
+    blocks: &[BlockId],
+    gate: &dyn Gate,
+    peer: i32,
+    n: usize,
+    block_elems: usize,
+) -> Result<usize> {
+    let mut keys = unsafe { stream.alloc::<T>(n) }.map_err(driver)?;
+    let mut values = unsafe { stream.alloc::<T>(n) }.map_err(driver)?;
+    comm.recv(&mut keys, peer).map_err(nccl)?;
+    comm.recv(&mut values, peer).map_err(nccl)?;
+    wait(stream, OP_TIMEOUT)?;
+    // The data is here; it goes into the cache only while the reservation is still open, and is
+    // written before the gate is released.
+    let ids = stream.clone_htod(blocks).map_err(driver)?;
+    let (kc, vc) = cache.layer(layer)?;
+    gate.while_open(&mut || {
+        for (dst, src) in [(kc, &keys), (vc, &values)] {
+            let (storage, layout) = dst.storage_and_layout();
+            let Storage::Cuda(c) = &*storage else {
+                return Err(Error::invalid("NCCL receives into a GPU cache only"));
+            };
+            let base = c.as_cuda_slice::<T>()?;
+            let (cache_ptr, _) = base.device_ptr(stream);
+            let cache_ptr = cache_ptr + (layout.start_offset() * std::mem::size_of::<T>()) as u64;
+            let (buf_ptr, _) = src.device_ptr(stream);
+            crate::cuda::kv::scatter_blocks_raw(
+                &c.device,
+                stream,
+                cache_ptr,
+                buf_ptr,
+                &ids,
+                blocks.len(),
+                block_elems * std::mem::size_of::<T>(),
+            )?;
+        }
+        wait(stream, OP_TIMEOUT)
+    })?;
+    Ok(2 * n * std::mem::size_of::<T>())
+}
