@@ -67,4 +67,42 @@ if [ "$GPUS" -ge 2 ]; then
 else
   echo "one GPU: the transfer and 1P1D measurements need two" | tee -a "$RESULTS/gpu-bench.log"
 fi
+# The two-GPU figures as markdown tables after the single-GPU ones.
+python3 - "$RESULTS" <<'PY' || true
+import json, os, sys
+d = sys.argv[1]
+md = os.path.join(d, "gpu-results.md")
+def rows(name):
+    p = os.path.join(d, name)
+    return [json.loads(l) for l in open(p) if l.strip()] if os.path.exists(p) else []
+out = []
+if not os.path.exists(md):
+    out.append("# GPU results: %s, %s\n" % (os.environ.get("PD_BENCH_DEVICE", ""), os.environ.get("PD_BENCH_DATE", "")))
+t = rows("gpu-transfer.jsonl")
+if t:
+    peak = next((r["nccl_peak_GBps"] for r in t if "nccl_peak_GBps" in r), None)
+    out.append("\n## KV transfer GPU 0 to GPU 1 (Llama-3-8B KV shape, bf16)\n")
+    out.append("NCCL's own send/recv peak on this pair: %.1f GB/s.\n" % peak)
+    out.append("| backend | tokens | MB | ms | GB/s | of NCCL peak |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in t:
+        if "backend" in r:
+            out.append("| %s | %d | %.1f | %.2f | %.1f | %.0f%% |" % (r["backend"], r["tokens"], r["bytes"] / 1e6, r["ms"], r["GBps"], 100 * r["fraction_of_nccl_peak"]))
+    out.append("\n| shipped during prefill | tokens | prefill alone ms | prefill + shipping ms | added ms |\n| --- | ---: | ---: | ---: | ---: |")
+    for r in t:
+        if "overlap" in r:
+            out.append("| %s | %d | %.1f | %.1f | %.1f |" % (r["overlap"], r["tokens"], r["prefill_ms"], r["prefill_and_ship_ms"], r["prefill_and_ship_ms"] - r["prefill_ms"]))
+c = rows("gpu-cluster.jsonl")
+if c:
+    out.append("\n## 1P1D (prefill GPU 0, decode GPU 1) vs one GPU aggregated: dummy Llama-3-8B, 512-token prompts, 128 tokens out\n")
+    out.append("| mode | clients | requests | out tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in c:
+        if "clients" in r:
+            out.append("| %s | %d | %d | %.0f | %.0f | %.0f | %.1f | %.1f |" % (r["mode"], r["clients"], r["requests"], r["output_tokens_per_s"], r["ttft_p50_ms"], r["ttft_p95_ms"], r["itl_p50_ms"], r["itl_p95_ms"]))
+    for r in c:
+        if r.get("check") == "greedy_equal":
+            out.append("\nGreedy outputs, %s vs %s: %s." % (r["mode"], r["against"], "identical" if r["identical"] else "DIFFERENT"))
+if out:
+    with open(md, "a") as f:
+        f.write("\n".join(out) + "\n")
+PY
 exit $status

@@ -11,7 +11,7 @@ use super::sequence::{
     Completion, ExportedKv, GenerateRequest, KvSink, KvSource, Placement, SeqEvent, SeqId,
     Sequence, TokenEvent,
 };
-use crate::kv::{blocks_for_tokens, BlockId, KvBlockAllocator, KvCache};
+use crate::kv::{blocks_for_tokens, KvBlockAllocator, KvCache};
 use crate::model::{ForwardBatch, LlamaModel};
 use crate::sampling::{
     check_stop_token, sample, FinishReason, SampleContext, SampledToken, StopChecker,
@@ -297,7 +297,7 @@ impl EngineCore {
         let now = Instant::now();
         let bs = self.cache.spec().block_size;
         let mut batch = ForwardBatch::default();
-        let mut exports: Vec<(KvSink, usize, Vec<BlockId>)> = Vec::new();
+        let mut exports: Vec<(KvSink, usize, crate::kv::BlockRun)> = Vec::new();
         for &(i, n) in &scheduled {
             let seq = &mut self.running[i];
             seq.first_scheduled.get_or_insert(now);
@@ -307,7 +307,11 @@ impl EngineCore {
             if let KvSource::Export(sink) = &seq.kv {
                 // Every block this chunk wrote into; a block the next chunk completes goes again.
                 let (first, end) = (from / bs, blocks_for_tokens(from + n, bs));
-                exports.push((sink.clone(), first, seq.blocks[first..end].to_vec()));
+                exports.push((
+                    sink.clone(),
+                    first,
+                    self.cache.block_run(&seq.blocks[first..end])?,
+                ));
             }
         }
         let cache = &self.cache;

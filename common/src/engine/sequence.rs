@@ -60,9 +60,9 @@ impl ExportedKv {
         cache: &crate::kv::KvCache,
         layer: usize,
         first_block: usize,
-        blocks: &[crate::kv::BlockId],
+        run: &crate::kv::BlockRun,
     ) -> crate::Result<Self> {
-        let (keys, values) = cache.read_blocks(layer, blocks)?;
+        let (keys, values) = cache.read_run(layer, run)?;
         #[cfg(feature = "cuda")]
         let ready = match keys.device() {
             candle_core::Device::Cuda(d) => Some(std::sync::Arc::new(

@@ -110,14 +110,28 @@ impl KvCache {
 
     /// Reads whole blocks of one layer: K and V of shape `[blocks, block_size, kv_heads, head_dim]`.
     pub fn read_blocks(&self, layer: usize, blocks: &[BlockId]) -> Result<(Tensor, Tensor)> {
+        self.read_run(layer, &self.block_run(blocks)?)
+    }
+
+    /// A run of blocks checked against the cache, to be read from several layers (on a GPU its
+    /// ids are uploaded once: an upload from pageable memory waits for the engine's stream).
+    pub fn block_run(&self, blocks: &[BlockId]) -> Result<BlockRun> {
         self.check_blocks(blocks)?;
+        Ok(BlockRun {
+            blocks: blocks.to_vec(),
+            #[cfg(feature = "cuda")]
+            op: BlockCopy::new(&self.spec, blocks),
+        })
+    }
+
+    /// [`read_blocks`](Self::read_blocks) of a checked run.
+    pub fn read_run(&self, layer: usize, run: &BlockRun) -> Result<(Tensor, Tensor)> {
         let (kc, vc) = self.layer(layer)?;
         #[cfg(feature = "cuda")]
         if kc.device().is_cuda() {
-            let op = BlockCopy::new(&self.spec, blocks);
-            return Ok((kc.apply_op1_no_bwd(&op)?, vc.apply_op1_no_bwd(&op)?));
+            return Ok((kc.apply_op1_no_bwd(&run.op)?, vc.apply_op1_no_bwd(&run.op)?));
         }
-        let ids = Tensor::from_slice(blocks, blocks.len(), kc.device())?;
+        let ids = Tensor::from_slice(&run.blocks, run.blocks.len(), kc.device())?;
         Ok((kc.index_select(&ids, 0)?, vc.index_select(&ids, 0)?))
     }
 
@@ -256,6 +270,19 @@ impl InplaceOp2 for SlotMap {
     }
 }
 
+/// Blocks of one sequence, checked against the cache (see [`KvCache::block_run`]).
+pub struct BlockRun {
+    blocks: Vec<BlockId>,
+    #[cfg(feature = "cuda")]
+    op: BlockCopy,
+}
+
+impl BlockRun {
+    pub fn blocks(&self) -> &[BlockId] {
+        &self.blocks
+    }
+}
+
 /// Whole-block copies between the cache and a contiguous `[blocks, block_size, kv_heads,
 /// head_dim]` buffer on a GPU: a gather as a new tensor, a scatter in place.
 #[cfg(feature = "cuda")]
@@ -263,6 +290,21 @@ struct BlockCopy {
     blocks: Vec<u32>,
     block_elems: usize,
     shape: candle_core::Shape,
+    device_ids: std::sync::OnceLock<candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>>,
+}
+
+#[cfg(feature = "cuda")]
+impl BlockCopy {
+    fn ids(
+        &self,
+        dev: &candle_core::CudaDevice,
+    ) -> candle_core::Result<&candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>> {
+        if let Some(ids) = self.device_ids.get() {
+            return Ok(ids);
+        }
+        let _ = self.device_ids.set(dev.clone_htod(&self.blocks)?);
+        Ok(self.device_ids.get().expect("just set"))
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -278,6 +320,7 @@ impl BlockCopy {
                 spec.head_dim,
             )
                 .into(),
+            device_ids: std::sync::OnceLock::new(),
         }
     }
 }
@@ -301,11 +344,11 @@ impl candle_core::CustomOp1 for BlockCopy {
         cache: &candle_core::CudaStorage,
         cache_l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        let blocks = cache.device.clone_htod(&self.blocks)?;
+        let blocks = self.ids(&cache.device)?;
         let out = crate::cuda::kv::gather_blocks(
             cache,
             cache_l,
-            &blocks,
+            blocks,
             self.blocks.len(),
             self.block_elems,
         )?;
@@ -336,13 +379,13 @@ impl InplaceOp2 for BlockCopy {
         buf: &candle_core::CudaStorage,
         buf_l: &Layout,
     ) -> candle_core::Result<()> {
-        let blocks = cache.device.clone_htod(&self.blocks)?;
+        let blocks = self.ids(&cache.device)?;
         crate::cuda::kv::scatter_blocks(
             cache,
             cache_l,
             buf,
             buf_l,
-            &blocks,
+            blocks,
             self.blocks.len(),
             self.block_elems,
         )

@@ -4,4 +4,4 @@ pub mod allocator;
 pub mod cache;
 
 pub use allocator::{blocks_for_tokens, BlockId, KvBlockAllocator};
-pub use cache::{KvCache, KvCacheSpec, SlotMap};
+pub use cache::{BlockRun, KvCache, KvCacheSpec, SlotMap};

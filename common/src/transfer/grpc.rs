@@ -568,6 +568,7 @@ impl NcclSender {
                 bytes += (2 * kv.keys.elem_count() * kv.keys.dtype().size_in_bytes()) as u64;
                 link.send(kv).await?;
             }
+            link.flush().await?;
             drop(tx);
             Ok::<u64, Error>(bytes)
         };

@@ -5,7 +5,8 @@
 //! communicator. The prefill node makes the unique id and hands it over `KvTransfer.NcclConnect`;
 //! both ends then call `ncclCommInitRank`. Each end of a link has one thread that owns its
 //! communicator and a CUDA stream of its own, and takes commands in order:
-//! - `Send`: waits (on the GPU) for the engine's stream, then sends a chunk's K and V.
+//! - `Send`: queues a chunk's K and V on the link's stream behind the event the engine recorded
+//!   when it wrote them (not behind later layers); `Flush` waits for all queued sends.
 //! - `Recv`: receives K and V into a staging buffer, then, under the transfer's lock and only
 //!   while the reservation is open, scatters them into the cache blocks.
 //!
@@ -41,10 +42,13 @@ pub trait Gate: Send + Sync {
 }
 
 enum Command {
+    /// Queues a chunk's send; `done` answers once it is queued (its data stays held until sent).
     Send {
         kv: ExportedKv,
         done: oneshot::Sender<Result<()>>,
     },
+    /// Answers once every queued send has completed.
+    Flush { done: oneshot::Sender<Result<()>> },
     Recv {
         cache: KvCache,
         layer: usize,
@@ -128,11 +132,18 @@ impl NcclLink {
         self.busy.lock().await
     }
 
-    /// Sends one exported chunk's K and V (`[blocks, block_size, kv_heads, head_dim]` on this
-    /// GPU).
+    /// Queues one exported chunk's K and V (`[blocks, block_size, kv_heads, head_dim]` on this
+    /// GPU) for sending; [`flush`](Self::flush) waits for all of them.
     pub async fn send(&self, kv: ExportedKv) -> Result<()> {
         let (done, rx) = oneshot::channel();
         self.command(Command::Send { kv, done })?;
+        self.outcome(rx).await
+    }
+
+    /// Waits until every queued send has completed.
+    pub async fn flush(&self) -> Result<()> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::Flush { done })?;
         self.outcome(rx).await
     }
 
@@ -257,10 +268,20 @@ fn serve(
         return;
     }
     let peer = 1 - rank as i32;
+    // Sends queued on the stream, held until it has passed them.
+    let mut in_flight: Vec<ExportedKv> = Vec::new();
     while let Ok(command) = commands.recv() {
         let failed = match command {
             Command::Send { kv, done } => {
                 let r = send(&comm, &stream, &engine_stream, &kv, peer);
+                in_flight.push(kv);
+                let failed = r.is_err();
+                let _ = done.send(r);
+                failed
+            }
+            Command::Flush { done } => {
+                let r = wait(&stream, OP_TIMEOUT);
+                in_flight.clear();
                 let failed = r.is_err();
                 let _ = done.send(r);
                 failed
@@ -283,24 +304,35 @@ fn serve(
         }
     }
     broken.store(true, Ordering::SeqCst);
-    // Dropping the communicator aborts it, cancelling anything still pending.
+    // Dropping the communicator aborts it, cancelling anything still pending; only then may the
+    // data of queued sends go.
     drop(comm);
+    let _ = stream.synchronize();
+    drop(in_flight);
 }
 
 /// Waits for everything queued on `stream`, polling so that a dead peer cannot hang us.
 fn wait(stream: &CudaStream, timeout: Duration) -> Result<()> {
     let event = stream.record_event(None).map_err(driver)?;
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let deadline = started + timeout;
     loop {
         if event.try_is_complete().map_err(driver)? {
             return Ok(());
         }
-        if Instant::now() > deadline {
+        let now = Instant::now();
+        if now > deadline {
             return Err(Error::DeadlineExceeded(format!(
                 "an NCCL transfer did not complete within {timeout:?}"
             )));
         }
-        std::thread::sleep(Duration::from_micros(20));
+        // A chunk takes microseconds to a few milliseconds: spin (yielding) at first, so that
+        // completion is seen at once, then sleep.
+        if now < started + Duration::from_millis(2) {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 }
 
@@ -321,7 +353,10 @@ fn send(
         }
     }
     for t in [&kv.keys, &kv.values] {
-        let t = t.contiguous()?;
+        // Sent from its own memory, which the caller holds until the send is done.
+        if !t.is_contiguous() {
+            return Err(Error::invalid("NCCL sends contiguous tensors only"));
+        }
         let (storage, layout) = t.storage_and_layout();
         let Storage::Cuda(s) = &*storage else {
             return Err(Error::invalid("NCCL sends GPU tensors only"));
@@ -336,8 +371,7 @@ fn send(
             other => return Err(Error::invalid(format!("no NCCL transfer for {other:?}"))),
         }
     }
-    // The tensors must outlive the send: wait here, with them still held.
-    wait(stream, OP_TIMEOUT)
+    Ok(())
 }
 
 fn send_slice<T: NcclType + DeviceRepr>(

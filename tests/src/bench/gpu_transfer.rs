@@ -107,8 +107,9 @@ async fn run_async(args: GpuTransferArgs) -> anyhow::Result<()> {
                 src.shuffle(&mut rng);
                 dst.shuffle(&mut rng);
                 let (src, dst) = (src[..n].to_vec(), dst[..n].to_vec());
+                let run = source.block_run(&src)?;
                 let exports: Vec<ExportedKv> = (0..spec.num_layers)
-                    .map(|l| ExportedKv::read(&source, l, 0, &src))
+                    .map(|l| ExportedKv::read(&source, l, 0, &run))
                     .collect::<Result<_, _>>()?;
                 from.synchronize()?;
                 let secs = ship(
@@ -180,8 +181,9 @@ async fn run_async(args: GpuTransferArgs) -> anyhow::Result<()> {
                 );
                 let started = Instant::now();
                 let compute = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                    let run = cache.block_run(&blocks)?;
                     let mut ship_layer = |l: usize| -> pd_common::Result<()> {
-                        let _ = sink.send(ExportedKv::read(&cache, l, 0, &blocks)?);
+                        let _ = sink.send(ExportedKv::read(&cache, l, 0, &run)?);
                         Ok(())
                     };
                     let _ = model
