@@ -466,6 +466,9 @@ pub async fn push(
 #[derive(Default)]
 pub struct NcclSender {
     links: super::nccl::NcclLinks,
+    /// Held while a link is being opened, so that a burst of first transfers to a decode node
+    /// opens one link rather than one each (each replacing the last).
+    opening: tokio::sync::Mutex<()>,
 }
 
 #[cfg(feature = "nccl")]
@@ -478,6 +481,10 @@ impl NcclSender {
         fingerprint: &ModelFingerprint,
         device: &candle_core::Device,
     ) -> Result<Arc<super::nccl::NcclLink>> {
+        if let Some(link) = self.links.get(address) {
+            return Ok(link);
+        }
+        let _opening = self.opening.lock().await;
         if let Some(link) = self.links.get(address) {
             return Ok(link);
         }
