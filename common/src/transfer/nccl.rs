@@ -22,7 +22,8 @@ use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
-use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType};
+use candle_core::cuda_backend::cudarc::nccl::safe::{Id, NcclType};
+use candle_core::cuda_backend::cudarc::nccl::{result as nccl_result, sys as nccl_sys};
 use candle_core::{DType, Device, Storage};
 use tokio::sync::oneshot;
 
@@ -241,6 +242,72 @@ fn nccl(e: candle_core::cuda_backend::cudarc::nccl::result::NcclError) -> Error 
     Error::Internal(format!("NCCL: {e:?}"))
 }
 
+/// A two-rank communicator. Dropping it aborts it (cancelling pending operations); unlike
+/// cudarc's own, a failed abort is logged rather than a panic.
+struct Comm(nccl_sys::ncclComm_t);
+
+impl Comm {
+    fn join(rank: usize, unique: Id) -> Result<Self> {
+        let mut comm = std::mem::MaybeUninit::uninit();
+        let id = nccl_sys::ncclUniqueId {
+            internal: *unique.internal(),
+        };
+        unsafe { nccl_result::comm_init_rank(comm.as_mut_ptr(), 2, id, rank as i32) }
+            .map_err(nccl)?;
+        Ok(Self(unsafe { comm.assume_init() }))
+    }
+
+    fn send<T: NcclType>(
+        &self,
+        ptr: u64,
+        count: usize,
+        peer: i32,
+        stream: &CudaStream,
+    ) -> Result<()> {
+        unsafe {
+            nccl_result::send(
+                ptr as *const std::ffi::c_void,
+                count,
+                T::as_nccl_type(),
+                peer,
+                self.0,
+                stream.cu_stream() as _,
+            )
+        }
+        .map(|_| ())
+        .map_err(nccl)
+    }
+
+    fn recv<T: NcclType>(
+        &self,
+        ptr: u64,
+        count: usize,
+        peer: i32,
+        stream: &CudaStream,
+    ) -> Result<()> {
+        unsafe {
+            nccl_result::recv(
+                ptr as *mut std::ffi::c_void,
+                count,
+                T::as_nccl_type(),
+                peer,
+                self.0,
+                stream.cu_stream() as _,
+            )
+        }
+        .map(|_| ())
+        .map_err(nccl)
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        if let Err(e) = unsafe { nccl_result::comm_abort(self.0) } {
+            tracing::warn!(error = ?e, "aborting an NCCL communicator failed");
+        }
+    }
+}
+
 /// The link's thread: joins the communicator, then runs commands until the link breaks.
 fn serve(
     stream: Arc<CudaStream>,
@@ -255,11 +322,11 @@ fn serve(
         let _ = ready.send(Err(driver(e)));
         return;
     }
-    let comm = match Comm::from_rank(stream.clone(), rank, 2, unique) {
+    let comm = match Comm::join(rank, unique) {
         Ok(c) => c,
         Err(e) => {
             broken.store(true, Ordering::SeqCst);
-            let _ = ready.send(Err(nccl(e)));
+            let _ = ready.send(Err(e));
             return;
         }
     };
@@ -365,9 +432,9 @@ fn send(
             return Err(Error::invalid("NCCL sends contiguous tensors only"));
         };
         match t.dtype() {
-            DType::BF16 => send_slice(comm, s.as_cuda_slice::<half::bf16>()?, a, b, peer)?,
-            DType::F16 => send_slice(comm, s.as_cuda_slice::<half::f16>()?, a, b, peer)?,
-            DType::F32 => send_slice(comm, s.as_cuda_slice::<f32>()?, a, b, peer)?,
+            DType::BF16 => send_slice(comm, stream, s.as_cuda_slice::<half::bf16>()?, a, b, peer)?,
+            DType::F16 => send_slice(comm, stream, s.as_cuda_slice::<half::f16>()?, a, b, peer)?,
+            DType::F32 => send_slice(comm, stream, s.as_cuda_slice::<f32>()?, a, b, peer)?,
             other => return Err(Error::invalid(format!("no NCCL transfer for {other:?}"))),
         }
     }
@@ -376,12 +443,15 @@ fn send(
 
 fn send_slice<T: NcclType + DeviceRepr>(
     comm: &Comm,
+    stream: &CudaStream,
     s: &CudaSlice<T>,
     a: usize,
     b: usize,
     peer: i32,
 ) -> Result<()> {
-    comm.send(&s.slice(a..b), peer).map_err(nccl)
+    let view = s.slice(a..b);
+    let (ptr, _) = view.device_ptr(stream);
+    comm.send::<T>(ptr, b - a, peer, stream)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -447,10 +517,12 @@ fn recv_typed<T: NcclType + DeviceRepr + candle_core::cuda_backend::CudaDType>(
     n: usize,
     block_elems: usize,
 ) -> Result<usize> {
-    let mut keys = unsafe { stream.alloc::<T>(n) }.map_err(driver)?;
-    let mut values = unsafe { stream.alloc::<T>(n) }.map_err(driver)?;
-    comm.recv(&mut keys, peer).map_err(nccl)?;
-    comm.recv(&mut values, peer).map_err(nccl)?;
+    let keys = unsafe { stream.alloc::<T>(n) }.map_err(driver)?;
+    let values = unsafe { stream.alloc::<T>(n) }.map_err(driver)?;
+    for buf in [&keys, &values] {
+        let (ptr, _) = buf.device_ptr(stream);
+        comm.recv::<T>(ptr, n, peer, stream)?;
+    }
     wait(stream, OP_TIMEOUT)?;
     // The data is here; it goes into the cache only while the reservation is still open, and is
     // written before the gate is released.
