@@ -37,7 +37,7 @@ struct Inner {
     admitting: AtomicBool,
     /// NCCL links to decode nodes, opened on first use.
     #[cfg(feature = "nccl")]
-    nccl: pd_common::transfer::grpc::NcclSender,
+    nccl: pd_common::transfer::nccl::NcclSender,
 }
 
 impl PrefillService {

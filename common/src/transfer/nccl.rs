@@ -27,8 +27,18 @@ use candle_core::cuda_backend::cudarc::nccl::{result as nccl_result, sys as nccl
 use candle_core::{DType, Device, Storage};
 use tokio::sync::oneshot;
 
+use pd_proto::v1::kv_push_message::Message as PushMessage;
+use pd_proto::v1::kv_transfer_client::KvTransferClient;
+use pd_proto::v1::{KvHandshake, KvPushAck, KvPushMessage, ModelFingerprint, NcclConnectRequest};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::Response;
+
+use super::grpc::SEND_QUEUE;
 use crate::engine::ExportedKv;
 use crate::kv::{BlockId, KvCache};
+use crate::telemetry::{names, with_request_id};
 use crate::{Error, Result};
 
 /// How long one chunk's send or receive may take before the link is declared dead.
@@ -257,43 +267,37 @@ impl Comm {
         Ok(Self(unsafe { comm.assume_init() }))
     }
 
-    fn send<T: NcclType>(
+    /// Queues a send of `count` elements at `ptr` to `peer` on `stream` (a receive into them
+    /// when `receive`).
+    fn p2p<T: NcclType>(
         &self,
+        receive: bool,
         ptr: u64,
         count: usize,
         peer: i32,
         stream: &CudaStream,
     ) -> Result<()> {
+        let (comm, dtype, stream) = (self.0, T::as_nccl_type(), stream.cu_stream() as _);
         unsafe {
-            nccl_result::send(
-                ptr as *const std::ffi::c_void,
-                count,
-                T::as_nccl_type(),
-                peer,
-                self.0,
-                stream.cu_stream() as _,
-            )
-        }
-        .map(|_| ())
-        .map_err(nccl)
-    }
-
-    fn recv<T: NcclType>(
-        &self,
-        ptr: u64,
-        count: usize,
-        peer: i32,
-        stream: &CudaStream,
-    ) -> Result<()> {
-        unsafe {
-            nccl_result::recv(
-                ptr as *mut std::ffi::c_void,
-                count,
-                T::as_nccl_type(),
-                peer,
-                self.0,
-                stream.cu_stream() as _,
-            )
+            if receive {
+                nccl_result::recv(
+                    ptr as *mut std::ffi::c_void,
+                    count,
+                    dtype,
+                    peer,
+                    comm,
+                    stream,
+                )
+            } else {
+                nccl_result::send(
+                    ptr as *const std::ffi::c_void,
+                    count,
+                    dtype,
+                    peer,
+                    comm,
+                    stream,
+                )
+            }
         }
         .map(|_| ())
         .map_err(nccl)
@@ -451,7 +455,7 @@ fn send_slice<T: NcclType + DeviceRepr>(
 ) -> Result<()> {
     let view = s.slice(a..b);
     let (ptr, _) = view.device_ptr(stream);
-    comm.send::<T>(ptr, b - a, peer, stream)
+    comm.p2p::<T>(false, ptr, b - a, peer, stream)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -521,7 +525,7 @@ fn recv_typed<T: NcclType + DeviceRepr + candle_core::cuda_backend::CudaDType>(
     let values = unsafe { stream.alloc::<T>(n) }.map_err(driver)?;
     for buf in [&keys, &values] {
         let (ptr, _) = buf.device_ptr(stream);
-        comm.recv::<T>(ptr, n, peer, stream)?;
+        comm.p2p::<T>(true, ptr, n, peer, stream)?;
     }
     wait(stream, OP_TIMEOUT)?;
     // The data is here; it goes into the cache only while the reservation is still open, and is
@@ -551,4 +555,147 @@ fn recv_typed<T: NcclType + DeviceRepr + candle_core::cuda_backend::CudaDType>(
         wait(stream, OP_TIMEOUT)
     })?;
     Ok(2 * n * std::mem::size_of::<T>())
+}
+
+/// The prefill end's NCCL links, one per decode node, opened on first use.
+#[derive(Default)]
+pub struct NcclSender {
+    links: NcclLinks,
+    /// Held while a link is being opened, so that a burst of first transfers to a decode node
+    /// opens one link rather than one each (each replacing the last).
+    opening: tokio::sync::Mutex<()>,
+}
+
+impl NcclSender {
+    /// The link to the decode node at `address`, opening it (as rank 0) if there is none.
+    async fn link(
+        &self,
+        client: &mut KvTransferClient<Channel>,
+        address: &str,
+        fingerprint: &ModelFingerprint,
+        device: &candle_core::Device,
+    ) -> Result<Arc<NcclLink>> {
+        if let Some(link) = self.links.get(address) {
+            return Ok(link);
+        }
+        let _opening = self.opening.lock().await;
+        if let Some(link) = self.links.get(address) {
+            return Ok(link);
+        }
+        let unique = new_unique_id()?;
+        let link_id = format!("{:016x}", rand::random::<u64>());
+        // Both ends must be inside ncclCommInitRank at once: ours runs while the decode node
+        // answers NcclConnect (which returns once it has joined).
+        let opening = tokio::spawn({
+            let (link_id, device) = (link_id.clone(), device.clone());
+            async move { NcclLink::open(link_id, unique, 0, &device).await }
+        });
+        let request = NcclConnectRequest {
+            unique_id: unique.map(|b| b as u8).to_vec(),
+            link_id: link_id.clone(),
+            fingerprint: Some(fingerprint.clone()),
+        };
+        let joined = tokio::time::timeout(CONNECT_TIMEOUT, client.nccl_connect(request)).await;
+        match joined {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => {
+                opening.abort();
+                return Err(Error::from(status));
+            }
+            Err(_) => {
+                opening.abort();
+                return Err(Error::DeadlineExceeded(format!(
+                    "NCCL link to {address} not joined"
+                )));
+            }
+        }
+        let link = opening
+            .await
+            .map_err(|e| Error::Internal(format!("NCCL link task: {e}")))??;
+        tracing::info!(%address, link = %link_id, "NCCL link open");
+        self.links.insert(address.to_string(), link.clone());
+        Ok(link)
+    }
+
+    /// As [`push`], with the KV bytes going GPU to GPU over the link to `address`: each chunk is
+    /// announced on the gRPC stream, then sent over NCCL.
+    pub async fn push(
+        &self,
+        mut client: KvTransferClient<Channel>,
+        address: &str,
+        request_id: &str,
+        mut handshake: KvHandshake,
+        device: &candle_core::Device,
+        mut exported: mpsc::UnboundedReceiver<ExportedKv>,
+    ) -> Result<KvPushAck> {
+        let started = Instant::now();
+        let fingerprint = handshake
+            .fingerprint
+            .clone()
+            .ok_or_else(|| Error::invalid("a KV handshake needs a fingerprint"))?;
+        let link = self
+            .link(&mut client, address, &fingerprint, device)
+            .await?;
+        // One transfer at a time on a link: sends and receives pair up in order.
+        let _held = link.hold().await;
+        handshake.backend = "nccl".into();
+        handshake.nccl_link = link.id().to_string();
+        let (tx, rx) = mpsc::channel::<KvPushMessage>(SEND_QUEUE);
+        let sender = async {
+            let open = KvPushMessage {
+                message: Some(PushMessage::Handshake(handshake)),
+            };
+            if tx.send(open).await.is_err() {
+                return Ok(0u64);
+            }
+            let mut bytes = 0u64;
+            while let Some(kv) = exported.recv().await {
+                let announce = pd_proto::v1::KvChunk {
+                    layer: kv.layer as u32,
+                    first_block: kv.first_block as u32,
+                    num_blocks: kv.keys.dims()[0] as u32,
+                    ..Default::default()
+                };
+                if tx
+                    .send(KvPushMessage {
+                        message: Some(PushMessage::Chunk(announce)),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return Ok(bytes);
+                }
+                bytes += (2 * kv.keys.elem_count() * kv.keys.dtype().size_in_bytes()) as u64;
+                link.send(kv).await?;
+            }
+            link.flush().await?;
+            drop(tx);
+            Ok::<u64, Error>(bytes)
+        };
+        let call = client.push(with_request_id(ReceiverStream::new(rx), request_id));
+        tokio::pin!(sender);
+        tokio::pin!(call);
+        let outcome = tokio::select! {
+            answer = &mut call => answer.map(Response::into_inner).map_err(Error::from),
+            sent = &mut sender => match sent {
+                Ok(_) => call.await.map(Response::into_inner).map_err(Error::from),
+                Err(e) => Err(e),
+            },
+        };
+        match &outcome {
+            Ok(ack) => {
+                metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, "direction" => "sent")
+                    .increment(ack.bytes);
+                metrics::histogram!(names::KV_TRANSFER_SECONDS, "direction" => "sent")
+                    .record(started.elapsed().as_secs_f64());
+            }
+            Err(_) => {
+                // The link's state is unknown (a send may be pending): never reuse it.
+                link.close();
+                metrics::counter!(names::KV_TRANSFER_FAILURES_TOTAL, "direction" => "sent")
+                    .increment(1)
+            }
+        }
+        outcome
+    }
 }
