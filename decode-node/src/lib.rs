@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use pd_common::engine::{EngineConfig, EngineCore, EngineHandle};
 use pd_common::membership::MembershipConfig;
-use pd_common::node::{self, KvTransfer, ModelArgs, Worker};
+use pd_common::node::{self, KvTransfer, Listeners, ModelArgs, RequestTasks, ShutdownArgs, Worker};
+use pd_common::rpc::RpcConfig;
 use pd_common::telemetry::{self, LogFormat};
-use pd_common::transfer::{self, grpc::KvReceiver};
+use pd_common::transfer::{self, KvReceiver, KvTransferService};
 use pd_common::Result;
 use pd_proto::v1::decode_server::DecodeServer;
 use pd_proto::v1::node_server::NodeServer;
@@ -63,9 +64,21 @@ pub struct DecodeConfig {
     #[arg(long, env = "PD_TRANSFER_TIMEOUT_MS", default_value_t = 30_000)]
     pub transfer_timeout_ms: u64,
 
-    /// On shutdown, how long running sequences may take to finish before the node exits.
-    #[arg(long, env = "PD_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
-    pub drain_timeout_secs: u64,
+    /// How much longer than --transfer-timeout-ms to wait for a prefill node's answer (the
+    /// prefill node enforces the deadline itself; this covers the answer's way back), in
+    /// milliseconds.
+    #[arg(long, env = "PD_PREFILL_ANSWER_GRACE_MS", default_value_t = 2_000)]
+    pub prefill_answer_grace_ms: u64,
+
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
+
+    #[command(flatten)]
+    pub rpc: RpcConfig,
+
+    #[cfg(feature = "nccl")]
+    #[command(flatten)]
+    pub nccl: transfer::nccl::NcclConfig,
 
     /// Log line format.
     #[arg(long, env = "PD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -86,13 +99,12 @@ pub struct DecodeConfig {
     pub membership: MembershipConfig,
 }
 
-/// Runs a decode node on `listener` (gRPC) and `metrics` until `shutdown` is cancelled, then
-/// drains: leaves etcd, stops taking requests, lets running sequences finish (up to the drain
-/// timeout) and returns.
+/// Runs a decode node on its listeners until `shutdown` is cancelled, then drains: stops taking
+/// requests, leaves etcd, lets running sequences finish (up to the drain timeout), hands the
+/// rest off and returns.
 pub async fn run(
     config: DecodeConfig,
-    listener: TcpListener,
-    metrics: TcpListener,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let loaded = config.model.load()?;
@@ -108,23 +120,32 @@ pub async fn run(
         .node_id
         .clone()
         .unwrap_or_else(|| node::new_node_id("decode"));
-    let grpc_address =
-        node::advertised(listener.local_addr()?, config.advertise_address.as_deref());
+    let grpc_address = node::advertised(
+        listeners.grpc.local_addr()?,
+        config.advertise_address.as_deref(),
+    );
     let receiver = KvReceiver::new(engine.cache().clone(), fingerprint.clone());
+    let tasks = RequestTasks::new(&shutdown);
     let service = DecodeService::new(
         engine.clone(),
         receiver.clone(),
+        tasks.clone(),
         service::Options {
             node_id: node_id.clone(),
             self_address: grpc_address.clone(),
             aggregated: config.aggregated,
             local_prefill_below: config.local_prefill_below,
             transfer_timeout: Duration::from_millis(config.transfer_timeout_ms),
+            answer_grace: Duration::from_millis(config.prefill_answer_grace_ms),
+            rpc: config.rpc.clone(),
         },
     );
+    let transfer = KvTransferService::new(receiver);
+    #[cfg(feature = "nccl")]
+    let transfer = transfer.with_nccl(config.nccl.clone());
     let routes = Routes::new(DecodeServer::new(service.clone()))
-        .add_service(NodeServer::new(service.clone()))
-        .add_service(receiver.service());
+        .add_service(NodeServer::new(service))
+        .add_service(transfer.into_server());
     let worker = Worker {
         role: NodeRole::Decode,
         node_id,
@@ -133,29 +154,23 @@ pub async fn run(
         engine,
         engine_thread,
         membership: config.membership.clone(),
-        drain_timeout: Duration::from_secs(config.drain_timeout_secs),
+        shutdown: config.shutdown.clone(),
+        rpc: config.rpc.clone(),
         kv_transfer: config.kv_transfer,
+        tasks,
     };
     let health_name = <DecodeServer<DecodeService> as NamedService>::NAME;
-    let stop_admitting = move || service.stop_admitting();
-    worker
-        .serve(
-            listener,
-            metrics,
-            routes,
-            health_name,
-            stop_admitting,
-            shutdown,
-        )
-        .await
+    worker.serve(listeners, routes, health_name, shutdown).await
 }
 
 /// Binds the listeners of `config` and runs the node until SIGINT/SIGTERM.
 pub async fn main_with(config: DecodeConfig) -> Result<()> {
     telemetry::init_tracing(config.log_format);
-    let listener = TcpListener::bind(config.listen).await?;
-    let metrics = TcpListener::bind(config.metrics_listen).await?;
+    let listeners = Listeners {
+        grpc: TcpListener::bind(config.listen).await?,
+        metrics: TcpListener::bind(config.metrics_listen).await?,
+    };
     let shutdown = CancellationToken::new();
     node::cancel_on_signals(shutdown.clone());
-    run(config, listener, metrics, shutdown).await
+    run(config, listeners, shutdown).await
 }

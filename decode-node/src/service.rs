@@ -9,18 +9,21 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pd_common::engine::{
     Completion, EngineHandle, GenerateRequest, Placement, RequestStream, SeqEvent,
 };
+use pd_common::error::status;
 use pd_common::kv::BlockId;
+use pd_common::node::RequestTasks;
+use pd_common::rpc::RpcConfig;
 use pd_common::sampling::{SampledToken, SamplingParams};
 use pd_common::telemetry::{self, names, with_request_id};
-use pd_common::transfer::grpc::{KvReceiver, TransferStats};
-use pd_common::{node, rpc, Error, Result};
+use pd_common::transfer::{KvReceiver, TransferBackend, TransferStats};
+use pd_common::wire::{FromWire, ToWire};
+use pd_common::{node, Error, Result, Retry};
 use pd_proto::v1 as pb;
 use pd_proto::v1::prefill_client::PrefillClient;
 use tokio::sync::{mpsc, oneshot};
@@ -31,8 +34,6 @@ use tracing::Instrument;
 
 /// Messages buffered toward one client before the engine's events wait in their own queue.
 const CLIENT_QUEUE: usize = 64;
-/// Extra time over the prefill node's own deadline before we stop waiting for its answer.
-const DEADLINE_GRACE: Duration = Duration::from_secs(2);
 
 pub struct Options {
     pub node_id: String,
@@ -41,6 +42,9 @@ pub struct Options {
     pub aggregated: bool,
     pub local_prefill_below: usize,
     pub transfer_timeout: Duration,
+    /// Extra time over the prefill node's own deadline before we stop waiting for its answer.
+    pub answer_grace: Duration,
+    pub rpc: RpcConfig,
 }
 
 /// Shared by the gRPC services and every request task.
@@ -54,25 +58,26 @@ struct Inner {
     receiver: Arc<KvReceiver>,
     options: Options,
     prefill_clients: Mutex<HashMap<String, PrefillClient<Channel>>>,
-    admitting: AtomicBool,
+    /// Refuses new requests once shutdown starts; runs each request's task for the drain.
+    tasks: RequestTasks,
 }
 
 impl DecodeService {
-    pub fn new(engine: EngineHandle, receiver: Arc<KvReceiver>, options: Options) -> Self {
+    pub fn new(
+        engine: EngineHandle,
+        receiver: Arc<KvReceiver>,
+        tasks: RequestTasks,
+        options: Options,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 engine,
                 receiver,
                 options,
                 prefill_clients: Mutex::new(HashMap::new()),
-                admitting: AtomicBool::new(true),
+                tasks,
             }),
         }
-    }
-
-    /// New requests are refused with `Unavailable` from now on (shutting down).
-    pub fn stop_admitting(&self) {
-        self.inner.admitting.store(false, Ordering::SeqCst);
     }
 }
 
@@ -91,18 +96,22 @@ impl pb::decode_server::Decode for DecodeService {
         let span = tracing::info_span!("decode", request_id = %request_id);
         let inner = self.inner.clone();
         async move {
-            if !inner.admitting.load(Ordering::SeqCst) {
+            if !inner.tasks.admitting() {
                 return Err(Status::unavailable("the decode node is shutting down"));
             }
             let r = request.into_inner();
-            let mut params = SamplingParams::from(&r.sampling.unwrap_or_default());
+            let mut params = SamplingParams::from_wire(&r.sampling.unwrap_or_default());
             params.seed = params.seed.or(Some(r.seed));
+            let candidates = r
+                .prefill_candidates
+                .iter()
+                .map(|c| Ok((c.address.clone(), TransferBackend::from_wire(c.backend)?)))
+                .collect::<Result<Vec<_>>>()?;
             let prefill = Prefill {
                 request_id: request_id.clone(),
                 params: params.clone(),
                 prompt_len: r.prompt_ids.len(),
-                addresses: r.prefill_addresses,
-                backends: r.prefill_backends,
+                candidates,
             };
             let total = r.prompt_ids.len() + r.resume_ids.len();
             let request = GenerateRequest {
@@ -112,7 +121,7 @@ impl pb::decode_server::Decode for DecodeService {
             };
             let local_reason = if inner.options.aggregated {
                 Some("aggregated")
-            } else if prefill.addresses.is_empty() {
+            } else if prefill.candidates.is_empty() {
                 Some("no_prefill_node")
             } else if total < inner.options.local_prefill_below {
                 Some("short_prompt")
@@ -122,14 +131,16 @@ impl pb::decode_server::Decode for DecodeService {
             let (stream, reserved) = match local_reason {
                 Some(reason) => {
                     metrics::counter!(names::LOCAL_PREFILLS_TOTAL, "reason" => reason).increment(1);
-                    (inner.engine.generate(request.clone()).await?, None)
+                    let stream = inner.engine.generate(request.clone()).await;
+                    (stream.map_err(status)?, None)
                 }
                 None => {
                     let (tx, rx) = oneshot::channel();
                     let stream = inner
                         .engine
                         .submit(request.clone(), Placement::Remote(tx))
-                        .await?;
+                        .await
+                        .map_err(status)?;
                     (stream, Some(rx))
                 }
             };
@@ -140,8 +151,9 @@ impl pb::decode_server::Decode for DecodeService {
                 "decode request accepted"
             );
             let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+            let tasks = inner.tasks.clone();
             let task = drive(inner, request, prefill, stream, reserved, tx);
-            tokio::spawn(task.in_current_span());
+            tasks.spawn(task.in_current_span());
             Ok(Response::new(
                 Box::pin(ReceiverStream::new(rx)) as Self::GenerateStream
             ))
@@ -157,7 +169,7 @@ impl pb::node_server::Node for DecodeService {
         &self,
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::NodeStats>, Status> {
-        let s = self.inner.engine.stats().await?;
+        let s = self.inner.engine.stats().await.map_err(status)?;
         Ok(Response::new(node::node_stats(
             &self.inner.options.node_id,
             pb::NodeRole::Decode,
@@ -171,9 +183,8 @@ struct Prefill {
     request_id: String,
     params: SamplingParams,
     prompt_len: usize,
-    addresses: Vec<String>,
-    /// KV transfer backend of each address ("grpc" where missing).
-    backends: Vec<String>,
+    /// Prefill nodes to try, best first, with how each ships KV here.
+    candidates: Vec<(String, TransferBackend)>,
 }
 
 /// How the prompt's KV got here, for the final timings.
@@ -247,18 +258,19 @@ async fn forward(
                 token_ids: vec![t.id],
                 text: t.text,
                 logprobs: if want_logprobs {
-                    vec![pb::TokenLogprobs::from(&SampledToken {
+                    vec![SampledToken {
                         id: t.id,
                         logprob: t.logprob,
                         top_logprobs: t.top_logprobs,
-                    })]
+                    }
+                    .to_wire()]
                 } else {
                     Vec::new()
                 },
                 completion: None,
             }),
             Some(SeqEvent::Finished(c)) => Ok(final_message(&prefill.request_id, c, &timings)),
-            Some(SeqEvent::Failed(e)) => Err(Status::from(e)),
+            Some(SeqEvent::Failed(e)) => Err(status(e)),
         };
         let last = !matches!(&message, Ok(m) if m.completion.is_none());
         if tx.send(message).await.is_err() || last {
@@ -268,7 +280,7 @@ async fn forward(
 }
 
 fn final_message(request_id: &str, c: Completion, remote: &PrefillTimings) -> pb::GenerateResponse {
-    let reason = pb::FinishReason::from(c.reason);
+    let reason = c.reason.to_wire();
     pb::GenerateResponse {
         request_id: request_id.to_string(),
         token_ids: Vec::new(),
@@ -304,15 +316,14 @@ async fn prefill_remote(
 ) -> Result<(SampledToken, PrefillTimings)> {
     let mut last_error = Error::Unavailable("no prefill node was named".into());
     // Each candidate over its backend; one that fails over NCCL is tried again over gRPC.
-    let mut attempts: Vec<(String, String)> = Vec::new();
-    for (i, address) in prefill.addresses.iter().enumerate() {
-        let backend = prefill.backends.get(i).map_or("grpc", String::as_str);
-        attempts.push((address.clone(), backend.to_string()));
-        if backend != "grpc" {
-            attempts.push((address.clone(), "grpc".to_string()));
+    let mut attempts: Vec<(&str, TransferBackend)> = Vec::new();
+    for (address, backend) in &prefill.candidates {
+        attempts.push((address, *backend));
+        if *backend != TransferBackend::Grpc {
+            attempts.push((address, TransferBackend::Grpc));
         }
     }
-    for (attempt, (address, backend)) in attempts.iter().enumerate() {
+    for (attempt, &(address, backend)) in attempts.iter().enumerate() {
         if attempt > 0 {
             metrics::counter!(names::RETRIES_TOTAL, "stage" => "prefill").increment(1);
         }
@@ -320,7 +331,13 @@ async fn prefill_remote(
             Ok(done) => return Ok(done),
             Err(e) => {
                 tracing::warn!(prefill = %address, %backend, error = %e, "prefill attempt failed");
+                let retry = e.retry();
                 last_error = e;
+                if retry == Retry::No {
+                    // The request's own fault would recur on every prefill node; computing it
+                    // here in the reserved blocks is what is left.
+                    break;
+                }
             }
         }
     }
@@ -333,7 +350,7 @@ async fn prefill_once(
     prefill: &Prefill,
     blocks: &[BlockId],
     address: &str,
-    backend: &str,
+    backend: TransferBackend,
 ) -> Result<(SampledToken, PrefillTimings)> {
     let started = Instant::now();
     // Dropped on every early return: the transfer closes and late chunks are refused.
@@ -344,7 +361,7 @@ async fn prefill_once(
     let message = pb::PrefillRequest {
         request_id: prefill.request_id.clone(),
         token_ids,
-        sampling: Some(pb::SamplingParams::from(&prefill.params)),
+        sampling: Some(prefill.params.to_wire()),
         seed: prefill.params.seed.unwrap_or_default(),
         num_resumed: request.resume_ids.len() as u32,
         destination: Some(pb::KvDestination {
@@ -352,13 +369,13 @@ async fn prefill_once(
             transfer_id: ticket.id(),
             num_blocks: blocks.len() as u32,
             fingerprint: Some(inner.receiver.fingerprint().clone()),
-            transfer_backend: backend.to_string(),
+            transfer_backend: backend.to_wire() as i32,
         }),
         deadline_ms: deadline.as_millis().min(u32::MAX as u128) as u32,
     };
     let mut client = inner.prefill_client(address)?;
     let call = client.prefill(with_request_id(message, &prefill.request_id));
-    let response = tokio::time::timeout(deadline + DEADLINE_GRACE, call)
+    let response = tokio::time::timeout(deadline + inner.options.answer_grace, call)
         .await
         .map_err(|_| {
             Error::DeadlineExceeded(format!("prefill on {address} took over {deadline:?}"))
@@ -368,7 +385,7 @@ async fn prefill_once(
     let first = response
         .first_token
         .as_ref()
-        .map(SampledToken::from)
+        .map(SampledToken::from_wire)
         .ok_or_else(|| Error::Internal(format!("prefill node {address} sent no first token")))?;
     metrics::histogram!(names::KV_TRANSFER_SECONDS, "direction" => "received")
         .record(stats.duration.as_secs_f64());
@@ -398,7 +415,7 @@ impl Inner {
         if let Some(c) = clients.get(address) {
             return Ok(c.clone());
         }
-        let client = PrefillClient::new(rpc::channel(address)?);
+        let client = PrefillClient::new(self.options.rpc.channel(address)?);
         clients.insert(address.to_string(), client.clone());
         Ok(client)
     }

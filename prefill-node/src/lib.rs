@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use pd_common::engine::{EngineConfig, EngineCore, EngineHandle};
 use pd_common::membership::MembershipConfig;
-use pd_common::node::{self, KvTransfer, ModelArgs, Worker};
+use pd_common::node::{self, KvTransfer, Listeners, ModelArgs, RequestTasks, ShutdownArgs, Worker};
+use pd_common::rpc::RpcConfig;
 use pd_common::telemetry::{self, LogFormat};
 use pd_common::transfer;
 use pd_common::Result;
@@ -44,9 +45,20 @@ pub struct PrefillConfig {
     #[arg(long, env = "PD_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// On shutdown, how long prefills in progress may take to finish before the node exits.
-    #[arg(long, env = "PD_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
-    pub drain_timeout_secs: u64,
+    /// Deadline of a prefill whose caller sets none, and the longest a caller may ask for, in
+    /// milliseconds.
+    #[arg(long, env = "PD_PREFILL_DEADLINE_MS", default_value_t = 30_000)]
+    pub prefill_deadline_ms: u64,
+
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
+
+    #[command(flatten)]
+    pub rpc: RpcConfig,
+
+    #[cfg(feature = "nccl")]
+    #[command(flatten)]
+    pub nccl: transfer::nccl::NcclConfig,
 
     /// Log line format.
     #[arg(long, env = "PD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -67,13 +79,11 @@ pub struct PrefillConfig {
     pub membership: MembershipConfig,
 }
 
-/// Runs a prefill node on `listener` (gRPC) and `metrics` until `shutdown` is cancelled, then
-/// drains: leaves etcd, stops taking requests, lets prefills in progress finish (up to the drain
-/// timeout) and returns.
+/// Runs a prefill node on its listeners until `shutdown` is cancelled, then drains: stops taking
+/// requests, leaves etcd, lets prefills in progress finish (up to the drain timeout) and returns.
 pub async fn run(
     config: PrefillConfig,
-    listener: TcpListener,
-    metrics: TcpListener,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let loaded = config.model.load()?;
@@ -89,11 +99,25 @@ pub async fn run(
         .node_id
         .clone()
         .unwrap_or_else(|| node::new_node_id("prefill"));
-    let grpc_address =
-        node::advertised(listener.local_addr()?, config.advertise_address.as_deref());
-    let service = PrefillService::new(engine.clone(), node_id.clone(), fingerprint.clone());
-    let routes = Routes::new(PrefillServer::new(service.clone()))
-        .add_service(NodeServer::new(service.clone()));
+    let grpc_address = node::advertised(
+        listeners.grpc.local_addr()?,
+        config.advertise_address.as_deref(),
+    );
+    let tasks = RequestTasks::new(&shutdown);
+    let service = PrefillService::new(
+        engine.clone(),
+        tasks.clone(),
+        service::Options {
+            node_id: node_id.clone(),
+            fingerprint: fingerprint.clone(),
+            deadline: Duration::from_millis(config.prefill_deadline_ms),
+            rpc: config.rpc.clone(),
+            #[cfg(feature = "nccl")]
+            nccl: config.nccl.clone(),
+        },
+    );
+    let routes =
+        Routes::new(PrefillServer::new(service.clone())).add_service(NodeServer::new(service));
     let worker = Worker {
         role: NodeRole::Prefill,
         node_id,
@@ -102,29 +126,23 @@ pub async fn run(
         engine,
         engine_thread,
         membership: config.membership.clone(),
-        drain_timeout: Duration::from_secs(config.drain_timeout_secs),
+        shutdown: config.shutdown.clone(),
+        rpc: config.rpc.clone(),
         kv_transfer: config.kv_transfer,
+        tasks,
     };
     let health_name = <PrefillServer<PrefillService> as NamedService>::NAME;
-    let stop_admitting = move || service.stop_admitting();
-    worker
-        .serve(
-            listener,
-            metrics,
-            routes,
-            health_name,
-            stop_admitting,
-            shutdown,
-        )
-        .await
+    worker.serve(listeners, routes, health_name, shutdown).await
 }
 
 /// Binds the listeners of `config` and runs the node until SIGINT/SIGTERM.
 pub async fn main_with(config: PrefillConfig) -> Result<()> {
     telemetry::init_tracing(config.log_format);
-    let listener = TcpListener::bind(config.listen).await?;
-    let metrics = TcpListener::bind(config.metrics_listen).await?;
+    let listeners = Listeners {
+        grpc: TcpListener::bind(config.listen).await?,
+        metrics: TcpListener::bind(config.metrics_listen).await?,
+    };
     let shutdown = CancellationToken::new();
     node::cancel_on_signals(shutdown.clone());
-    run(config, listener, metrics, shutdown).await
+    run(config, listeners, shutdown).await
 }

@@ -6,23 +6,34 @@
 //! layers compute. The whole call has the caller's deadline; when it passes, or the decode node
 //! refuses the transfer, dropping the export cancels the sequence and frees its blocks here.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pd_common::engine::{EngineHandle, GenerateRequest, Placement, SeqEvent, Timings};
+use pd_common::error::status;
 use pd_common::kv::blocks_for_tokens;
+use pd_common::node::RequestTasks;
+use pd_common::rpc::RpcConfig;
 use pd_common::sampling::{SampledToken, SamplingParams};
 use pd_common::telemetry;
-use pd_common::transfer::{self, grpc};
-use pd_common::{node, Error, Result};
+use pd_common::transfer::{self, grpc, push, TransferBackend};
+use pd_common::wire::{FromWire, ToWire};
+use pd_common::{node, EngineError, Error, Result};
 use pd_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-/// Used when a caller sets no deadline.
-const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+/// What a prefill node is told at start-up.
+pub struct Options {
+    pub node_id: String,
+    pub fingerprint: pb::ModelFingerprint,
+    /// Deadline of a prefill whose caller sets none, and the longest one a caller may ask for.
+    pub deadline: Duration,
+    pub rpc: RpcConfig,
+    #[cfg(feature = "nccl")]
+    pub nccl: transfer::nccl::NcclConfig,
+}
 
 #[derive(Clone)]
 pub struct PrefillService {
@@ -31,34 +42,28 @@ pub struct PrefillService {
 
 struct Inner {
     engine: EngineHandle,
-    node_id: String,
-    fingerprint: pb::ModelFingerprint,
+    options: Options,
     block_size: usize,
-    admitting: AtomicBool,
+    /// Refuses new prefills once shutdown starts; runs each prefill as a task for the drain.
+    tasks: RequestTasks,
     /// NCCL links to decode nodes, opened on first use.
     #[cfg(feature = "nccl")]
-    nccl: pd_common::transfer::nccl::NcclSender,
+    nccl: transfer::nccl::NcclSender,
 }
 
 impl PrefillService {
-    pub fn new(engine: EngineHandle, node_id: String, fingerprint: pb::ModelFingerprint) -> Self {
+    pub fn new(engine: EngineHandle, tasks: RequestTasks, options: Options) -> Self {
         let block_size = engine.cache().spec().block_size;
         Self {
             inner: Arc::new(Inner {
                 engine,
-                node_id,
-                fingerprint,
                 block_size,
-                admitting: AtomicBool::new(true),
+                tasks,
                 #[cfg(feature = "nccl")]
-                nccl: Default::default(),
+                nccl: transfer::nccl::NcclSender::new(options.nccl.clone()),
+                options,
             }),
         }
-    }
-
-    /// New prefills are refused with `Unavailable` from now on (shutting down).
-    pub fn stop_admitting(&self) {
-        self.inner.admitting.store(false, Ordering::SeqCst);
     }
 }
 
@@ -72,19 +77,34 @@ impl pb::prefill_server::Prefill for PrefillService {
         let span = tracing::info_span!("prefill", request_id = %request_id);
         let inner = self.inner.clone();
         async move {
-            if !inner.admitting.load(Ordering::SeqCst) {
+            if !inner.tasks.admitting() {
                 return Err(Status::unavailable("the prefill node is shutting down"));
             }
             let r = request.into_inner();
+            let longest = inner.options.deadline;
             let deadline = match r.deadline_ms {
-                0 => DEFAULT_DEADLINE,
-                ms => Duration::from_millis(ms as u64),
+                0 => longest,
+                ms => Duration::from_millis(ms as u64).min(longest),
             };
-            let response = tokio::time::timeout(deadline, prefill(&inner, &request_id, r))
+            // A task of the node's tracker: the drain waits for prefills in flight.
+            let work = {
+                let (inner, request_id) = (inner.clone(), request_id.clone());
+                async move {
+                    tokio::time::timeout(deadline, prefill(&inner, &request_id, r))
+                        .await
+                        .map_err(|_| {
+                            Error::DeadlineExceeded(format!(
+                                "the prefill did not end within {deadline:?}"
+                            ))
+                        })
+                        .and_then(|r| r)
+                }
+            };
+            let response = inner
+                .tasks
+                .spawn(work.in_current_span())
                 .await
-                .map_err(|_| {
-                    Error::DeadlineExceeded(format!("the prefill did not end within {deadline:?}"))
-                })
+                .map_err(|e| Error::Internal(format!("the prefill task failed: {e}")))
                 .and_then(|r| r);
             match response {
                 Ok(r) => Ok(Response::new(r)),
@@ -112,7 +132,7 @@ async fn prefill(
         .as_ref()
         .ok_or_else(|| Error::invalid("the KV destination carries no fingerprint"))?;
     // Refuse before computing anything: KV for another model or layout is useless there.
-    transfer::check_fingerprint(&inner.fingerprint, theirs)?;
+    transfer::check_fingerprint(&inner.options.fingerprint, theirs)?;
     let num_resumed = r.num_resumed as usize;
     if num_resumed >= r.token_ids.len() {
         return Err(Error::invalid(format!(
@@ -128,7 +148,7 @@ async fn prefill(
             destination.num_blocks
         )));
     }
-    let mut params = SamplingParams::from(&r.sampling.unwrap_or_default());
+    let mut params = SamplingParams::from_wire(&r.sampling.unwrap_or_default());
     params.seed = params.seed.or(Some(r.seed));
     // This node samples one token; the request's own max_tokens is the decode node's business
     // and must not make a smaller cache here refuse the prompt.
@@ -149,32 +169,33 @@ async fn prefill(
     let handshake = pb::KvHandshake {
         request_id: request_id.to_string(),
         transfer_id: destination.transfer_id,
-        fingerprint: Some(inner.fingerprint.clone()),
+        fingerprint: Some(inner.options.fingerprint.clone()),
         num_blocks: destination.num_blocks,
         ..Default::default()
     };
-    let client = grpc::client(&destination.address)?;
+    let backend = TransferBackend::from_wire(destination.transfer_backend)?;
+    let mut client = grpc::client(&inner.options.rpc, &destination.address)?;
     let push = async {
-        match destination.transfer_backend.as_str() {
-            "" | "grpc" => grpc::push(client, request_id, handshake, exported).await,
-            #[cfg(feature = "nccl")]
-            "nccl" => {
-                let device = inner.engine.cache().layer(0)?.0.device().clone();
-                inner
-                    .nccl
-                    .push(
-                        client,
-                        &destination.address,
-                        request_id,
-                        handshake,
-                        &device,
-                        exported,
-                    )
-                    .await
+        match backend {
+            TransferBackend::Grpc => {
+                push::push(client, request_id, handshake, exported, grpc::GrpcSink).await
             }
-            other => Err(Error::invalid(format!(
-                "this prefill node cannot send KV over {other:?}"
-            ))),
+            #[cfg(feature = "nccl")]
+            TransferBackend::Nccl => {
+                let device = inner.engine.cache().layer(0)?.0.device().clone();
+                let sink = inner
+                    .nccl
+                    .sink(&mut client, &destination.address, &handshake, &device)
+                    .await?;
+                push::push(client, request_id, handshake, exported, sink).await
+            }
+            #[cfg(not(feature = "nccl"))]
+            TransferBackend::Nccl => {
+                let _ = &mut client;
+                Err(Error::invalid(
+                    "this prefill node was built without NCCL and cannot send KV over it",
+                ))
+            }
         }
     };
     let computed = async {
@@ -194,8 +215,8 @@ async fn prefill(
                         None => Err(Error::Cancelled("the prefill was cancelled".into())),
                     }
                 }
-                Some(SeqEvent::Failed(e)) => return Err(e),
-                None => return Err(Error::EngineClosed),
+                Some(SeqEvent::Failed(e)) => return Err(e.into()),
+                None => return Err(EngineError::EngineClosed.into()),
             }
         }
     };
@@ -212,7 +233,7 @@ async fn prefill(
         "prefill shipped"
     );
     Ok(pb::PrefillResponse {
-        first_token: Some(pb::TokenLogprobs::from(&first)),
+        first_token: Some(first.to_wire()),
         queue_seconds: timings.queue.as_secs_f64(),
         prefill_seconds: timings.prefill.as_secs_f64(),
         transfer_seconds,
@@ -226,9 +247,9 @@ impl pb::node_server::Node for PrefillService {
         &self,
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::NodeStats>, Status> {
-        let s = self.inner.engine.stats().await?;
+        let s = self.inner.engine.stats().await.map_err(status)?;
         Ok(Response::new(node::node_stats(
-            &self.inner.node_id,
+            &self.inner.options.node_id,
             pb::NodeRole::Prefill,
             &s,
         )))

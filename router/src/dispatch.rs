@@ -13,7 +13,8 @@ use std::time::Instant;
 use pd_common::sampling::{SamplingParams, StopChecker};
 use pd_common::telemetry::{names, with_request_id};
 use pd_common::tokenizer::{IncrementalDecoder, Tokenizer};
-use pd_common::{Error, ErrorKind, Result};
+use pd_common::wire::ToWire;
+use pd_common::{Error, Result, Retry};
 use pd_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::Streaming;
@@ -77,19 +78,13 @@ impl Dispatcher {
                     format!("no decode node is left ({} failed)", excluded.len())
                 }));
             };
-            let (prefill_addresses, prefill_backends) = self
-                .pool
-                .prefill_candidates(&node.node_id)
-                .into_iter()
-                .unzip();
             let request = pb::DecodeRequest {
                 request_id: job.request_id.clone(),
                 prompt_ids: job.prompt_ids.clone(),
-                sampling: Some(pb::SamplingParams::from(&job.params)),
+                sampling: Some(job.params.to_wire()),
                 seed: job.params.seed.unwrap_or_default(),
                 resume_ids: sent.to_vec(),
-                prefill_addresses,
-                prefill_backends,
+                prefill_candidates: self.pool.prefill_candidates(&node.node_id),
             };
             let call = async {
                 let mut client = self.pool.decode_client(&node.address)?;
@@ -114,9 +109,7 @@ impl Dispatcher {
                     });
                 }
                 Err(e) => {
-                    // A bad node address in etcd is that node's fault, not the request's.
-                    let bad_address = matches!(e, Error::InvalidRequest(_));
-                    if !node_failed(&e) && !bad_address {
+                    if e.retry() == Retry::No {
                         return Err(e);
                     }
                     tracing::warn!(decode = %node.node_id, error = %e, "decode node failed; trying another");
@@ -158,7 +151,7 @@ impl Dispatcher {
                 )),
                 Err(status) => Error::from(status),
             };
-            if !node_failed(&failure) {
+            if failure.retry() == Retry::No {
                 clock.failed();
                 let _ = tx.send(Err(failure)).await;
                 return;
@@ -234,25 +227,6 @@ impl Dispatcher {
             }),
             ..Default::default()
         })
-    }
-}
-
-/// Whether an error says the node (or the link to it) failed, rather than the request.
-fn node_failed(e: &Error) -> bool {
-    match e {
-        Error::Rpc(status) => matches!(
-            status.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::Unknown
-                | tonic::Code::Internal
-                | tonic::Code::Aborted
-                | tonic::Code::Cancelled
-                | tonic::Code::DeadlineExceeded
-        ),
-        other => matches!(
-            other.kind(),
-            ErrorKind::Unavailable | ErrorKind::Internal | ErrorKind::DeadlineExceeded
-        ),
     }
 }
 

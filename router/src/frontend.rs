@@ -9,7 +9,7 @@ use pd_common::model::ModelText;
 use pd_common::sampling::SamplingParams;
 use pd_common::telemetry::new_request_id;
 use pd_common::tokenizer::Tokenizer;
-use pd_common::{Error, Result};
+use pd_common::{EngineError, Error, Result};
 
 use crate::dispatch::Job;
 use crate::pool::Pool;
@@ -60,7 +60,7 @@ impl Frontend {
     }
 
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
-        self.tokenizer()?.encode(text, true)
+        Ok(self.tokenizer()?.encode(text, true)?)
     }
 
     /// Renders `messages` with the chat template, ready for the assistant's turn.
@@ -70,7 +70,7 @@ impl Frontend {
             .chat_template
             .as_ref()
             .ok_or_else(|| Error::invalid("this model has no chat template"))?;
-        template.render(messages, true)
+        Ok(template.render(messages, true)?)
     }
 
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
@@ -92,11 +92,12 @@ impl Frontend {
             return Err(Error::invalid("the prompt is empty"));
         }
         if prompt_ids.len() >= context {
-            return Err(Error::PromptTooLong {
+            return Err(EngineError::PromptTooLong {
                 prompt_tokens: prompt_ids.len(),
                 max_tokens: max_tokens.unwrap_or(1) as usize,
                 context,
-            });
+            }
+            .into());
         }
         params.max_tokens = match max_tokens {
             Some(n) => n,
@@ -110,11 +111,12 @@ impl Frontend {
         }
         params.validate(vocab)?;
         if prompt_ids.len() + params.max_tokens as usize > context {
-            return Err(Error::PromptTooLong {
+            return Err(EngineError::PromptTooLong {
                 prompt_tokens: prompt_ids.len(),
                 max_tokens: params.max_tokens as usize,
                 context,
-            });
+            }
+            .into());
         }
         params.seed = params.seed.or_else(|| Some(rand::random()));
         Ok(Job {

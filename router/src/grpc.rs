@@ -6,6 +6,7 @@ use std::sync::Arc;
 use pd_common::chat_template::ChatMessage;
 use pd_common::sampling::SamplingParams;
 use pd_common::telemetry::REQUEST_ID_HEADER;
+use pd_common::wire::FromWire;
 use pd_common::Error;
 use pd_proto::v1 as pb;
 use pd_proto::v1::generate_request::Prompt;
@@ -62,7 +63,7 @@ impl pb::generation_server::Generation for GenerationService {
             }
         };
         let wire = r.sampling.unwrap_or_default();
-        let params = SamplingParams::from(&wire);
+        let params = SamplingParams::from_wire(&wire);
         let max_tokens = match (wire.max_tokens, &r.prompt) {
             (Some(n), _) => Some(n),
             // Chats run to the end of the answer by default, as the HTTP chat API does.

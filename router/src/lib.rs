@@ -15,6 +15,7 @@ use std::time::Duration;
 use pd_common::membership::MembershipConfig;
 use pd_common::model;
 use pd_common::node::{self, ModelArgs, ReadyLine};
+use pd_common::rpc::RpcConfig;
 use pd_common::telemetry::{self, LogFormat};
 use pd_common::Result;
 use pd_proto::v1::generation_server::GenerationServer;
@@ -57,12 +58,24 @@ pub struct RouterConfig {
     #[arg(long, env = "PD_NODE_ID")]
     pub node_id: Option<String>,
 
+    /// On shutdown, how long open streams may take to end before the router exits, in seconds.
+    #[arg(long, env = "PD_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+
+    /// A node that does not answer a load poll (`Node.Stats`) within this is skipped for that
+    /// round, in milliseconds.
+    #[arg(long, env = "PD_STATS_TIMEOUT_MS", default_value_t = 500)]
+    pub stats_timeout_ms: u64,
+
     /// Log line format.
     #[arg(long, env = "PD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
     #[command(flatten)]
     pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub rpc: RpcConfig,
 
     #[command(flatten)]
     pub membership: MembershipConfig,
@@ -84,7 +97,12 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| default_model_name(&source));
     let stop = CancellationToken::new();
-    let pool = pool::Pool::start(config.membership.clone(), stop.clone());
+    let pool = pool::Pool::start(
+        config.membership.clone(),
+        config.rpc.clone(),
+        Duration::from_millis(config.stats_timeout_ms),
+        stop.clone(),
+    );
     let tokenizer = text.tokenizer.clone();
     let frontend = frontend::Frontend::new(model_name.clone(), text, pool.clone());
     let dispatcher = Dispatcher::new(pool.clone(), tokenizer);
@@ -111,7 +129,9 @@ pub async fn run(
         dispatcher: dispatcher.clone(),
     })
     .max_decoding_message_size(config.max_grpc_message_bytes);
-    let grpc_server = pd_common::rpc::server()
+    let grpc_server = config
+        .rpc
+        .server()
         .layer(grpc_limits::TooLargeIsResourceExhausted)
         .add_service(health_service)
         .add_service(generation)
@@ -141,7 +161,7 @@ pub async fn run(
         .set_not_serving::<GenerationServer<grpc::GenerationService>>()
         .await;
     // Both servers stop accepting at once and wait for open requests; bound the wait.
-    let drain = Duration::from_secs(30);
+    let drain = Duration::from_secs(config.drain_timeout_secs);
     let _ = tokio::time::timeout(drain, async {
         let _ = http_server.await;
         let _ = grpc_server.await;

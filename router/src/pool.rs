@@ -12,19 +12,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pd_common::membership::{self, ClusterSnapshot, MembershipConfig};
-use pd_common::rpc;
+use pd_common::rpc::RpcConfig;
 use pd_common::telemetry::names;
+use pd_common::transfer::TransferBackend;
 use pd_proto::v1::decode_client::DecodeClient;
 use pd_proto::v1::node_client::NodeClient;
-use pd_proto::v1::{NodeInfo, NodeRole, NodeStats, StatsRequest};
+use pd_proto::v1::{NodeInfo, NodeRole, NodeStats, PrefillCandidate, StatsRequest};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 /// How often the poller asks every node for its load.
 const STATS_INTERVAL: Duration = Duration::from_millis(250);
-/// A node that does not answer a stats call within this is skipped for the round.
-const STATS_TIMEOUT: Duration = Duration::from_millis(500);
 /// Prefill nodes a decode node may try for one request, best first.
 const PREFILL_CANDIDATES: usize = 3;
 
@@ -53,6 +52,9 @@ impl Drop for ActiveGuard {
 
 pub struct Pool {
     view: watch::Receiver<Arc<ClusterSnapshot>>,
+    rpc: RpcConfig,
+    /// A node that does not answer a stats call within this is skipped for the round.
+    stats_timeout: Duration,
     loads: Mutex<HashMap<String, Load>>,
     channels: Mutex<HashMap<String, Channel>>,
 }
@@ -60,10 +62,17 @@ pub struct Pool {
 impl Pool {
     /// Follows the membership in etcd (retrying until etcd answers) and polls node load, until
     /// `stop`.
-    pub fn start(config: MembershipConfig, stop: CancellationToken) -> Arc<Self> {
+    pub fn start(
+        config: MembershipConfig,
+        rpc: RpcConfig,
+        stats_timeout: Duration,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
         let (tx, view) = watch::channel(Arc::new(ClusterSnapshot::default()));
         let pool = Arc::new(Self {
             view,
+            rpc,
+            stats_timeout,
             loads: Mutex::new(HashMap::new()),
             channels: Mutex::new(HashMap::new()),
         });
@@ -119,7 +128,7 @@ impl Pool {
 
     /// Prefill nodes whose KV fits `decode`'s cache, fewest queued prompt tokens first, each with
     /// the KV transfer backend to use: NCCL where both ends offer it, else gRPC.
-    pub fn prefill_candidates(&self, decode_node: &str) -> Vec<(String, String)> {
+    pub fn prefill_candidates(&self, decode_node: &str) -> Vec<PrefillCandidate> {
         let snapshot = self.snapshot();
         let Some(decode) = snapshot.decode.get(decode_node) else {
             return Vec::new();
@@ -142,7 +151,10 @@ impl Pool {
         nodes
             .into_iter()
             .take(PREFILL_CANDIDATES)
-            .map(|(_, _, p)| (p.address.clone(), transfer_backend(p, decode).to_string()))
+            .map(|(_, _, p)| PrefillCandidate {
+                address: p.address.clone(),
+                backend: transfer_backend(p, decode).to_wire() as i32,
+            })
             .collect()
     }
 
@@ -166,7 +178,7 @@ impl Pool {
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());
         }
-        let channel = rpc::channel(address)?;
+        let channel = self.rpc.channel(address)?;
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
     }
@@ -234,7 +246,7 @@ async fn poll_stats(pool: Arc<Pool>, stop: CancellationToken) {
                     let mut client = NodeClient::new(pool.channel(&node.address).ok()?);
                     let call = client.stats(StatsRequest {});
                     Some(
-                        tokio::time::timeout(STATS_TIMEOUT, call)
+                        tokio::time::timeout(pool.stats_timeout, call)
                             .await
                             .ok()?
                             .ok()?
@@ -267,12 +279,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// NCCL when both nodes advertise it, else gRPC (which every node speaks).
-pub fn transfer_backend(prefill: &NodeInfo, decode: &NodeInfo) -> &'static str {
-    let offers = |n: &NodeInfo| n.transfer_backends.iter().any(|b| b == "nccl");
+pub fn transfer_backend(prefill: &NodeInfo, decode: &NodeInfo) -> TransferBackend {
+    let nccl = TransferBackend::Nccl.to_wire() as i32;
+    let offers = |n: &NodeInfo| n.transfer_backends.contains(&nccl);
     if offers(prefill) && offers(decode) {
-        "nccl"
+        TransferBackend::Nccl
     } else {
-        "grpc"
+        TransferBackend::Grpc
     }
 }
 
@@ -282,14 +295,15 @@ mod tests {
 
     #[test]
     fn nccl_only_where_both_ends_offer_it() {
-        let node = |backends: &[&str]| NodeInfo {
-            transfer_backends: backends.iter().map(|b| b.to_string()).collect(),
+        use TransferBackend::{Grpc, Nccl};
+        let node = |backends: &[TransferBackend]| NodeInfo {
+            transfer_backends: backends.iter().map(|b| b.to_wire() as i32).collect(),
             ..Default::default()
         };
-        let (both, grpc) = (node(&["grpc", "nccl"]), node(&["grpc"]));
-        assert_eq!(transfer_backend(&both, &both), "nccl");
-        assert_eq!(transfer_backend(&both, &grpc), "grpc");
-        assert_eq!(transfer_backend(&grpc, &both), "grpc");
-        assert_eq!(transfer_backend(&node(&[]), &node(&[])), "grpc");
+        let (both, grpc) = (node(&[Grpc, Nccl]), node(&[Grpc]));
+        assert_eq!(transfer_backend(&both, &both), Nccl);
+        assert_eq!(transfer_backend(&both, &grpc), Grpc);
+        assert_eq!(transfer_backend(&grpc, &both), Grpc);
+        assert_eq!(transfer_backend(&node(&[]), &node(&[])), Grpc);
     }
 }

@@ -1,7 +1,10 @@
-//! A real local cluster as OS processes on loopback: etcd, prefill and decode nodes, and the
-//! router, each on ports the kernel picks, logging to files in a temporary directory. The
-//! cluster integration tests and the `pd-cluster` launcher start it; tests then kill, stop and
-//! add nodes and take etcd down and up again.
+//! A real local cluster on loopback: etcd, prefill and decode nodes, and the router, each on
+//! ports the kernel picks. By default every member is an OS process logging to a file in a
+//! temporary directory; with [`ClusterSpec::in_process`] the nodes and the router run inside
+//! the test's own process instead ([`task`]), through the same `run` functions their binaries
+//! call, which starts faster and cannot run stale binaries. The cluster integration tests and
+//! the `pd-cluster` launcher start it; tests then kill, stop and add nodes and take etcd down
+//! and up again (killing and freezing need processes).
 //!
 //! Every wait polls under a deadline (ready lines, the router's `/health`); none sleeps for a
 //! fixed time. Dropping a [`Cluster`] SIGKILLs every child, so a failing test leaks no process;
@@ -9,19 +12,25 @@
 
 mod etcd;
 mod process;
+mod task;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use clap::Parser;
+use pd_common::node::Listeners;
 use serde::Deserialize;
+use tokio::net::TcpListener;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use etcd::Etcd;
 use process::Process;
 pub use process::{bin_dir, binary};
+use task::Task;
 
 /// How long a node or the router may take to print its ready line: loading the model is slow
 /// in debug builds.
@@ -49,6 +58,10 @@ pub struct ClusterSpec {
     /// Where the router serves HTTP and gRPC; `None`: a free loopback port.
     pub router_http: Option<std::net::SocketAddr>,
     pub router_grpc: Option<std::net::SocketAddr>,
+    /// Run the nodes and the router in this process rather than as child processes (etcd is
+    /// a process either way). Such nodes cannot be killed or frozen, and share this process's
+    /// metrics recorder.
+    pub in_process: bool,
 }
 
 impl Default for ClusterSpec {
@@ -64,6 +77,7 @@ impl Default for ClusterSpec {
             router_args: Vec::new(),
             router_http: None,
             router_grpc: None,
+            in_process: false,
         }
     }
 }
@@ -83,7 +97,7 @@ impl Role {
         }
     }
 
-    fn binary(self) -> &'static str {
+    pub fn binary(self) -> &'static str {
         match self {
             Role::Prefill => "pd-prefill",
             Role::Decode => "pd-decode",
@@ -120,12 +134,13 @@ impl NodeSummary {
     }
 }
 
-/// A child that went away without being asked (see [`Cluster::reap_exited`]).
+/// A member that went away without being asked (see [`Cluster::reap_exited`]).
 #[derive(Debug, Clone)]
 pub struct ExitedProcess {
     /// A node id, `router` or `etcd`.
     pub id: String,
-    pub status: ExitStatus,
+    /// How it ended (an exit status, or an in-process member's outcome).
+    pub status: String,
     pub log: PathBuf,
 }
 
@@ -154,7 +169,71 @@ pub struct NodeCounts {
 
 struct Node {
     summary: NodeSummary,
-    process: Process,
+    process: Member,
+}
+
+/// A node or the router: a child process or an in-process task.
+enum Member {
+    Process(Process),
+    Task(Task),
+}
+
+impl Member {
+    fn log_path(&self) -> &Path {
+        match self {
+            Member::Process(p) => p.log_path(),
+            Member::Task(t) => t.log_path(),
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        process::log_tail(self.log_path(), 40)
+    }
+
+    fn try_exit(&mut self) -> Option<String> {
+        match self {
+            Member::Process(p) => p.try_exit().map(|s| s.to_string()),
+            Member::Task(t) => t.try_exit(),
+        }
+    }
+
+    fn newly_exited(&mut self) -> Option<String> {
+        match self {
+            Member::Process(p) => p.newly_exited().map(|s| s.to_string()),
+            Member::Task(t) => t.newly_exited(),
+        }
+    }
+
+    fn terminate(&mut self) -> Result<()> {
+        match self {
+            Member::Process(p) => p.terminate(),
+            Member::Task(t) => {
+                t.terminate();
+                Ok(())
+            }
+        }
+    }
+
+    async fn finish_stop(&mut self, deadline: Instant) -> Result<()> {
+        match self {
+            Member::Process(p) => p.finish_stop(deadline).await,
+            Member::Task(t) => t.finish_stop(deadline).await,
+        }
+    }
+
+    async fn stop(&mut self, timeout: Duration) -> Result<()> {
+        match self {
+            Member::Process(p) => p.stop(timeout).await,
+            Member::Task(t) => t.stop(timeout).await,
+        }
+    }
+
+    fn start_kill(&mut self) {
+        match self {
+            Member::Process(p) => p.start_kill(),
+            Member::Task(t) => t.start_kill(),
+        }
+    }
 }
 
 /// How to start one more process of this cluster.
@@ -168,82 +247,195 @@ struct Blueprint {
     next_decode: usize,
 }
 
+/// A member started and not yet known to serve.
+enum Starting {
+    /// A child process that will print its ready line.
+    Process(Process),
+    /// An in-process member whose listeners are bound already.
+    Task {
+        task: Task,
+        grpc: String,
+        metrics: String,
+    },
+}
+
 impl Blueprint {
-    fn membership_args(&self, command: &mut Command) {
-        command
-            .arg("--etcd-endpoints")
-            .arg(&self.etcd_url)
-            .arg("--cluster")
-            .arg(&self.name)
-            .arg("--lease-ttl-secs")
-            .arg(self.spec.lease_ttl_secs.to_string());
+    fn membership_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--etcd-endpoints".to_string(),
+            self.etcd_url.clone(),
+            "--cluster".into(),
+            self.name.clone(),
+            "--lease-ttl-secs".into(),
+            self.spec.lease_ttl_secs.to_string(),
+        ];
         if let Some(model) = &self.spec.model {
-            command.arg("--model").arg(model);
+            args.extend(["--model".to_string(), model.display().to_string()]);
         }
+        args
     }
 
-    /// Spawns a node with the next id of `role`; it still has to print its ready line.
-    fn spawn_node(&mut self, role: Role) -> Result<(String, Process)> {
+    /// Starts a node with the next id of `role`; it still has to become ready.
+    async fn spawn_node(&mut self, role: Role) -> Result<(String, Starting)> {
         let (next, extra) = match role {
             Role::Prefill => (&mut self.next_prefill, &self.spec.prefill_args),
             Role::Decode => (&mut self.next_decode, &self.spec.decode_args),
         };
         let id = format!("{role}-{next}");
         *next += 1;
-        let mut command = Command::new(binary(role.binary())?);
-        command
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-            .arg("--node-id")
-            .arg(&id);
-        self.membership_args(&mut command);
-        command.args(extra);
+        let extra = extra.clone();
+        let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]
+            .map(String::from)
+            .to_vec();
+        args.extend(["--node-id".to_string(), id.clone()]);
+        args.extend(self.membership_args());
+        args.extend(extra);
         let log = self.dir.join(format!("{id}.log"));
-        let process =
-            Process::spawn(command, &id, log).with_context(|| format!("starting {id}"))?;
-        Ok((id, process))
+        if !self.spec.in_process {
+            let mut command = Command::new(binary(role.binary())?);
+            command.args(&args);
+            let process =
+                Process::spawn(command, &id, log).with_context(|| format!("starting {id}"))?;
+            return Ok((id, Starting::Process(process)));
+        }
+        let listeners = Listeners {
+            grpc: TcpListener::bind("127.0.0.1:0").await?,
+            metrics: TcpListener::bind("127.0.0.1:0").await?,
+        };
+        let (grpc, metrics) = (
+            listeners.grpc.local_addr()?.to_string(),
+            listeners.metrics.local_addr()?.to_string(),
+        );
+        let argv = std::iter::once(role.binary().to_string()).chain(args);
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = match role {
+            Role::Prefill => {
+                let config = pd_prefill::PrefillConfig::try_parse_from(argv)?;
+                Task::spawn(
+                    &id,
+                    shutdown,
+                    pd_prefill::run(config, listeners, token),
+                    log,
+                )?
+            }
+            Role::Decode => {
+                let config = pd_decode::DecodeConfig::try_parse_from(argv)?;
+                Task::spawn(&id, shutdown, pd_decode::run(config, listeners, token), log)?
+            }
+        };
+        Ok((
+            id,
+            Starting::Task {
+                task,
+                grpc,
+                metrics,
+            },
+        ))
     }
 
-    fn spawn_router(&self) -> Result<Process> {
+    /// Starts the router; the caller waits for its `/health`.
+    async fn spawn_router(&self) -> Result<(Member, String, String)> {
         let loopback = |addr: Option<std::net::SocketAddr>| {
             addr.map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string())
         };
-        let mut command = Command::new(binary("pd-router")?);
-        command
-            .arg("--http-listen")
-            .arg(loopback(self.spec.router_http))
-            .arg("--grpc-listen")
-            .arg(loopback(self.spec.router_grpc));
-        self.membership_args(&mut command);
-        command.args(&self.spec.router_args);
-        Process::spawn(command, "router", self.dir.join("router.log")).context("starting pd-router")
+        let (http, grpc) = (
+            loopback(self.spec.router_http),
+            loopback(self.spec.router_grpc),
+        );
+        let mut args = vec![
+            "--http-listen".to_string(),
+            http.clone(),
+            "--grpc-listen".into(),
+            grpc.clone(),
+        ];
+        args.extend(self.membership_args());
+        args.extend(self.spec.router_args.iter().cloned());
+        let log = self.dir.join("router.log");
+        if !self.spec.in_process {
+            let mut command = Command::new(binary("pd-router")?);
+            command.args(&args);
+            let mut process =
+                Process::spawn(command, "router", log).context("starting pd-router")?;
+            let ready = process.wait_ready(Instant::now() + READY_TIMEOUT).await?;
+            return Ok((Member::Process(process), ready.http, ready.grpc));
+        }
+        let http = TcpListener::bind(&http).await?;
+        let grpc = TcpListener::bind(&grpc).await?;
+        let addresses = (
+            http.local_addr()?.to_string(),
+            grpc.local_addr()?.to_string(),
+        );
+        let argv = std::iter::once("pd-router".to_string()).chain(args);
+        let config = pd_router::RouterConfig::try_parse_from(argv)?;
+        let shutdown = CancellationToken::new();
+        let run = pd_router::run(config, http, grpc, shutdown.clone());
+        let task = Task::spawn("router", shutdown, run, log)?;
+        Ok((Member::Task(task), addresses.0, addresses.1))
     }
 }
 
-/// Waits for the ready line of a node spawned by [`Blueprint::spawn_node`].
-async fn node_ready(
-    role: Role,
-    id: String,
-    mut process: Process,
-    deadline: Instant,
-) -> Result<Node> {
-    let ready = process.wait_ready(deadline).await?;
-    if ready.role != role.as_str() {
-        bail!("{id} announced role {:?}, not {role}", ready.role);
-    }
+/// Waits until a node started by [`Blueprint::spawn_node`] serves.
+async fn node_ready(role: Role, id: String, starting: Starting, deadline: Instant) -> Result<Node> {
+    let (grpc, metrics, pid, process) = match starting {
+        Starting::Process(mut process) => {
+            let ready = process.wait_ready(deadline).await?;
+            if ready.role != role.as_str() {
+                bail!("{id} announced role {:?}, not {role}", ready.role);
+            }
+            let pid = process.pid();
+            (ready.grpc, ready.metrics, pid, Member::Process(process))
+        }
+        Starting::Task {
+            mut task,
+            grpc,
+            metrics,
+        } => {
+            wait_serving(&id, &grpc, &mut task, deadline).await?;
+            (grpc, metrics, 0, Member::Task(task))
+        }
+    };
     let summary = NodeSummary {
         id,
         role,
-        grpc: ready.grpc,
-        metrics: ready.metrics,
-        pid: process.pid(),
+        grpc,
+        metrics,
+        pid,
         log: process.log_path().to_path_buf(),
     };
     Ok(Node { summary, process })
 }
 
+/// Polls an in-process node's `Node.Stats` until it answers (its model is loaded and its
+/// server runs) or `deadline` passes.
+async fn wait_serving(id: &str, grpc: &str, task: &mut Task, deadline: Instant) -> Result<()> {
+    use pd_proto::v1::node_client::NodeClient;
+    loop {
+        if let Some(outcome) = task.try_exit() {
+            bail!("{id} ended before it served: {outcome}");
+        }
+        let attempt = async {
+            let mut client = NodeClient::connect(format!("http://{grpc}")).await.ok()?;
+            client.stats(pd_proto::v1::StatsRequest {}).await.ok()
+        };
+        if tokio::time::timeout(Duration::from_secs(1), attempt)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{id} did not serve within {READY_TIMEOUT:?}");
+        }
+        tokio::time::sleep(HEALTH_POLL).await;
+    }
+}
+
 /// A running cluster; see the module documentation.
 pub struct Cluster {
-    router: Process,
+    router: Member,
     /// host:port of the router's HTTP API and of its client-facing gRPC.
     router_http: String,
     router_grpc: String,
@@ -283,8 +475,8 @@ impl Cluster {
                 Role::Decode => blueprint.spec.decode,
             };
             for _ in 0..count {
-                let (id, process) = blueprint.spawn_node(role)?;
-                spawned.push((role, id, process));
+                let (id, starting) = blueprint.spawn_node(role).await?;
+                spawned.push((role, id, starting));
             }
         }
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -293,8 +485,7 @@ impl Cluster {
             nodes.push(node_ready(role, id, process, deadline).await?);
         }
 
-        let mut router = blueprint.spawn_router()?;
-        let ready = router.wait_ready(Instant::now() + READY_TIMEOUT).await?;
+        let (router, router_http, router_grpc) = blueprint.spawn_router().await?;
         let http = reqwest::Client::builder()
             // Loopback only: a proxy from the environment must not get in the way.
             .no_proxy()
@@ -303,8 +494,8 @@ impl Cluster {
             .context("building the HTTP client")?;
         let cluster = Cluster {
             router,
-            router_http: ready.http,
-            router_grpc: ready.grpc,
+            router_http,
+            router_grpc,
             nodes,
             etcd,
             blueprint,
@@ -354,8 +545,12 @@ impl Cluster {
         self.dir.path()
     }
 
+    /// The router's pid; 0 when it runs in-process.
     pub fn router_pid(&self) -> u32 {
-        self.router.pid()
+        match &self.router {
+            Member::Process(p) => p.pid(),
+            Member::Task(_) => 0,
+        }
     }
 
     /// The worker nodes started and not killed, stopped or found exited.
@@ -370,16 +565,21 @@ impl Cluster {
     /// Starts one more node and waits for its ready line (not for the router to see it: call
     /// [`Cluster::wait_for_nodes`] for that). Returns its id.
     pub async fn add_node(&mut self, role: Role) -> Result<String> {
-        let (id, process) = self.blueprint.spawn_node(role)?;
-        let node = node_ready(role, id.clone(), process, Instant::now() + READY_TIMEOUT).await?;
+        let (id, starting) = self.blueprint.spawn_node(role).await?;
+        let node = node_ready(role, id.clone(), starting, Instant::now() + READY_TIMEOUT).await?;
         self.nodes.push(node);
         Ok(id)
     }
 
-    /// SIGKILLs node `id`, as a crash would, and reaps it.
+    /// SIGKILLs node `id`, as a crash would, and reaps it. Only child processes can be killed.
     pub fn kill_node(&mut self, id: &str) -> Result<()> {
+        if self.blueprint.spec.in_process {
+            bail!("node {id} runs in-process and cannot be killed: use a cluster of processes");
+        }
         let mut node = self.take_node(id)?;
-        node.process.kill();
+        if let Member::Process(p) = &mut node.process {
+            p.kill();
+        }
         Ok(())
     }
 
@@ -487,7 +687,7 @@ impl Cluster {
                 log,
             });
         }
-        if let Some(status) = self.etcd.newly_exited() {
+        if let Some(status) = self.etcd.newly_exited().map(|s| s.to_string()) {
             let log = self.etcd.log_path().to_path_buf();
             exited.push(ExitedProcess {
                 id: "etcd".into(),

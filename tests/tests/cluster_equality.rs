@@ -22,7 +22,12 @@ fn references() -> Vec<(String, Vec<u32>, Generated)> {
         .collect()
 }
 
+/// The nodes run in this process: these checks need no kill or freeze.
 async fn check_cluster(spec: ClusterSpec, concurrent: usize, http: bool) {
+    let spec = ClusterSpec {
+        in_process: true,
+        ..spec
+    };
     let refs = references();
     let cluster = Cluster::start(spec).await.expect("cluster starts");
     let mut client = grpc_client(&cluster).await;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use pd_common::sampling::SamplingParams;
+use pd_common::wire::ToWire;
 use pd_proto::v1 as pb;
 use pd_proto::v1::node_client::NodeClient;
 use pd_tests::cluster::{Cluster, ClusterSpec, Role};
@@ -63,7 +64,7 @@ fn start_streams(
                     prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds {
                         ids: prompt,
                     })),
-                    sampling: Some(pb::SamplingParams::from(&params)),
+                    sampling: Some(params.to_wire()),
                     ..Default::default()
                 };
                 let mut stream = client.generate(request).await?.into_inner();
@@ -280,9 +281,11 @@ async fn a_frozen_prefill_node_costs_one_deadline_not_a_hung_request() {
         .find(|n| n.role == Role::Prefill)
         .expect("a prefill node");
     // Frozen, not dead: its connections stay open and nothing answers.
+    // SAFETY: kill(2) touches no memory of ours; the pid is a child the cluster has not reaped.
     assert_eq!(unsafe { libc::kill(prefill.pid as i32, libc::SIGSTOP) }, 0);
     let mut client = grpc_client(&cluster).await;
     let got = grpc_generate(&mut client, &prompt, &greedy(8)).await;
+    // SAFETY: as for SIGSTOP above.
     unsafe { libc::kill(prefill.pid as i32, libc::SIGCONT) };
     assert_eq!(got.expect("served after the deadline").ids, want.ids);
     assert_all_blocks_free(&cluster).await;

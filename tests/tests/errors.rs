@@ -7,7 +7,7 @@ use candle_core::Device;
 use pd_common::engine::{EngineConfig, EngineCore, GenerateRequest};
 use pd_common::model::{self, ModelSource};
 use pd_common::sampling::SamplingParams;
-use pd_common::{Error, ErrorKind};
+use pd_engine::{Error, ErrorKind};
 use pd_tests::{real_engine, real_model};
 
 fn engine() -> EngineCore {
@@ -18,7 +18,7 @@ fn submit(
     core: &mut EngineCore,
     prompt_ids: Vec<u32>,
     params: SamplingParams,
-) -> pd_common::Result<u64> {
+) -> pd_engine::Result<u64> {
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     core.add_request(
         GenerateRequest {

@@ -19,7 +19,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
-use pd_common::{Error, ErrorKind};
+use pd_common::{EngineError, Error, ErrorKind};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -112,10 +112,16 @@ impl ApiError {
     }
 }
 
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        Error::from(e).into()
+    }
+}
+
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let (status, kind, code) = match (&e, e.kind()) {
-            (Error::PromptTooLong { .. }, _) => (
+            (Error::Engine(EngineError::PromptTooLong { .. }), _) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 Some("context_length_exceeded"),

@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use pd_common::engine::ExportedKv;
 use pd_common::kv::{blocks_for_tokens, KvCache, KvCacheSpec};
 use pd_common::model::ModelConfig;
-use pd_common::transfer::{self, grpc};
+use pd_common::rpc::RpcConfig;
+use pd_common::transfer::{self, grpc, push, KvReceiver, KvTransferService};
 use pd_proto::v1::KvHandshake;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -109,11 +110,13 @@ async fn grpc_once(
 ) -> anyhow::Result<f64> {
     let cache = KvCache::new(spec.clone(), &Device::Cpu)?;
     let fingerprint = transfer::fingerprint(model, spec);
-    let receiver = grpc::KvReceiver::new(cache, fingerprint.clone());
+    let receiver = KvReceiver::new(cache, fingerprint.clone());
+    let rpc = RpcConfig::default();
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?.to_string();
-    let server = pd_common::rpc::server()
-        .add_service(receiver.service())
+    let server = rpc
+        .server()
+        .add_service(KvTransferService::new(receiver.clone()).into_server())
         .serve_with_incoming(TcpListenerStream::new(listener));
     let server = tokio::spawn(server);
 
@@ -127,7 +130,7 @@ async fn grpc_once(
         ..Default::default()
     };
     let (sink, exported) = mpsc::unbounded_channel();
-    let client = grpc::client(&address)?;
+    let client = grpc::client(&rpc, &address)?;
     let started = Instant::now();
     for (layer, (keys, values)) in layers.iter().enumerate() {
         sink.send(ExportedKv {
@@ -140,7 +143,7 @@ async fn grpc_once(
         })?;
     }
     drop(sink);
-    grpc::push(client, "bench", handshake, exported).await?;
+    push::push(client, "bench", handshake, exported, grpc::GrpcSink).await?;
     let seconds = started.elapsed().as_secs_f64();
     ticket.finish().context("the whole transfer arrived")?;
     server.abort();

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use pd_common::engine::{EngineConfig, GenerateRequest};
 use pd_common::sampling::SamplingParams;
+use pd_common::wire::ToWire;
 use pd_proto::v1 as pb;
 use pd_proto::v1::generation_client::GenerationClient;
 use pd_proto::v1::node_client::NodeClient;
@@ -46,7 +47,7 @@ pub fn reference(prompt_ids: &[u32], params: &SamplingParams) -> Generated {
         completion_tokens: r.ids.len() as u32,
         ids: r.ids,
         text: r.text,
-        finish_reason: pb::FinishReason::from(r.reason) as i32,
+        finish_reason: r.reason.to_wire() as i32,
     }
 }
 
@@ -74,7 +75,7 @@ pub async fn grpc_generate(
         prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds {
             ids: prompt_ids.to_vec(),
         })),
-        sampling: Some(pb::SamplingParams::from(params)),
+        sampling: Some(params.to_wire()),
         ..Default::default()
     };
     let work = async {

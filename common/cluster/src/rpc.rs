@@ -1,0 +1,106 @@
+//! gRPC plumbing every node shares: servers and channels with the cluster's connection settings,
+//! and the mapping of peer addresses to URIs.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{Error, Result};
+
+const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
+const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 2_000;
+const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 2_000;
+/// HTTP/2 flow-control windows. KV transfers are bulk streams of megabytes: with the 64 KiB
+/// default windows the sender waits for a window update every 64 KiB.
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+
+/// Connection settings for every gRPC server and channel of a node.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RpcConfig {
+    /// How long opening a connection to a peer may take, in milliseconds.
+    #[arg(long, env = "PD_CONNECT_TIMEOUT_MS", default_value_t = DEFAULT_CONNECT_TIMEOUT_MS)]
+    pub connect_timeout_ms: u64,
+
+    /// Interval of HTTP/2 keep-alive pings, in milliseconds: a peer that vanished without
+    /// closing its connections (a partition, a frozen host) is found within about this plus
+    /// --keepalive-timeout-ms.
+    #[arg(long, env = "PD_KEEPALIVE_INTERVAL_MS", default_value_t = DEFAULT_KEEPALIVE_INTERVAL_MS)]
+    pub keepalive_interval_ms: u64,
+
+    /// How long a keep-alive ping may go unanswered before the connection is dropped, in
+    /// milliseconds.
+    #[arg(long, env = "PD_KEEPALIVE_TIMEOUT_MS", default_value_t = DEFAULT_KEEPALIVE_TIMEOUT_MS)]
+    pub keepalive_timeout_ms: u64,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            keepalive_interval_ms: DEFAULT_KEEPALIVE_INTERVAL_MS,
+            keepalive_timeout_ms: DEFAULT_KEEPALIVE_TIMEOUT_MS,
+        }
+    }
+}
+
+impl RpcConfig {
+    fn keepalive(&self) -> (Duration, Duration) {
+        (
+            Duration::from_millis(self.keepalive_interval_ms.max(1)),
+            Duration::from_millis(self.keepalive_timeout_ms.max(1)),
+        )
+    }
+
+    /// A gRPC server with the cluster's connection settings.
+    pub fn server(&self) -> tonic::transport::Server {
+        let (interval, timeout) = self.keepalive();
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .http2_keepalive_interval(Some(interval))
+            .http2_keepalive_timeout(Some(timeout))
+    }
+
+    /// A lazily connecting channel to `address` (`host:port`, or a full `http://` URI).
+    pub fn channel(&self, address: &str) -> Result<Channel> {
+        Ok(self.endpoint(address)?.connect_lazy())
+    }
+
+    /// The endpoint of `address` with the cluster's connection settings.
+    pub fn endpoint(&self, address: &str) -> Result<Endpoint> {
+        let uri = if address.contains("://") {
+            address.to_string()
+        } else {
+            format!("http://{address}")
+        };
+        let (interval, timeout) = self.keepalive();
+        Ok(Endpoint::from_shared(uri)
+            .map_err(|e| Error::BadPeerAddress {
+                address: address.to_string(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_millis(self.connect_timeout_ms.max(1)))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(interval)
+            .keep_alive_timeout(timeout)
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_address_is_the_peers_fault() {
+        let e = RpcConfig::default().channel("not a uri\u{7f}").unwrap_err();
+        assert!(matches!(e, Error::BadPeerAddress { .. }), "{e:?}");
+        assert_eq!(e.retry(), crate::error::Retry::Elsewhere);
+    }
+}

@@ -1,0 +1,242 @@
+//! The transfer path end to end on loopback: push driver, `KvTransfer` service, reservations.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use pd_proto::v1::{KvHandshake, ModelFingerprint, NcclConnectRequest};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use super::grpc::{client, GrpcSink};
+use super::push::{push, ChunkSink};
+use super::{KvReceiver, KvTransferService, TransferBackend, TransferTicket};
+use crate::engine::ExportedKv;
+use crate::kv::{KvCache, KvCacheSpec};
+use crate::rpc::RpcConfig;
+
+/// Sends the handshake as the test made it, whatever backend it names: what a peer of another
+/// build, or a hostile one, may send.
+struct AsIs;
+
+impl ChunkSink for AsIs {
+    fn backend(&self) -> TransferBackend {
+        TransferBackend::Grpc
+    }
+    fn prepare(&self, _handshake: &mut KvHandshake) {}
+    async fn chunk(&mut self, kv: ExportedKv) -> crate::Result<pd_proto::v1::KvChunk> {
+        super::chunk_from_tensors(kv.layer, kv.first_block as u32, &kv.keys, &kv.values)
+    }
+    async fn flush(&mut self) -> crate::Result<()> {
+        Ok(())
+    }
+    fn failed(&mut self) {}
+}
+
+fn spec() -> KvCacheSpec {
+    KvCacheSpec {
+        num_layers: 2,
+        num_kv_heads: 2,
+        head_dim: 8,
+        block_size: 4,
+        num_blocks: 8,
+        dtype: DType::F16,
+    }
+}
+
+fn exported(layer: usize, blocks: usize) -> ExportedKv {
+    let k = Tensor::randn(0f32, 1., (blocks, 4, 2, 8), &Device::Cpu).unwrap();
+    let k = k.to_dtype(DType::F16).unwrap();
+    ExportedKv {
+        layer,
+        first_block: 0,
+        values: k.clone(),
+        keys: k,
+        #[cfg(feature = "cuda")]
+        ready: None,
+    }
+}
+
+async fn serve(receiver: &Arc<KvReceiver>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let server = RpcConfig::default()
+        .server()
+        .add_service(KvTransferService::new(receiver.clone()).into_server())
+        .serve_with_incoming(TcpListenerStream::new(listener));
+    tokio::spawn(server);
+    address
+}
+
+fn handshake(receiver: &KvReceiver, ticket: &TransferTicket, blocks: u32) -> KvHandshake {
+    KvHandshake {
+        request_id: "t".into(),
+        transfer_id: ticket.id(),
+        fingerprint: Some(receiver.fingerprint().clone()),
+        num_blocks: blocks,
+        ..Default::default()
+    }
+}
+
+fn fingerprint() -> ModelFingerprint {
+    ModelFingerprint {
+        model_id: "m".into(),
+        kv_dtype: "f16".into(),
+        num_layers: 2,
+        num_kv_heads: 2,
+        head_dim: 8,
+        block_size: 4,
+    }
+}
+
+#[tokio::test]
+async fn a_whole_transfer_completes_its_ticket_and_a_partial_one_does_not() {
+    let cache = KvCache::new(spec(), &Device::Cpu).unwrap();
+    let receiver = KvReceiver::new(cache, fingerprint());
+    let address = serve(&receiver).await;
+
+    let ticket = receiver.expect(vec![3, 5]);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(exported(0, 2)).unwrap();
+    tx.send(exported(1, 2)).unwrap();
+    drop(tx);
+    let hs = handshake(&receiver, &ticket, 2);
+    let ack = push(
+        client(&RpcConfig::default(), &address).unwrap(),
+        "t",
+        hs,
+        rx,
+        GrpcSink,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ack.chunks, 2);
+    assert!(ticket.is_complete());
+    assert_eq!(ticket.finish().unwrap().chunks, 2);
+    assert_eq!(receiver.pending(), 0);
+
+    let ticket = receiver.expect(vec![1, 2]);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(exported(0, 2)).unwrap();
+    drop(tx);
+    let hs = handshake(&receiver, &ticket, 2);
+    push(
+        client(&RpcConfig::default(), &address).unwrap(),
+        "t",
+        hs,
+        rx,
+        GrpcSink,
+    )
+    .await
+    .unwrap();
+    assert!(!ticket.is_complete());
+    assert!(ticket.finish().unwrap_err().to_string().contains("missing"));
+}
+
+#[tokio::test]
+async fn closed_unknown_and_mismatched_transfers_are_refused() {
+    let cache = KvCache::new(spec(), &Device::Cpu).unwrap();
+    let receiver = KvReceiver::new(cache, fingerprint());
+    let address = serve(&receiver).await;
+
+    // A ticket dropped (given up) refuses the sender: NOT_FOUND at the handshake.
+    let ticket = receiver.expect(vec![0]);
+    let hs = handshake(&receiver, &ticket, 1);
+    drop(ticket);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(exported(0, 1)).unwrap();
+    drop(tx);
+    let err = push(
+        client(&RpcConfig::default(), &address).unwrap(),
+        "t",
+        hs,
+        rx,
+        GrpcSink,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::NotFound);
+
+    // Another model's KV: refused, naming the field.
+    let ticket = receiver.expect(vec![0]);
+    let mut hs = handshake(&receiver, &ticket, 1);
+    if let Some(f) = hs.fingerprint.as_mut() {
+        f.head_dim = 128;
+    }
+    let (_tx, rx) = mpsc::unbounded_channel();
+    let err = push(
+        client(&RpcConfig::default(), &address).unwrap(),
+        "t",
+        hs,
+        rx,
+        GrpcSink,
+    )
+    .await
+    .unwrap_err();
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("head_dim"), "{status:?}");
+    assert!(!ticket.is_complete());
+}
+
+#[tokio::test]
+async fn unknown_backends_are_refused_and_nccl_needs_an_nccl_build() {
+    let cache = KvCache::new(spec(), &Device::Cpu).unwrap();
+    let receiver = KvReceiver::new(cache, fingerprint());
+    let address = serve(&receiver).await;
+
+    let ticket = receiver.expect(vec![0]);
+    let mut hs = handshake(&receiver, &ticket, 1);
+    hs.backend = 42;
+    let (_tx, rx) = mpsc::unbounded_channel();
+    let err = push(
+        client(&RpcConfig::default(), &address).unwrap(),
+        "t",
+        hs,
+        rx,
+        AsIs,
+    )
+    .await
+    .unwrap_err();
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // An NCCL handshake naming a link this node never joined.
+    let mut hs = handshake(&receiver, &ticket, 1);
+    hs.set_backend(TransferBackend::Nccl.to_wire());
+    hs.nccl_link = "no-such-link".into();
+    let (_tx, rx) = mpsc::unbounded_channel();
+    let err = push(
+        client(&RpcConfig::default(), &address).unwrap(),
+        "t",
+        hs,
+        rx,
+        AsIs,
+    )
+    .await
+    .unwrap_err();
+    let code = tonic::Status::from(err).code();
+    let expected = if cfg!(feature = "nccl") {
+        tonic::Code::NotFound
+    } else {
+        tonic::Code::Unimplemented
+    };
+    assert_eq!(code, expected);
+    assert!(!ticket.is_complete());
+
+    // Joining a link: refused outright without NCCL, and for a malformed id with it.
+    let err = client(&RpcConfig::default(), &address)
+        .unwrap()
+        .nccl_connect(NcclConnectRequest {
+            unique_id: vec![0; 7],
+            link_id: "l".into(),
+            fingerprint: Some(fingerprint()),
+        })
+        .await
+        .unwrap_err();
+    let expected = if cfg!(feature = "nccl") {
+        tonic::Code::InvalidArgument
+    } else {
+        tonic::Code::Unimplemented
+    };
+    assert_eq!(err.code(), expected, "{err:?}");
+}

@@ -1,0 +1,130 @@
+//! `KvTransfer` as a decode node serves it: a `Push` stream opens one expected transfer with its
+//! handshake, then each chunk is written into the reservation, by the bytes it carries (gRPC) or
+//! by a receive over the NCCL link it names. `NcclConnect` joins links that prefill nodes open.
+
+use std::sync::Arc;
+
+use pd_proto::v1::kv_push_message::Message as PushMessage;
+use pd_proto::v1::kv_transfer_server::{KvTransfer, KvTransferServer};
+use pd_proto::v1::{KvPushAck, KvPushMessage, NcclConnectReply, NcclConnectRequest};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::grpc::MAX_MESSAGE_BYTES;
+use super::reservation::KvReceiver;
+use super::TransferBackend;
+use crate::telemetry::names;
+
+/// `KvTransfer` as served by a decode node.
+#[derive(Clone)]
+pub struct KvTransferService {
+    receiver: Arc<KvReceiver>,
+    /// NCCL links prefill nodes opened to this node, by link id.
+    #[cfg(feature = "nccl")]
+    links: Arc<super::nccl::Links>,
+    #[cfg(feature = "nccl")]
+    nccl: super::nccl::NcclConfig,
+}
+
+impl KvTransferService {
+    pub fn new(receiver: Arc<KvReceiver>) -> Self {
+        Self {
+            receiver,
+            #[cfg(feature = "nccl")]
+            links: Arc::default(),
+            #[cfg(feature = "nccl")]
+            nccl: Default::default(),
+        }
+    }
+
+    /// The NCCL links this node joins use `nccl`'s timeouts.
+    #[cfg(feature = "nccl")]
+    pub fn with_nccl(mut self, nccl: super::nccl::NcclConfig) -> Self {
+        self.nccl = nccl;
+        self
+    }
+
+    /// The gRPC service, with message limits sized for KV chunks.
+    pub fn into_server(self) -> KvTransferServer<Self> {
+        KvTransferServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+#[tonic::async_trait]
+impl KvTransfer for KvTransferService {
+    async fn push(
+        &self,
+        request: Request<Streaming<KvPushMessage>>,
+    ) -> Result<Response<KvPushAck>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty KV push: no handshake"))?;
+        let Some(PushMessage::Handshake(handshake)) = first.message else {
+            return Err(Status::invalid_argument(
+                "a KV push must start with a handshake",
+            ));
+        };
+        let transfer = self.receiver.open(&handshake).inspect_err(|e| {
+            tracing::warn!(request_id = %handshake.request_id, error = %e, "KV handshake refused");
+        })?;
+        let backend = TransferBackend::from_wire(handshake.backend)?;
+        #[cfg(feature = "nccl")]
+        let link = match backend {
+            TransferBackend::Nccl => Some(self.links.get_or_refuse(&handshake.nccl_link)?),
+            TransferBackend::Grpc => None,
+        };
+        #[cfg(not(feature = "nccl"))]
+        if backend == TransferBackend::Nccl {
+            return Err(Status::unimplemented("this node was built without NCCL"));
+        }
+        let mut ack = KvPushAck::default();
+        while let Some(message) = stream.message().await? {
+            let Some(PushMessage::Chunk(chunk)) = message.message else {
+                return Err(Status::invalid_argument(
+                    "only chunks may follow the handshake",
+                ));
+            };
+            #[cfg(feature = "nccl")]
+            let written = match &link {
+                Some(link) => super::nccl::receive_chunk(link, &transfer, &chunk).await,
+                None => transfer.write(&chunk),
+            };
+            #[cfg(not(feature = "nccl"))]
+            let written = transfer.write(&chunk);
+            let written = written.inspect_err(|e| {
+                metrics::counter!(names::KV_TRANSFER_FAILURES_TOTAL, "direction" => "received")
+                    .increment(1);
+                tracing::warn!(request_id = %handshake.request_id, error = %e, "KV chunk refused");
+            })?;
+            ack.chunks += 1;
+            ack.bytes += written as u64;
+        }
+        Ok(Response::new(ack))
+    }
+
+    async fn nccl_connect(
+        &self,
+        request: Request<NcclConnectRequest>,
+    ) -> Result<Response<NcclConnectReply>, Status> {
+        #[cfg(feature = "nccl")]
+        {
+            let request = request.into_inner();
+            let link_id = request.link_id.clone();
+            super::nccl::join(&self.links, &self.nccl, &self.receiver, request)
+                .await
+                .inspect_err(|e| {
+                    tracing::warn!(link = %link_id, error = %e, "NCCL link refused");
+                })?;
+            tracing::info!(link = %link_id, "NCCL link joined");
+            Ok(Response::new(NcclConnectReply {}))
+        }
+        #[cfg(not(feature = "nccl"))]
+        {
+            let _ = request;
+            Err(Status::unimplemented("this node was built without NCCL"))
+        }
+    }
+}

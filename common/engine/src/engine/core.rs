@@ -1,0 +1,351 @@
+//! The engine's state: every sequence by id, and the life-cycle transitions that move them
+//! between the queue and the running batch. Scheduling is in [`super::scheduler`], the step
+//! itself in [`super::step`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::config::EngineConfig;
+use super::sequence::{GenerateRequest, Placement, SeqEvent, SeqId, SeqState, Sequence};
+use crate::kv::{KvBlockAllocator, KvCache};
+use crate::model::LlamaModel;
+use crate::sampling::{FinishReason, SampledToken, StopChecker};
+use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+use crate::{Error, Result};
+
+/// A snapshot of the engine's load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub waiting: usize,
+    pub running: usize,
+    /// Holding reserved blocks while another node fills them.
+    pub awaiting_kv: usize,
+    pub free_blocks: usize,
+    pub total_blocks: usize,
+    /// Tokens not yet run through the model: queued prompts and unfinished prompt chunks.
+    pub pending_tokens: usize,
+    /// Sequences preempted (blocks taken back, to recompute later) since the engine started.
+    pub preemptions: u64,
+}
+
+pub struct EngineCore {
+    pub(super) model: Arc<LlamaModel>,
+    pub(super) tokenizer: Option<Arc<Tokenizer>>,
+    pub(super) eog_ids: Vec<u32>,
+    pub(super) config: EngineConfig,
+    pub(super) max_model_len: usize,
+    pub(super) cache: KvCache,
+    pub(super) allocator: KvBlockAllocator,
+    /// Every sequence the engine holds, whatever its state.
+    pub(super) seqs: HashMap<SeqId, Sequence>,
+    /// The `Waiting` and `Preempted` sequences, in admission order (preempted ones first).
+    pub(super) queue: VecDeque<SeqId>,
+    /// The sequences that run in steps (`Prefilling`, `Exporting`, `Decoding`), oldest first:
+    /// the youngest is the first to be preempted.
+    pub(super) running: Vec<SeqId>,
+    next_id: SeqId,
+    pub(super) preemptions: u64,
+}
+
+impl EngineCore {
+    pub fn new(
+        model: Arc<LlamaModel>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        config: EngineConfig,
+    ) -> Result<Self> {
+        let spec = config.cache_spec(model.config(), model.device())?;
+        let max_model_len = config.max_model_len(model.config(), &spec);
+        let allocator = KvBlockAllocator::new(spec.num_blocks);
+        let cache = KvCache::new(spec, model.device())?;
+        let eog_ids = tokenizer
+            .as_ref()
+            .map(|t| t.eog_token_ids().to_vec())
+            .unwrap_or_default();
+        Ok(Self {
+            model,
+            tokenizer,
+            eog_ids,
+            config,
+            max_model_len,
+            cache,
+            allocator,
+            seqs: HashMap::new(),
+            queue: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+            preemptions: 0,
+        })
+    }
+
+    pub fn model(&self) -> &Arc<LlamaModel> {
+        &self.model
+    }
+
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    /// The cache tensors (shared: a KV receiver writes into blocks reserved for it).
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Whether a step could compute something. Sequences awaiting remote KV are not work.
+    pub fn has_work(&self) -> bool {
+        !self.queue.is_empty() || !self.running.is_empty()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let seq = |id: &SeqId| self.seqs.get(id);
+        EngineStats {
+            waiting: self.queue.len(),
+            running: self.running.len(),
+            awaiting_kv: self.holding_blocks() - self.running.len(),
+            free_blocks: self.allocator.num_free(),
+            total_blocks: self.allocator.num_blocks(),
+            // A decoding sequence always has its one sampled token pending: not prompt work.
+            pending_tokens: self
+                .queue
+                .iter()
+                .filter_map(seq)
+                .map(|s| s.pending())
+                .sum::<usize>()
+                + self
+                    .running
+                    .iter()
+                    .filter_map(seq)
+                    .map(|s| s.pending())
+                    .filter(|&n| n > 1)
+                    .sum::<usize>(),
+            preemptions: self.preemptions,
+        }
+    }
+
+    /// Sequences holding blocks: running ones and those awaiting remote KV.
+    pub(super) fn holding_blocks(&self) -> usize {
+        self.seqs.len() - self.queue.len()
+    }
+
+    /// Checks a request against the model and this engine's limits.
+    pub fn validate(&self, req: &GenerateRequest) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        if req.prompt_ids.is_empty() {
+            return Err(Error::invalid("the prompt is empty"));
+        }
+        if let Some(id) = req.prompt_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::invalid(format!(
+                "prompt token id {id} is outside the vocabulary of {vocab}"
+            )));
+        }
+        if let Some(id) = req.resume_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::invalid(format!(
+                "resumed token id {id} is outside the vocabulary of {vocab}"
+            )));
+        }
+        req.params.validate(vocab)?;
+        let max_tokens = req.params.max_tokens as usize;
+        if req.resume_ids.len() >= max_tokens {
+            return Err(Error::invalid(format!(
+                "{} tokens already generated leave nothing to generate under max_tokens {max_tokens}",
+                req.resume_ids.len()
+            )));
+        }
+        if req.prompt_ids.len() + max_tokens > self.max_model_len {
+            return Err(Error::PromptTooLong {
+                prompt_tokens: req.prompt_ids.len(),
+                max_tokens,
+                context: self.max_model_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues a request to run here from start to end; its tokens arrive on `events`.
+    pub fn add_request(
+        &mut self,
+        req: GenerateRequest,
+        events: mpsc::UnboundedSender<SeqEvent>,
+    ) -> Result<SeqId> {
+        self.submit(req, Placement::Local, events)
+    }
+
+    /// Queues a request whose KV is computed as `placement` says.
+    pub fn submit(
+        &mut self,
+        req: GenerateRequest,
+        placement: Placement,
+        events: mpsc::UnboundedSender<SeqEvent>,
+    ) -> Result<SeqId> {
+        self.validate(&req)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let seed = req.params.seed.unwrap_or_else(rand::random);
+        let mut decoder = IncrementalDecoder::new(req.params.skip_special_tokens);
+        let mut stop = StopChecker::from_params(&req.params);
+        // Replay resumed tokens through the detokenizer and stop checker: their text went out
+        // already, and what was held back then (a partial character, a possible stop string)
+        // must be held back now too. Both are deterministic, so the replay ends in that state.
+        let exporting = matches!(placement, Placement::Export(_));
+        if let (Some(tok), false) = (&self.tokenizer, exporting) {
+            for &token in &req.resume_ids {
+                let piece = decoder.push(tok, token)?;
+                stop.push(&piece);
+            }
+        }
+        let mut tokens = req.prompt_ids;
+        let prompt_len = tokens.len();
+        tokens.extend_from_slice(&req.resume_ids);
+        self.seqs.insert(
+            id,
+            Sequence {
+                id,
+                prompt_len,
+                num_computed: 0,
+                blocks: Vec::new(),
+                decoder,
+                stop,
+                tokens,
+                params: req.params,
+                seed,
+                state: SeqState::Waiting(placement),
+                events,
+                arrived: Instant::now(),
+                first_scheduled: None,
+                first_token: None,
+            },
+        );
+        self.queue.push_back(id);
+        Ok(id)
+    }
+
+    /// A sequence awaiting remote KV has it now, with its first token sampled there: it joins
+    /// the running batch.
+    pub fn activate(&mut self, id: SeqId, first: SampledToken) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        if first.id as usize >= vocab {
+            // A peer's word is not trusted with the embedding table: the caller falls back.
+            return Err(Error::invalid(format!(
+                "first token {} is outside the vocabulary of {vocab}",
+                first.id
+            )));
+        }
+        self.expect_awaiting(id)?;
+        let seq = self.seq_mut(id)?;
+        seq.num_computed = seq.tokens.len();
+        seq.first_scheduled.get_or_insert_with(Instant::now);
+        self.set_state(id, SeqState::Decoding)?;
+        let outcome = self.append(id, first);
+        self.settle(id, outcome);
+        Ok(())
+    }
+
+    /// A sequence awaiting remote KV computes it here instead, in the blocks it holds.
+    pub fn prefill_locally(&mut self, id: SeqId) -> Result<()> {
+        self.expect_awaiting(id)?;
+        self.seq_mut(id)?.num_computed = 0;
+        self.set_state(id, SeqState::Prefilling)?;
+        Ok(())
+    }
+
+    fn expect_awaiting(&self, id: SeqId) -> Result<()> {
+        match self.seqs.get(&id).map(|s| &s.state) {
+            Some(SeqState::AwaitingKv) => Ok(()),
+            _ => Err(Error::NotFound(format!(
+                "sequence {id} is not awaiting KV (finished or cancelled)"
+            ))),
+        }
+    }
+
+    pub(super) fn seq_mut(&mut self, id: SeqId) -> Result<&mut Sequence> {
+        self.seqs
+            .get_mut(&id)
+            .ok_or_else(|| Error::Internal(format!("sequence {id} is gone")))
+    }
+
+    /// Ends a request early and frees its blocks. Returns whether it was found.
+    pub fn abort(&mut self, id: SeqId) -> bool {
+        if !self.seqs.contains_key(&id) {
+            return false;
+        }
+        self.finish(id, FinishReason::Cancelled);
+        true
+    }
+
+    /// Fails every sequence with `Unavailable` (shutdown after the drain deadline): a router
+    /// resumes such a request on another node.
+    pub fn abort_all(&mut self) {
+        let all: Vec<SeqId> = self.seqs.keys().copied().collect();
+        for id in all {
+            self.fail(id, Error::Unavailable("the node is shutting down".into()));
+        }
+    }
+
+    /// Cancels sequences whose client has gone away, freeing their blocks.
+    pub fn drop_abandoned(&mut self) {
+        let abandoned: Vec<SeqId> = self
+            .seqs
+            .values()
+            .filter(|s| s.is_abandoned())
+            .map(|s| s.id)
+            .collect();
+        for id in abandoned {
+            tracing::debug!(seq = id, "client went away");
+            self.abort(id);
+        }
+    }
+
+    /// Moves sequence `id` to state `to`, keeping the queue and the running list in step with
+    /// the states; returns the state it left. Every transition goes through here.
+    pub(super) fn set_state(&mut self, id: SeqId, to: SeqState) -> Result<SeqState> {
+        let seq = self.seq_mut(id)?;
+        if !seq.state.may_become(&to) {
+            return Err(Error::Internal(format!(
+                "sequence {id} cannot go from {} to {}",
+                seq.state.name(),
+                to.name()
+            )));
+        }
+        let (was_queued, was_running) = (seq.state.is_queued(), seq.state.is_running());
+        let (queued, running) = (to.is_queued(), to.is_running());
+        let front = matches!(to, SeqState::Preempted(_));
+        let from = std::mem::replace(&mut seq.state, to);
+        if was_queued && !queued {
+            self.queue.retain(|&q| q != id);
+        }
+        if was_running && !running {
+            self.running.retain(|&r| r != id);
+        }
+        if queued && !was_queued {
+            // Preempted sequences go ahead of new arrivals.
+            if front {
+                self.queue.push_front(id);
+            } else {
+                self.queue.push_back(id);
+            }
+        }
+        if running && !was_running {
+            self.running.push(id);
+        }
+        Ok(from)
+    }
+
+    /// Takes a sequence out of the engine, whatever its state, freeing its blocks.
+    pub(super) fn remove(&mut self, id: SeqId) -> Option<Sequence> {
+        let mut seq = self.seqs.remove(&id)?;
+        if seq.state.is_queued() {
+            self.queue.retain(|&q| q != id);
+        }
+        if seq.state.is_running() {
+            self.running.retain(|&r| r != id);
+        }
+        let blocks = std::mem::take(&mut seq.blocks);
+        if let Err(e) = self.allocator.free(&blocks) {
+            // A broken invariant: report it loudly, but keep serving.
+            tracing::error!(seq = id, error = %e, "freeing KV blocks failed");
+        }
+        Some(seq)
+    }
+}

@@ -1,0 +1,26 @@
+//! Continuous batching in one process.
+//!
+//! [`EngineCore`] owns the model, the KV cache and every sequence; each [`EngineCore::step`]
+//! schedules a packed batch (decode tokens of running sequences first, then prompt chunks under a
+//! token budget), runs one forward pass, samples, and streams each sequence's new token. Requests
+//! join between steps and finished ones leave at once, freeing their blocks. A sequence's life is
+//! an explicit state (waiting, preempted, awaiting KV, prefilling, exporting, decoding) that
+//! changes in one place (`EngineCore::set_state`); see `sequence.rs`.
+//!
+//! [`EngineHandle`] runs a core on its own thread and is what async code talks to: a bounded
+//! command channel in, one event stream per request out.
+
+mod config;
+mod core;
+mod handle;
+mod scheduler;
+mod sequence;
+mod step;
+
+pub use self::config::{EngineConfig, KvCacheDtype};
+pub use self::core::{EngineCore, EngineStats};
+pub use self::handle::{EngineHandle, RequestStream};
+pub use self::sequence::{
+    Completion, ExportedKv, GenerateRequest, KvSink, Placement, SeqEvent, SeqId, Timings,
+    TokenEvent,
+};

@@ -1,0 +1,158 @@
+//! Picking a step's work: running sequences first (oldest first), then admissions from the queue
+//! while the token budget, the sequence limit and free blocks allow. A running sequence that
+//! needs a block when none is free takes it from the youngest running sequence, which is
+//! preempted: it goes back to the front of the queue and recomputes later.
+
+use super::core::EngineCore;
+use super::sequence::{Placement, SeqId, SeqState};
+use crate::kv::blocks_for_tokens;
+use crate::sampling::FinishReason;
+use crate::telemetry::names;
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Scheduled {
+    pub id: SeqId,
+    /// Tokens it runs through the model this step.
+    pub tokens: usize,
+}
+
+impl EngineCore {
+    /// This step's work, in packing order.
+    pub(super) fn schedule(&mut self) -> Vec<Scheduled> {
+        let bs = self.cache.spec().block_size;
+        let mut budget = self.config.max_batch_tokens;
+        let mut plan = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let Some(seq) = self.seqs.get(&id) else {
+                i += 1;
+                continue;
+            };
+            let tokens = seq.pending().min(budget);
+            let needed =
+                blocks_for_tokens(seq.num_computed + tokens, bs).saturating_sub(seq.blocks.len());
+            while needed > self.allocator.num_free() && self.running.len() > i + 1 {
+                if let Some(&victim) = self.running.last() {
+                    self.preempt(victim);
+                }
+            }
+            if needed > self.allocator.num_free() {
+                // Out of blocks even after preempting everyone younger: admitting new requests
+                // now would only take blocks this sequence needs.
+                return plan;
+            }
+            if let (Ok(blocks), Some(seq)) =
+                (self.allocator.allocate(needed), self.seqs.get_mut(&id))
+            {
+                seq.blocks.extend(blocks);
+                plan.push(Scheduled { id, tokens });
+                budget -= tokens;
+            }
+            i += 1;
+        }
+        while budget > 0 && self.holding_blocks() < self.config.max_num_seqs {
+            let Some(&id) = self.queue.front() else {
+                break;
+            };
+            match self.admit(id, budget) {
+                Admitted::Runs(tokens) => {
+                    plan.push(Scheduled { id, tokens });
+                    budget -= tokens;
+                }
+                Admitted::Awaits => {}
+                Admitted::NoRoom => break,
+            }
+        }
+        plan
+    }
+
+    /// Admits the sequence at the front of the queue, if its blocks can be had.
+    fn admit(&mut self, id: SeqId, budget: usize) -> Admitted {
+        let bs = self.cache.spec().block_size;
+        let Some(seq) = self.seqs.get(&id) else {
+            // Not reachable: the queue only holds sequences the engine has.
+            self.queue.retain(|&q| q != id);
+            return Admitted::Awaits;
+        };
+        if matches!(seq.state, SeqState::Waiting(Placement::Remote(_))) {
+            // Reserve blocks for every token so far; another node fills them.
+            let Ok(blocks) = self
+                .allocator
+                .allocate(blocks_for_tokens(seq.tokens.len(), bs))
+            else {
+                return Admitted::NoRoom;
+            };
+            let reserved = blocks.clone();
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.blocks = blocks;
+                seq.first_scheduled = Some(std::time::Instant::now());
+            }
+            let told = match self.set_state(id, SeqState::AwaitingKv) {
+                Ok(SeqState::Waiting(Placement::Remote(reply))) => reply.send(reserved).is_ok(),
+                _ => false,
+            };
+            if !told {
+                // Whoever asked is gone: nothing will ever fill these blocks.
+                self.finish(id, FinishReason::Cancelled);
+            }
+            return Admitted::Awaits;
+        }
+        let tokens = seq.pending().min(budget);
+        let Ok(blocks) = self
+            .allocator
+            .allocate(blocks_for_tokens(seq.num_computed + tokens, bs))
+        else {
+            return Admitted::NoRoom;
+        };
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.blocks = blocks;
+        }
+        let to = match self.seqs.get(&id).and_then(|s| s.state.export_sink()) {
+            Some(sink) => SeqState::Exporting(sink.clone()),
+            None => SeqState::Prefilling,
+        };
+        match self.set_state(id, to) {
+            Ok(_) => Admitted::Runs(tokens),
+            Err(e) => {
+                tracing::error!(seq = id, error = %e, "admission failed");
+                self.fail(id, e);
+                Admitted::Awaits
+            }
+        }
+    }
+
+    /// Frees a running sequence's blocks and queues it to recompute its KV from scratch.
+    pub(super) fn preempt(&mut self, id: SeqId) {
+        tracing::debug!(seq = id, "preempted for KV blocks");
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let blocks = std::mem::take(&mut seq.blocks);
+        seq.num_computed = 0;
+        let placement = match seq.state.export_sink() {
+            Some(sink) => Placement::Export(sink.clone()),
+            None => Placement::Local,
+        };
+        if let Err(e) = self.allocator.free(&blocks) {
+            tracing::error!(seq = id, error = %e, "freeing KV blocks failed");
+        }
+        self.preemptions += 1;
+        metrics::counter!(names::PREEMPTIONS_TOTAL).increment(1);
+        if let Err(e) = self.set_state(id, SeqState::Preempted(placement)) {
+            tracing::error!(seq = id, error = %e, "preemption failed");
+            self.fail(id, e);
+        }
+    }
+}
+
+/// What admitting the front of the queue did.
+enum Admitted {
+    /// It runs this step with this many tokens.
+    Runs(usize),
+    /// It holds its reserved blocks and waits for remote KV (or it left).
+    Awaits,
+    /// Its blocks are not free: admission stops for this step.
+    NoRoom,
+}

@@ -1,0 +1,254 @@
+//! A request's life inside the engine: its tokens, its blocks, its state, and what it streams back.
+
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::kv::BlockId;
+use crate::sampling::{FinishReason, SamplingParams, StopChecker};
+use crate::tokenizer::IncrementalDecoder;
+use crate::Error;
+
+pub type SeqId = u64;
+
+/// What a caller asks the engine for: token ids in, tokens out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerateRequest {
+    pub prompt_ids: Vec<u32>,
+    pub params: SamplingParams,
+    /// Output tokens an earlier attempt already delivered (a request resumed after a node
+    /// failed). They are computed with the prompt, count as output (for `max_tokens`, penalties
+    /// and the sampling position) and are not streamed again.
+    pub resume_ids: Vec<u32>,
+}
+
+/// Where a request's prompt KV comes from, and where it goes.
+#[derive(Debug)]
+pub enum Placement {
+    /// Computed here, then decoded here (aggregated serving).
+    Local,
+    /// Filled by another node. Once admitted, the engine reserves blocks for every token of the
+    /// request so far and sends their ids; the sequence then waits for
+    /// [`EngineHandle::activate`](super::EngineHandle::activate) (its KV has arrived, with the
+    /// first token) or [`EngineHandle::prefill_locally`](super::EngineHandle::prefill_locally).
+    Remote(oneshot::Sender<Vec<BlockId>>),
+    /// Prefill only: every layer's KV of every computed chunk goes to the sink as soon as the
+    /// layer is done; the request ends after its first token.
+    Export(KvSink),
+}
+
+/// Receives the KV a prefill computes, layer by layer.
+pub type KvSink = mpsc::UnboundedSender<ExportedKv>;
+
+/// One layer's K and V for a run of a sequence's blocks, `[blocks, block_size, kv_heads, head_dim]`.
+#[derive(Debug)]
+pub struct ExportedKv {
+    pub layer: usize,
+    /// Index of the run's first block among the sequence's blocks.
+    pub first_block: usize,
+    pub keys: Tensor,
+    pub values: Tensor,
+    /// On a GPU: recorded on the engine's stream right after `keys` and `values` were written,
+    /// so that a sender on another stream waits for them and not for the layers after.
+    #[cfg(feature = "cuda")]
+    pub ready: Option<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaEvent>>,
+}
+
+impl ExportedKv {
+    /// A run read from `cache` just now (on a GPU, with its ready event).
+    pub fn read(
+        cache: &crate::kv::KvCache,
+        layer: usize,
+        first_block: usize,
+        run: &crate::kv::BlockRun,
+    ) -> crate::Result<Self> {
+        let (keys, values) = cache.read_run(layer, run)?;
+        #[cfg(feature = "cuda")]
+        let ready = match keys.device() {
+            candle_core::Device::Cuda(d) => Some(std::sync::Arc::new(
+                d.cuda_stream()
+                    .record_event(None)
+                    .map_err(|e| crate::Error::Internal(format!("CUDA: {e}")))?,
+            )),
+            _ => None,
+        };
+        Ok(Self {
+            layer,
+            first_block,
+            keys,
+            values,
+            #[cfg(feature = "cuda")]
+            ready,
+        })
+    }
+}
+
+/// One generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent {
+    pub id: u32,
+    /// Text released with this token: may be empty (a multi-byte character still incomplete, a
+    /// possible stop string held back, a special token) or hold text of earlier tokens.
+    pub text: String,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Where a request's time went.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timings {
+    /// Waiting before its first forward step.
+    pub queue: Duration,
+    /// From its first step to its first token.
+    pub prefill: Duration,
+    /// From arrival to the first token.
+    pub time_to_first_token: Duration,
+    /// From arrival to the end.
+    pub total: Duration,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub reason: FinishReason,
+    /// Text still held back when the sequence ended (released now).
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub timings: Timings,
+}
+
+/// What a request's stream carries, in order: tokens, then exactly one `Finished` or `Failed`.
+#[derive(Debug)]
+pub enum SeqEvent {
+    Token(TokenEvent),
+    Finished(Completion),
+    Failed(Error),
+}
+
+/// Where a sequence is in its life. Each state says which collection of the engine holds it:
+/// `Waiting` and `Preempted` are queued and hold no blocks; `AwaitingKv` holds blocks that
+/// another node fills; `Prefilling`, `Exporting` and `Decoding` hold blocks and run in steps.
+/// A finished sequence leaves the engine at once (its last event carries the reason).
+#[derive(Debug)]
+pub(crate) enum SeqState {
+    /// Arrived and not yet admitted; how its prompt KV will come about.
+    Waiting(Placement),
+    /// Its blocks were taken back for others; it recomputes from the start when readmitted,
+    /// ahead of new arrivals. (Only locally computed sequences are preempted, so this is never
+    /// `Placement::Remote`.)
+    Preempted(Placement),
+    /// Holding blocks reserved for the KV another node is computing; never preempted.
+    AwaitingKv,
+    /// Computing its prompt (and resumed tokens) here, chunk by chunk.
+    Prefilling,
+    /// Prefill only: computing its prompt here, each layer's KV going to the sink.
+    Exporting(KvSink),
+    /// Generating, one token a step.
+    Decoding,
+}
+
+impl SeqState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            SeqState::Waiting(_) => "waiting",
+            SeqState::Preempted(_) => "preempted",
+            SeqState::AwaitingKv => "awaiting_kv",
+            SeqState::Prefilling => "prefilling",
+            SeqState::Exporting(_) => "exporting",
+            SeqState::Decoding => "decoding",
+        }
+    }
+
+    /// Queued for admission, holding no blocks.
+    pub fn is_queued(&self) -> bool {
+        matches!(self, SeqState::Waiting(_) | SeqState::Preempted(_))
+    }
+
+    /// Holding blocks and scheduled in steps.
+    pub fn is_running(&self) -> bool {
+        matches!(
+            self,
+            SeqState::Prefilling | SeqState::Exporting(_) | SeqState::Decoding
+        )
+    }
+
+    /// Whether a sequence may go from `self` to `to`: the life cycle in one table.
+    pub fn may_become(&self, to: &SeqState) -> bool {
+        use SeqState::*;
+        matches!(
+            (self, to),
+            (Waiting(_), Prefilling | Exporting(_) | AwaitingKv)
+                | (Preempted(_), Prefilling | Exporting(_))
+                | (AwaitingKv, Decoding | Prefilling)
+                | (Prefilling, Decoding | Preempted(_))
+                | (Exporting(_), Preempted(_))
+                | (Decoding, Preempted(_))
+        )
+    }
+
+    /// The sink of a prefill-only sequence, in whichever state it is.
+    pub fn export_sink(&self) -> Option<&KvSink> {
+        match self {
+            SeqState::Exporting(sink)
+            | SeqState::Waiting(Placement::Export(sink))
+            | SeqState::Preempted(Placement::Export(sink)) => Some(sink),
+            _ => None,
+        }
+    }
+}
+
+/// A sequence as the scheduler sees it.
+pub(crate) struct Sequence {
+    pub id: SeqId,
+    pub prompt_len: usize,
+    /// Prompt followed by generated tokens.
+    pub tokens: Vec<u32>,
+    /// Leading tokens whose K/V are in the cache.
+    pub num_computed: usize,
+    pub blocks: Vec<BlockId>,
+    pub params: SamplingParams,
+    pub seed: u64,
+    pub state: SeqState,
+    pub decoder: IncrementalDecoder,
+    pub stop: StopChecker,
+    /// Per-request stream. Unbounded on purpose: the engine thread must never block on one slow
+    /// reader, and a request can queue at most `max_tokens + 1` events.
+    pub events: mpsc::UnboundedSender<SeqEvent>,
+    pub arrived: Instant,
+    pub first_scheduled: Option<Instant>,
+    pub first_token: Option<Instant>,
+}
+
+impl Sequence {
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// Tokens still to run through the model before the next sample.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+
+    /// The client has gone away (for an export, also whoever ships its KV).
+    pub fn is_abandoned(&self) -> bool {
+        self.events.is_closed() || self.state.export_sink().is_some_and(|s| s.is_closed())
+    }
+
+    /// A prefill-only sequence (its KV goes to another node; it ends with its first token).
+    pub fn is_export(&self) -> bool {
+        self.state.export_sink().is_some()
+    }
+
+    pub fn timings(&self, now: Instant) -> Timings {
+        let scheduled = self.first_scheduled.unwrap_or(now);
+        let first = self.first_token.unwrap_or(now);
+        Timings {
+            queue: scheduled.saturating_duration_since(self.arrived),
+            prefill: first.saturating_duration_since(scheduled),
+            time_to_first_token: first.saturating_duration_since(self.arrived),
+            total: now.saturating_duration_since(self.arrived),
+        }
+    }
+}

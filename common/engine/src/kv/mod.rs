@@ -1,0 +1,9 @@
+//! The paged KV cache: the block allocator, per-sequence block tables and the cache tensors.
+
+pub mod allocator;
+pub mod cache;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+pub use allocator::{blocks_for_tokens, BlockId, KvBlockAllocator};
+pub use cache::{BlockRun, KvCache, KvCacheSpec, SlotMap};

@@ -1,7 +1,0 @@
-//! The paged KV cache: the block allocator, per-sequence block tables and the cache tensors.
-
-pub mod allocator;
-pub mod cache;
-
-pub use allocator::{blocks_for_tokens, BlockId, KvBlockAllocator};
-pub use cache::{BlockRun, KvCache, KvCacheSpec, SlotMap};
