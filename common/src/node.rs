@@ -12,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 use crate::model::{self, LoadedModel, ModelSource};
 use crate::Result;
 
+mod advertise;
+
 /// Which weights a node serves.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
@@ -69,14 +71,18 @@ impl ModelArgs {
     }
 }
 
-/// The address peers reach a listener at: `advertise` when given, else the bound address with
-/// an unspecified IP (0.0.0.0) replaced by loopback.
-pub fn advertised(bound: SocketAddr, advertise: Option<&str>) -> String {
-    match advertise {
+/// The address peers reach a listener at: `advertise` when given (`auto`: this host's own
+/// address with the bound port), else the bound address with an unspecified IP replaced by
+/// loopback.
+pub fn advertised(bound: SocketAddr, advertise: Option<&str>) -> Result<String> {
+    Ok(match advertise {
+        Some(advertise::AUTO) => advertise::join_host_port(advertise::own_ip()?, bound.port()),
         Some(a) if !a.is_empty() => a.to_string(),
-        _ if bound.ip().is_unspecified() => format!("127.0.0.1:{}", bound.port()),
+        _ if bound.ip().is_unspecified() => {
+            advertise::join_host_port(advertise::loopback(bound.ip()), bound.port())
+        }
         _ => bound.to_string(),
-    }
+    })
 }
 
 /// Serves the Prometheus text at `/metrics` until `shutdown`.
@@ -310,7 +316,7 @@ impl Worker {
     ) -> Result<()> {
         use tonic_health::ServingStatus;
         let prometheus = crate::telemetry::install_metrics()?;
-        let metrics_address = advertised(metrics.local_addr()?, None);
+        let metrics_address = advertise::metrics_address(metrics.local_addr()?, &self.grpc_address);
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_service_status(health_name, ServingStatus::Serving)

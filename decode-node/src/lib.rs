@@ -36,8 +36,9 @@ pub struct DecodeConfig {
     #[arg(long, env = "PD_DECODE_LISTEN", default_value = "0.0.0.0:50071")]
     pub listen: SocketAddr,
 
-    /// host:port that other nodes use to reach this one (default: the listen address, with
-    /// 127.0.0.1 for 0.0.0.0). Set it on multi-host deployments.
+    /// host:port that other nodes use to reach this one, or `auto`: this host's own address
+    /// (a container's or pod's) with the listen port. Default: the listen address, with
+    /// 127.0.0.1 for 0.0.0.0.
     #[arg(long, env = "PD_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,
 
@@ -109,7 +110,7 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| node::new_node_id("decode"));
     let grpc_address =
-        node::advertised(listener.local_addr()?, config.advertise_address.as_deref());
+        node::advertised(listener.local_addr()?, config.advertise_address.as_deref())?;
     let receiver = KvReceiver::new(engine.cache().clone(), fingerprint.clone());
     let service = DecodeService::new(
         engine.clone(),

@@ -31,8 +31,9 @@ pub struct PrefillConfig {
     #[arg(long, env = "PD_PREFILL_LISTEN", default_value = "0.0.0.0:50061")]
     pub listen: SocketAddr,
 
-    /// host:port that other nodes use to reach this one (default: the listen address, with
-    /// 127.0.0.1 for 0.0.0.0). Set it on multi-host deployments.
+    /// host:port that other nodes use to reach this one, or `auto`: this host's own address
+    /// (a container's or pod's) with the listen port. Default: the listen address, with
+    /// 127.0.0.1 for 0.0.0.0.
     #[arg(long, env = "PD_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,
 
@@ -90,7 +91,7 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| node::new_node_id("prefill"));
     let grpc_address =
-        node::advertised(listener.local_addr()?, config.advertise_address.as_deref());
+        node::advertised(listener.local_addr()?, config.advertise_address.as_deref())?;
     let service = PrefillService::new(engine.clone(), node_id.clone(), fingerprint.clone());
     let routes = Routes::new(PrefillServer::new(service.clone()))
         .add_service(NodeServer::new(service.clone()));
