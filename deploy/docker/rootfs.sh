@@ -44,8 +44,14 @@ trap cleanup EXIT
 
 started=$(date +%s)
 echo "debootstrap $suite (minbase + $packages) ..." >&2
+log=$(mktemp /var/tmp/pd-debootstrap.XXXXXX.log)
 # shellcheck disable=SC2086
-debootstrap --variant=minbase --include="$packages" "$suite" "$root" $mirror >&2
+if ! debootstrap --variant=minbase --include="$packages" "$suite" "$root" $mirror >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "rootfs.sh: debootstrap failed; its whole log is $log" >&2
+    exit 1
+fi
+rm -f "$log"
 
 # The user the nodes run as, with a home for tools that want one.
 chroot "$root" groupadd --system --gid "$uid" pd
