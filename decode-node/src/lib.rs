@@ -37,8 +37,9 @@ pub struct DecodeConfig {
     #[arg(long, env = "PD_DECODE_LISTEN", default_value = "0.0.0.0:50071")]
     pub listen: SocketAddr,
 
-    /// host:port that other nodes use to reach this one (default: the listen address, with
-    /// 127.0.0.1 for 0.0.0.0). Set it on multi-host deployments.
+    /// host:port that other nodes use to reach this one, or `auto`: this host's own address
+    /// (a container's or pod's) with the listen port. Default: the listen address, with
+    /// 127.0.0.1 for 0.0.0.0.
     #[arg(long, env = "PD_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,
 
@@ -123,7 +124,7 @@ pub async fn run(
     let grpc_address = node::advertised(
         listeners.grpc.local_addr()?,
         config.advertise_address.as_deref(),
-    );
+    )?;
     let receiver = KvReceiver::new(engine.cache().clone(), fingerprint.clone());
     let tasks = RequestTasks::new(&shutdown);
     let service = DecodeService::new(

@@ -32,8 +32,9 @@ pub struct PrefillConfig {
     #[arg(long, env = "PD_PREFILL_LISTEN", default_value = "0.0.0.0:50061")]
     pub listen: SocketAddr,
 
-    /// host:port that other nodes use to reach this one (default: the listen address, with
-    /// 127.0.0.1 for 0.0.0.0). Set it on multi-host deployments.
+    /// host:port that other nodes use to reach this one, or `auto`: this host's own address
+    /// (a container's or pod's) with the listen port. Default: the listen address, with
+    /// 127.0.0.1 for 0.0.0.0.
     #[arg(long, env = "PD_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,
 
@@ -102,7 +103,7 @@ pub async fn run(
     let grpc_address = node::advertised(
         listeners.grpc.local_addr()?,
         config.advertise_address.as_deref(),
-    );
+    )?;
     let tasks = RequestTasks::new(&shutdown);
     let service = PrefillService::new(
         engine.clone(),

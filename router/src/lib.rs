@@ -107,8 +107,8 @@ pub async fn run(
     let frontend = frontend::Frontend::new(model_name.clone(), text, pool.clone());
     let dispatcher = Dispatcher::new(pool.clone(), tokenizer);
 
-    let http_addr = node::advertised(http_listener.local_addr()?, None);
-    let grpc_addr = node::advertised(grpc_listener.local_addr()?, None);
+    let http_addr = node::advertised(http_listener.local_addr()?, None)?;
+    let grpc_addr = node::advertised(grpc_listener.local_addr()?, None)?;
     let app = http::router(http::AppState {
         frontend: frontend.clone(),
         dispatcher: dispatcher.clone(),

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod containers;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

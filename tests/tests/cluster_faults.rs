@@ -8,84 +8,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use pd_common::sampling::SamplingParams;
-use pd_common::wire::ToWire;
 use pd_proto::v1 as pb;
 use pd_proto::v1::node_client::NodeClient;
 use pd_tests::cluster::{Cluster, ClusterSpec, Role};
 use pd_tests::golden_cases;
 use tokio::sync::mpsc;
-
-/// 16 requests: greedy and seeded sampling, over several prompts.
-fn workload(max_tokens: u32) -> Vec<(Vec<u32>, SamplingParams)> {
-    let cases = golden_cases();
-    (0..16)
-        .map(|i| {
-            let prompt = cases[i % cases.len()].prompt_ids.clone();
-            let params = if i % 2 == 0 {
-                SamplingParams {
-                    ignore_eos: true,
-                    ..greedy(max_tokens)
-                }
-            } else {
-                SamplingParams {
-                    temperature: 0.8,
-                    top_p: 0.95,
-                    seed: Some(1000 + i as u64),
-                    max_tokens,
-                    ignore_eos: true,
-                    ..SamplingParams::default()
-                }
-            };
-            (prompt, params)
-        })
-        .collect()
-}
-
-/// Starts every request of `work` as a gRPC stream; each reports its tokens as they arrive on
-/// `progress` and its whole result when done.
-fn start_streams(
-    cluster: &Cluster,
-    work: &[(Vec<u32>, SamplingParams)],
-    progress: mpsc::UnboundedSender<usize>,
-) -> Vec<tokio::task::JoinHandle<Result<Generated, tonic::Status>>> {
-    let url = cluster.grpc_url();
-    work.iter()
-        .cloned()
-        .enumerate()
-        .map(|(i, (prompt, params))| {
-            let url = url.clone();
-            let progress = progress.clone();
-            tokio::spawn(async move {
-                let mut client = pb::generation_client::GenerationClient::connect(url)
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                let request = pb::GenerateRequest {
-                    prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds {
-                        ids: prompt,
-                    })),
-                    sampling: Some(params.to_wire()),
-                    ..Default::default()
-                };
-                let mut stream = client.generate(request).await?.into_inner();
-                let mut out = Generated::default();
-                while let Some(m) = stream.message().await? {
-                    out.ids.extend(&m.token_ids);
-                    out.text.push_str(&m.text);
-                    if !m.token_ids.is_empty() {
-                        let _ = progress.send(i);
-                    }
-                    if let Some(c) = m.completion {
-                        out.finish_reason = c.finish_reason;
-                        out.completion_tokens = c.usage.map_or(0, |u| u.completion_tokens);
-                        return Ok(out);
-                    }
-                }
-                Err(tonic::Status::internal("stream ended without a completion"))
-            })
-        })
-        .collect()
-}
 
 async fn running_on(node_grpc: &str) -> u32 {
     let Ok(mut c) = NodeClient::connect(format!("http://{node_grpc}")).await else {
@@ -95,22 +22,6 @@ async fn running_on(node_grpc: &str) -> u32 {
         .await
         .map(|s| s.into_inner().running_sequences)
         .unwrap_or(0)
-}
-
-/// Waits until every stream has delivered at least `tokens` tokens.
-async fn wait_progress(
-    progress: &mut mpsc::UnboundedReceiver<usize>,
-    streams: usize,
-    tokens: usize,
-) {
-    let mut seen = vec![0usize; streams];
-    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
-    while seen.iter().any(|&n| n < tokens) {
-        match tokio::time::timeout_at(deadline, progress.recv()).await {
-            Ok(Some(i)) => seen[i] += 1,
-            _ => panic!("streams stalled before {tokens} tokens each: {seen:?}"),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,7 +38,7 @@ async fn killing_a_decode_node_mid_stream_resumes_every_stream_elsewhere() {
     .expect("cluster starts");
 
     let (tx, mut progress) = mpsc::unbounded_channel();
-    let streams = start_streams(&cluster, &work, tx);
+    let streams = start_streams(&cluster.grpc_url(), &work, tx);
     wait_progress(&mut progress, work.len(), 3).await;
     // Kill the decode node running the most sequences.
     let mut victim = None;
@@ -171,7 +82,7 @@ async fn killing_the_last_decode_node_ends_streams_with_a_clear_error() {
         .await
         .expect("cluster starts");
     let (tx, mut progress) = mpsc::unbounded_channel();
-    let streams = start_streams(&cluster, &work[..4], tx);
+    let streams = start_streams(&cluster.grpc_url(), &work[..4], tx);
     wait_progress(&mut progress, 4, 2).await;
     let decode = cluster
         .nodes()

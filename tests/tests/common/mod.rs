@@ -12,8 +12,10 @@ use pd_proto::v1 as pb;
 use pd_proto::v1::generation_client::GenerationClient;
 use pd_proto::v1::node_client::NodeClient;
 use pd_tests::cluster::Cluster;
+use pd_tests::golden_cases;
 use pd_tests::{real_engine, Runs};
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
 
 /// Only one cluster at a time: the machine has few cores, and timings matter to some tests.
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -49,6 +51,32 @@ pub fn reference(prompt_ids: &[u32], params: &SamplingParams) -> Generated {
         text: r.text,
         finish_reason: r.reason.to_wire() as i32,
     }
+}
+
+/// The single-process engine's outputs for every request of `work`, run as one batch (batching
+/// does not change outputs: tests/tests/batch_invariance.rs).
+pub fn references(work: &[(Vec<u32>, SamplingParams)]) -> Vec<Generated> {
+    let mut core = real_engine(EngineConfig::default());
+    let mut runs = Runs::new();
+    for (prompt_ids, params) in work {
+        runs.add(
+            &mut core,
+            GenerateRequest {
+                prompt_ids: prompt_ids.clone(),
+                params: params.clone(),
+                ..Default::default()
+            },
+        );
+    }
+    runs.finish(&mut core)
+        .into_iter()
+        .map(|r| Generated {
+            completion_tokens: r.ids.len() as u32,
+            ids: r.ids,
+            text: r.text,
+            finish_reason: r.reason.to_wire() as i32,
+        })
+        .collect()
 }
 
 pub fn greedy(max_tokens: u32) -> SamplingParams {
@@ -198,5 +226,92 @@ pub async fn assert_all_blocks_free(cluster: &Cluster) {
             "KV blocks still in use after the work ended: {busy:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// 16 requests: greedy and seeded sampling, over several prompts.
+pub fn workload(max_tokens: u32) -> Vec<(Vec<u32>, SamplingParams)> {
+    let cases = golden_cases();
+    (0..16)
+        .map(|i| {
+            let prompt = cases[i % cases.len()].prompt_ids.clone();
+            let params = if i % 2 == 0 {
+                SamplingParams {
+                    ignore_eos: true,
+                    ..greedy(max_tokens)
+                }
+            } else {
+                SamplingParams {
+                    temperature: 0.8,
+                    top_p: 0.95,
+                    seed: Some(1000 + i as u64),
+                    max_tokens,
+                    ignore_eos: true,
+                    ..SamplingParams::default()
+                }
+            };
+            (prompt, params)
+        })
+        .collect()
+}
+
+/// Starts every request of `work` as a gRPC stream to the router at `url`; each reports its tokens as they arrive on
+/// `progress` and its whole result when done.
+pub fn start_streams(
+    url: &str,
+    work: &[(Vec<u32>, SamplingParams)],
+    progress: mpsc::UnboundedSender<usize>,
+) -> Vec<tokio::task::JoinHandle<Result<Generated, tonic::Status>>> {
+    let url = url.to_string();
+    work.iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, (prompt, params))| {
+            let url = url.clone();
+            let progress = progress.clone();
+            tokio::spawn(async move {
+                let mut client = pb::generation_client::GenerationClient::connect(url)
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                let request = pb::GenerateRequest {
+                    prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds {
+                        ids: prompt,
+                    })),
+                    sampling: Some(params.to_wire()),
+                    ..Default::default()
+                };
+                let mut stream = client.generate(request).await?.into_inner();
+                let mut out = Generated::default();
+                while let Some(m) = stream.message().await? {
+                    out.ids.extend(&m.token_ids);
+                    out.text.push_str(&m.text);
+                    if !m.token_ids.is_empty() {
+                        let _ = progress.send(i);
+                    }
+                    if let Some(c) = m.completion {
+                        out.finish_reason = c.finish_reason;
+                        out.completion_tokens = c.usage.map_or(0, |u| u.completion_tokens);
+                        return Ok(out);
+                    }
+                }
+                Err(tonic::Status::internal("stream ended without a completion"))
+            })
+        })
+        .collect()
+}
+
+/// Waits until every stream has delivered at least `tokens` tokens.
+pub async fn wait_progress(
+    progress: &mut mpsc::UnboundedReceiver<usize>,
+    streams: usize,
+    tokens: usize,
+) {
+    let mut seen = vec![0usize; streams];
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    while seen.iter().any(|&n| n < tokens) {
+        match tokio::time::timeout_at(deadline, progress.recv()).await {
+            Ok(Some(i)) => seen[i] += 1,
+            _ => panic!("streams stalled before {tokens} tokens each: {seen:?}"),
+        }
     }
 }

@@ -1,8 +1,10 @@
 //! What every node binary does the same way, one concern a module: the flags they share
-//! ([`args`]), how a node names itself and announces readiness ([`ready`]), signals
+//! ([`args`]), the addresses it registers ([`advertise`]), how a node names itself and
+//! announces readiness ([`ready`]), signals
 //! ([`signals`]), the phases of its life as cancellation tokens and a task tracker
 //! ([`lifecycle`]), and a worker node's serving and drain ([`worker`]).
 
+pub mod advertise;
 pub mod args;
 pub mod lifecycle;
 pub mod ready;

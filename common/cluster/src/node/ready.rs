@@ -5,14 +5,20 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-/// The address peers reach a listener at: `advertise` when given, else the bound address with
-/// an unspecified IP (0.0.0.0) replaced by loopback.
-pub fn advertised(bound: SocketAddr, advertise: Option<&str>) -> String {
-    match advertise {
+use super::advertise;
+
+/// The address peers reach a listener at: `advertise` when given (`auto`: this host's own
+/// address with the bound port), else the bound address with an unspecified IP replaced by
+/// loopback.
+pub fn advertised(bound: SocketAddr, advertise: Option<&str>) -> crate::Result<String> {
+    Ok(match advertise {
+        Some(advertise::AUTO) => advertise::join_host_port(advertise::own_ip()?, bound.port()),
         Some(a) if !a.is_empty() => a.to_string(),
-        _ if bound.ip().is_unspecified() => format!("127.0.0.1:{}", bound.port()),
+        _ if bound.ip().is_unspecified() => {
+            advertise::join_host_port(advertise::loopback(bound.ip()), bound.port())
+        }
         _ => bound.to_string(),
-    }
+    })
 }
 
 /// A node id: `<role>-<8 hex digits>`.
@@ -63,10 +69,15 @@ mod tests {
     #[test]
     fn unspecified_addresses_are_advertised_as_loopback_unless_told() {
         let any: SocketAddr = "0.0.0.0:50071".parse().unwrap();
-        assert_eq!(advertised(any, None), "127.0.0.1:50071");
-        assert_eq!(advertised(any, Some("")), "127.0.0.1:50071");
-        assert_eq!(advertised(any, Some("decode-0:50071")), "decode-0:50071");
+        assert_eq!(advertised(any, None).unwrap(), "127.0.0.1:50071");
+        assert_eq!(advertised(any, Some("")).unwrap(), "127.0.0.1:50071");
+        assert_eq!(
+            advertised(any, Some("decode-0:50071")).unwrap(),
+            "decode-0:50071"
+        );
         let lo: SocketAddr = "127.0.0.2:9".parse().unwrap();
-        assert_eq!(advertised(lo, None), "127.0.0.2:9");
+        assert_eq!(advertised(lo, None).unwrap(), "127.0.0.2:9");
+        let any6: SocketAddr = "[::]:9".parse().unwrap();
+        assert_eq!(advertised(any6, None).unwrap(), "[::1]:9");
     }
 }

@@ -8,9 +8,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::advertise;
 use super::args::{KvTransfer, ShutdownArgs};
 use super::lifecycle::RequestTasks;
-use super::ready::{advertised, device_name, ReadyLine};
+use super::ready::{device_name, ReadyLine};
 use crate::engine::{EngineHandle, EngineStats};
 use crate::membership::{MembershipConfig, Registration};
 use crate::rpc::RpcConfig;
@@ -138,7 +139,8 @@ impl Worker {
     ) -> Result<()> {
         use tonic_health::ServingStatus;
         let prometheus = crate::telemetry::install_metrics()?;
-        let metrics_address = advertised(listeners.metrics.local_addr()?, None);
+        let metrics_address =
+            advertise::metrics_address(listeners.metrics.local_addr()?, &self.grpc_address);
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_service_status(health_name, ServingStatus::Serving)
