@@ -23,7 +23,18 @@ F=${PD_GPU_FEATURES:-nccl}
 cargo build --release --locked -p pd-prefill -p pd-decode -p pd-tests -p pd-router \
   --features "pd-prefill/$F,pd-decode/$F,pd-tests/$F" \
   --bin pd-prefill --bin pd-decode --bin pd-bench --bin pd-cluster --bin pd-router
+# pd-engine's device tests (kernels and greedy decoding against the CPU), which run.sh runs
+# before it measures anything.
+TESTS=$(cargo test --release --locked -p pd-engine --features cuda --test device --no-run \
+  --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "device":
+        print(m["executable"])')
 rm -rf dist/pd-gpu && mkdir -p dist/pd-gpu
+cp "$TESTS" dist/pd-gpu/pd-engine-device-tests
+strip dist/pd-gpu/pd-engine-device-tests
 for b in pd-bench pd-prefill pd-decode pd-router pd-cluster; do
   cp "target/release/$b" dist/pd-gpu/
   strip dist/pd-gpu/$b

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs on a machine with NVIDIA GPUs: checks the GPU path against the CPU path, then measures it
+# Runs on a machine with NVIDIA GPUs: runs pd-engine's device tests (the GPU path against the CPU
+# path), then measures it
 # against the device's own ceilings; with two GPUs also KV transfer GPU to GPU (NCCL and gRPC)
 # and a 1P1D cluster (prefill on GPU 0, decode on GPU 1) under closed-loop load next to one GPU
 # serving aggregated. Writes gpu-results.{json,md} and the logs into RESULTS_DIR.
@@ -41,6 +42,11 @@ mkdir -p "$RESULTS"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$RESULTS/gpu-info.txt" 2>&1 || true
 nvidia-smi topo -m >> "$RESULTS/gpu-info.txt" 2>&1 || true
 status=0
+# Correct first: the kernels and greedy decoding on the GPU against the CPU path.
+if ! pd-engine-device-tests --test-threads 1 2>&1 | tee "$RESULTS/device-tests.log"; then
+  echo "device tests failed: nothing measured" | tee -a "$RESULTS/device-tests.log"
+  exit 1
+fi
 if [[ " $STEPS " == *" single "* ]]; then
   # shellcheck disable=SC2086
   pd-bench gpu --out "$RESULTS" ${PD_GPU_BENCH_ARGS:-} 2>&1 | tee "$RESULTS/gpu-bench.log" || status=1

@@ -15,9 +15,10 @@ use candle_core::{DType, Device, Tensor};
 use pd_common::engine::ExportedKv;
 use pd_common::kv::{KvCache, KvCacheSpec};
 use pd_common::model::{self, ForwardBatch, ModelConfig, ModelSource};
+use pd_common::rpc::RpcConfig;
 use pd_common::transfer::fingerprint;
-use pd_common::transfer::grpc::{self, KvReceiver};
 use pd_common::transfer::nccl::NcclSender;
+use pd_common::transfer::{grpc, push, KvReceiver, KvTransferService};
 use pd_proto::v1::KvHandshake;
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 use serde_json::json;
@@ -89,8 +90,9 @@ async fn run_async(args: GpuTransferArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?.to_string();
     tokio::spawn(
-        pd_common::rpc::server()
-            .add_service(receiver.service())
+        RpcConfig::default()
+            .server()
+            .add_service(KvTransferService::new(receiver.clone()).into_server())
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let nccl = NcclSender::default();
@@ -183,7 +185,7 @@ async fn run_async(args: GpuTransferArgs) -> anyhow::Result<()> {
                 let started = Instant::now();
                 let compute = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
                     let run = cache.block_run(&blocks)?;
-                    let mut ship_layer = |l: usize| -> pd_common::Result<()> {
+                    let mut ship_layer = |l: usize| -> pd_engine::Result<()> {
                         let _ = sink.send(ExportedKv::read(&cache, l, 0, &run)?);
                         Ok(())
                     };
@@ -274,13 +276,13 @@ async fn ship_stream(
         num_blocks: dst.len() as u32,
         ..Default::default()
     };
-    let client = grpc::client(address)?;
+    let mut client = grpc::client(&RpcConfig::default(), address)?;
     match backend {
         "nccl" => {
-            nccl.push(client, address, "bench", handshake, device, exported)
-                .await?
+            let sink = nccl.sink(&mut client, address, &handshake, device).await?;
+            push::push(client, "bench", handshake, exported, sink).await?
         }
-        _ => grpc::push(client, "bench", handshake, exported).await?,
+        _ => push::push(client, "bench", handshake, exported, grpc::GrpcSink).await?,
     };
     ticket.finish()?;
     Ok(())

@@ -17,7 +17,7 @@ pub fn scatter_rows(
     rows: usize,
     row_bytes: usize,
 ) -> candle_core::Result<()> {
-    if row_bytes % 4 != 0 {
+    if !row_bytes.is_multiple_of(4) {
         candle_core::bail!("kv-scatter-rows: rows of {row_bytes} bytes are not whole 32-bit words");
     }
     if rows == 0 {
@@ -44,6 +44,7 @@ pub fn scatter_rows(
             b.arg(&s);
             b.arg(slots);
             b.arg(&row_words);
+            // SAFETY: the arguments pushed above match the kernel's parameters in kernels/*.cu in order and type, and every buffer covers the elements the launch configuration makes the kernel touch (sizes checked above).
             unsafe { b.launch(cfg) }.w()?;
         }};
     }
@@ -61,8 +62,8 @@ fn block_launch(
     name: &str,
     count: usize,
     block_bytes: usize,
-) -> candle_core::Result<(super::Kernel, LaunchConfig, i32)> {
-    if block_bytes % 16 != 0 {
+) -> candle_core::Result<(crate::cuda::Kernel, LaunchConfig, i32)> {
+    if !block_bytes.is_multiple_of(16) {
         candle_core::bail!("KV blocks of {block_bytes} bytes are not whole 16-byte words");
     }
     let block_vecs = (block_bytes / 16) as i32;
@@ -86,10 +87,11 @@ pub fn gather_blocks(
     let Some((c0, c1)) = cache_l.contiguous_offsets() else {
         candle_core::bail!("KV block copies need a contiguous cache")
     };
-    let block_bytes = block_elems * super::dtype_of(cache).size_in_bytes();
+    let block_bytes = block_elems * crate::cuda::dtype_of(cache).size_in_bytes();
     let (f, cfg, block_vecs) = block_launch(&dev, "kv_gather_blocks", count, block_bytes)?;
     macro_rules! go {
         ($c:expr, $t:ty) => {{
+            // SAFETY: the gather kernel launched below writes every element of `out` before anything reads it.
             let out = unsafe { dev.alloc::<$t>(count * block_elems)? };
             if count > 0 {
                 let c = $c.slice(c0..c1);
@@ -98,6 +100,7 @@ pub fn gather_blocks(
                 b.arg(&c);
                 b.arg(blocks);
                 b.arg(&block_vecs);
+                // SAFETY: the arguments pushed above match the kernel's parameters in kernels/*.cu in order and type, and every buffer covers the elements the launch configuration makes the kernel touch (sizes checked above).
                 unsafe { b.launch(cfg) }.w()?;
             }
             CudaStorage::wrap_cuda_slice(out, dev.clone())
@@ -130,7 +133,7 @@ pub fn scatter_blocks(
     else {
         candle_core::bail!("KV block copies need contiguous tensors")
     };
-    let block_bytes = block_elems * super::dtype_of(cache).size_in_bytes();
+    let block_bytes = block_elems * crate::cuda::dtype_of(cache).size_in_bytes();
     let (f, cfg, block_vecs) = block_launch(&dev, "kv_scatter_blocks", count, block_bytes)?;
     macro_rules! go {
         ($c:expr, $b:expr) => {{
@@ -141,6 +144,7 @@ pub fn scatter_blocks(
             b.arg(&bf);
             b.arg(blocks);
             b.arg(&block_vecs);
+            // SAFETY: the arguments pushed above match the kernel's parameters in kernels/*.cu in order and type, and every buffer covers the elements the launch configuration makes the kernel touch (sizes checked above).
             unsafe { b.launch(cfg) }.w()?;
         }};
     }
@@ -174,6 +178,7 @@ pub fn scatter_blocks_raw(
     b.arg(&buf);
     b.arg(blocks);
     b.arg(&block_vecs);
+    // SAFETY: the arguments pushed above match the kernel's parameters in kernels/*.cu in order and type, and every buffer covers the elements the launch configuration makes the kernel touch (sizes checked above).
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
 }

@@ -95,6 +95,7 @@ pub fn open_device(name: &str) -> Result<Device> {
         // Everything candle does runs on that one stream; the only other streams are the NCCL
         // links', which order themselves against it with explicit events. Without tracking,
         // a cache write on a link's stream does not make the engine's stream wait for it.
+        // SAFETY: the device was created just now and no tensor exists on it yet, so no pending work relies on the tracking being switched off here; cross-stream order is kept by explicit events (see above).
         unsafe { device.as_cuda_device()?.disable_event_tracking() };
         Ok(device)
     }

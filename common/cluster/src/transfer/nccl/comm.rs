@@ -15,7 +15,7 @@ pub(super) fn nccl_error(e: nccl_result::NcclError) -> Error {
 /// A fresh NCCL unique id, as the prefill end of a new link makes it.
 pub fn new_unique_id() -> Result<[i8; 128]> {
     let id = Id::new().map_err(|e| Error::Internal(format!("ncclGetUniqueId: {e:?}")))?;
-    Ok(id.internal().map(|c| c as i8))
+    Ok(*id.internal())
 }
 
 /// A two-rank communicator. Dropping it aborts it (cancelling pending operations).

@@ -216,7 +216,7 @@ where
     let kc = view::<C>(k, k_l)?;
     let vc = view::<C>(v, v_l)?;
     let elems = m.num_tokens * m.num_heads * m.head_dim;
-    // Every row is written by exactly one of the kernels below.
+    // SAFETY: every output row is written by exactly one of the kernels below before it is read.
     let out = unsafe { dev.alloc::<A>(elems)? };
     let (h, kvh, d, bs) = (
         m.num_heads as i32,
@@ -233,8 +233,11 @@ where
         } else {
             1
         };
+        // SAFETY: the partition buffers are written by the per-token kernel before the reduce kernel reads them.
         let part_max = unsafe { dev.alloc::<f32>(scratch)? };
+        // SAFETY: as for `part_max`.
         let part_sum = unsafe { dev.alloc::<f32>(scratch)? };
+        // SAFETY: as for `part_max`.
         let part_out = unsafe { dev.alloc::<f32>(scratch * m.head_dim)? };
         let partition = PARTITION as i32;
         let cfg = LaunchConfig {
@@ -261,6 +264,7 @@ where
         b.arg(&part_max);
         b.arg(&part_sum);
         b.arg(&part_out);
+        // SAFETY: the arguments pushed above match the kernel's parameters in kernels/*.cu in order and type, and every buffer covers the elements the launch configuration makes the kernel touch (sizes checked above).
         unsafe { b.launch(cfg) }.w()?;
         if t.num_parts > 1 {
             let f = function(
@@ -285,6 +289,7 @@ where
             b.arg(&part_max);
             b.arg(&part_sum);
             b.arg(&part_out);
+            // SAFETY: the arguments pushed above match the kernel's parameters in kernels/*.cu in order and type, and every buffer covers the elements the launch configuration makes the kernel touch (sizes checked above).
             unsafe { b.launch(cfg) }.w()?;
         }
     }
@@ -315,6 +320,7 @@ where
         b.arg(&kvh);
         b.arg(&bs);
         b.arg(&scale);
+        // SAFETY: the arguments pushed above match the kernel's parameters in kernels/*.cu in order and type, and every buffer covers the elements the launch configuration makes the kernel touch (sizes checked above).
         unsafe { b.launch(cfg) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))

@@ -1,0 +1,313 @@
+//! The kernels and greedy decoding, checked on every device. Each body takes a device and runs
+//! on the CPU always and, in a build with the `cuda` feature, on the first GPU as well (candle's
+//! `test_device!` style). A machine with an NVIDIA GPU runs these before it measures anything
+//! (deploy/gpu/run.sh).
+//!
+//! References are independent of the kernels under test: plain attention over contiguous K/V in
+//! f32 candle ops on the CPU, the CPU engine for greedy tokens, the values written for the cache.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+use pd_engine::engine::{EngineConfig, EngineCore, GenerateRequest, KvCacheDtype, SeqEvent};
+use pd_engine::kv::{KvCache, KvCacheSpec};
+use pd_engine::model::attention::{paged_attention, AttentionMeta};
+use pd_engine::model::{self, ModelConfig, ModelSource, SeqAttention};
+use pd_engine::sampling::SamplingParams;
+use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use tokio::sync::mpsc;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// One test per device of this build.
+macro_rules! device_test {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn cpu() -> super::TestResult {
+                super::$name(&candle_core::Device::Cpu)
+            }
+
+            #[cfg(feature = "cuda")]
+            #[test]
+            fn cuda() -> super::TestResult {
+                super::$name(&pd_engine::model::open_device("cuda:0")?)
+            }
+        }
+    };
+}
+
+device_test!(paged_attention_equals_plain_attention);
+device_test!(kv_blocks_read_back_what_was_written);
+device_test!(greedy_tokens_equal_the_cpu_engines);
+
+/// Relative error ‖a − b‖ / ‖b‖ on the CPU in f64; NaN never passes.
+fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let diff = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let norm = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let e = diff / norm.max(1e-30);
+    Ok(if e.is_finite() { e } else { f64::INFINITY })
+}
+
+/// Causal attention of `q` (`[n, h, d]`, at positions `start..start + n`) over contiguous
+/// `k`, `v` (`[ctx, kv_heads, d]`), in f32 on the CPU.
+fn plain_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    start: usize,
+) -> candle_core::Result<Tensor> {
+    let (n, h, d) = q.dims3()?;
+    let (ctx, kvh, _) = k.dims3()?;
+    let group = h / kvh;
+    let expand = |t: &Tensor| -> candle_core::Result<Tensor> {
+        t.to_dtype(DType::F32)?
+            .unsqueeze(2)?
+            .repeat((1, 1, group, 1))?
+            .reshape((ctx, h, d))?
+            .transpose(0, 1)?
+            .contiguous()
+    };
+    let (k, v) = (expand(k)?, expand(v)?);
+    let q = q.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?;
+    let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            (0..ctx).map(move |j| {
+                if j <= start + i {
+                    0.
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (1, n, ctx), &Device::Cpu)?;
+    let p = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, D::Minus1)?;
+    p.matmul(&v)?.transpose(0, 1)
+}
+
+/// Random block layouts, GQA ratios 1:1 to 8:1, head sizes 16 to 128, block sizes 8 to 32,
+/// decode tokens after contexts up to 8k and prompt chunks after cached prefixes, all packed in
+/// one batch in shuffled order. A bf16 cache on both devices; the GPU gets a bf16 query too.
+fn paged_attention_equals_plain_attention(dev: &Device) -> TestResult {
+    let mut rng = StdRng::seed_from_u64(42);
+    // (heads, kv heads, head dim, block size, [(cached, new) per sequence])
+    let mut cases: Vec<(usize, usize, usize, usize, Vec<(usize, usize)>)> = vec![
+        (
+            32,
+            8,
+            128,
+            16,
+            vec![(2047, 1), (0, 1), (511, 1), (512, 1), (8191, 1), (100, 1)],
+        ),
+        (32, 32, 128, 16, vec![(1023, 1), (4095, 1), (16, 1)]),
+        (
+            9,
+            3,
+            64,
+            16,
+            vec![(0, 300), (1000, 77), (37, 1), (5000, 40)],
+        ),
+        (8, 1, 64, 32, vec![(0, 129), (8000, 191), (999, 1)]),
+        (4, 2, 16, 8, vec![(0, 50), (60, 1), (300, 20)]),
+        (16, 4, 96, 16, vec![(0, 64), (1500, 1)]),
+    ];
+    if dev.is_cuda() {
+        // Long prompt chunks: the tiled tensor-core kernel's territory (minutes on the CPU).
+        cases.push((
+            32,
+            8,
+            128,
+            16,
+            vec![(0, 2048), (3000, 513), (7000, 1), (0, 16), (0, 15)],
+        ));
+    }
+    for (h, kvh, d, bs, shapes) in cases {
+        let blocks_needed: usize = shapes.iter().map(|(c, n)| (c + n).div_ceil(bs)).sum();
+        let num_blocks = blocks_needed + 64;
+        let spec = KvCacheSpec {
+            num_layers: 1,
+            num_kv_heads: kvh,
+            head_dim: d,
+            block_size: bs,
+            num_blocks,
+            dtype: DType::BF16,
+        };
+        let cache = KvCache::new(spec, dev)?;
+        let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+        free.shuffle(&mut rng);
+        let mut seqs = Vec::new();
+        let mut contexts = Vec::new();
+        for &(cached, new) in &shapes {
+            let ctx = cached + new;
+            let table: Vec<u32> = free.drain(..ctx.div_ceil(bs)).collect();
+            let k = Tensor::randn(0f32, 1., (ctx, kvh, d), &Device::Cpu)?.to_dtype(DType::BF16)?;
+            let v = Tensor::randn(0f32, 1., (ctx, kvh, d), &Device::Cpu)?.to_dtype(DType::BF16)?;
+            let slots: Vec<u32> = (0..ctx)
+                .map(|j| table[j / bs] * bs as u32 + (j % bs) as u32)
+                .collect();
+            cache.write_slots(0, &k.to_device(dev)?, &v.to_device(dev)?, &slots)?;
+            seqs.push(SeqAttention {
+                q_start: 0,
+                q_len: new,
+                context_len: ctx,
+                block_table: table,
+            });
+            contexts.push((k, v, cached));
+        }
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.shuffle(&mut rng);
+        let mut packed = Vec::new();
+        let mut at = 0;
+        for &i in &order {
+            seqs[i].q_start = at;
+            at += seqs[i].q_len;
+            packed.push(seqs[i].clone());
+        }
+        let q = Tensor::randn(0f32, 1., (at, h, d), &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let q_dev = if dev.is_cuda() {
+            q.to_device(dev)?
+        } else {
+            q.to_dtype(DType::F32)?
+        };
+        let meta = Arc::new(AttentionMeta::new(packed, bs, h, kvh, d)?);
+        let (kc, vc) = cache.layer(0)?;
+        let got = paged_attention(&q_dev, kc, vc, &meta)?;
+        for &i in &order {
+            let s = &seqs[i];
+            let (k, v, cached) = &contexts[i];
+            let want = plain_attention(&q.narrow(0, s.q_start, s.q_len)?, k, v, *cached)?;
+            let e = rel_err(&got.narrow(0, s.q_start, s.q_len)?, &want)?;
+            assert!(
+                e < 1e-2,
+                "{dev:?} h{h} kv{kvh} d{d} bs{bs}, context {} with {} new: rel err {e:.2e}",
+                s.context_len,
+                s.q_len
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Token rows scattered into slots, and whole blocks gathered and written back (what a KV
+/// transfer does), read back exactly.
+fn kv_blocks_read_back_what_was_written(dev: &Device) -> TestResult {
+    let mut rng = StdRng::seed_from_u64(5);
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        let spec = KvCacheSpec {
+            num_layers: 2,
+            num_kv_heads: 3,
+            head_dim: 64,
+            block_size: 16,
+            num_blocks: 64,
+            dtype,
+        };
+        let cache = KvCache::new(spec.clone(), dev)?;
+        let mut ids: Vec<u32> = (0..64).collect();
+        ids.shuffle(&mut rng);
+        let (src, dst) = (ids[..10].to_vec(), ids[10..20].to_vec());
+        let tokens = src.len() * spec.block_size;
+        let k = Tensor::randn(0f32, 1., (tokens, 3, 64), dev)?.to_dtype(dtype)?;
+        let v = Tensor::randn(0f32, 1., (tokens, 3, 64), dev)?.to_dtype(dtype)?;
+        let slots: Vec<u32> = (0..tokens)
+            .map(|j| src[j / 16] * 16 + (j % 16) as u32)
+            .collect();
+        cache.write_slots(1, &k, &v, &slots)?;
+        let (kb, vb) = cache.read_blocks(1, &src)?;
+        let shape = (src.len(), 16, 3, 64);
+        assert_eq!(
+            rel_err(&kb, &k.reshape(shape)?)?,
+            0.0,
+            "{dev:?} {dtype:?} keys"
+        );
+        assert_eq!(
+            rel_err(&vb, &v.reshape(shape)?)?,
+            0.0,
+            "{dev:?} {dtype:?} values"
+        );
+        cache.write_blocks(0, &dst, &kb, &vb)?;
+        let (k2, v2) = cache.read_blocks(0, &dst)?;
+        assert_eq!(rel_err(&k2, &kb)?, 0.0, "{dev:?} {dtype:?} block copy");
+        assert_eq!(rel_err(&v2, &vb)?, 0.0, "{dev:?} {dtype:?} block copy");
+        // The rest of layer 0 is untouched (zeros from creation).
+        let (rest, _) = cache.read_blocks(0, &ids[20..])?;
+        let total = rest
+            .to_dtype(DType::F32)?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(total, 0.0, "{dev:?} {dtype:?}: a write strayed");
+    }
+    Ok(())
+}
+
+/// Greedy tokens of tiny random models in f32 on `dev`, all prompts in one batch, equal to the
+/// CPU engine's with each prompt alone.
+fn greedy_tokens_equal_the_cpu_engines(dev: &Device) -> TestResult {
+    let mut rng = StdRng::seed_from_u64(9);
+    for shape in ["tiny", "tiny-d64"] {
+        let source: ModelSource = format!("dummy:{shape}:3").parse()?;
+        let vocab = ModelConfig::preset(shape)?.vocab_size as u32;
+        let prompts: Vec<Vec<u32>> = [5usize, 40, 300, 900]
+            .iter()
+            .map(|&n| (0..n).map(|_| rng.random_range(0..vocab)).collect())
+            .collect();
+        let cpu_model = model::load(&source, &Device::Cpu)?.model;
+        let want: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| generate(&cpu_model, std::slice::from_ref(p)).map(|mut g| g.remove(0)))
+            .collect::<Result<_, _>>()?;
+        let got = generate(&model::load_as(&source, dev, DType::F32)?.model, &prompts)?;
+        assert_eq!(got, want, "{dev:?} {shape}");
+    }
+    Ok(())
+}
+
+/// 48 greedy tokens for each prompt, all in one engine batch, with an f32 cache.
+fn generate(
+    model: &Arc<model::LlamaModel>,
+    prompts: &[Vec<u32>],
+) -> Result<Vec<Vec<u32>>, Box<dyn std::error::Error>> {
+    let config = EngineConfig {
+        kv_cache_dtype: KvCacheDtype::F32,
+        num_blocks: 1024,
+        max_batch_tokens: 512,
+        ..EngineConfig::default()
+    };
+    let mut core = EngineCore::new(model.clone(), None, config)?;
+    let mut streams = Vec::new();
+    for p in prompts {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let request = GenerateRequest {
+            prompt_ids: p.clone(),
+            params: SamplingParams {
+                temperature: 0.0,
+                max_tokens: 48,
+                ignore_eos: true,
+                ..SamplingParams::default()
+            },
+            resume_ids: Vec::new(),
+        };
+        core.add_request(request, tx)?;
+        streams.push(rx);
+    }
+    while core.has_work() {
+        core.step()?;
+    }
+    let mut out = Vec::new();
+    for mut rx in streams {
+        let mut ids = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            match event {
+                SeqEvent::Token(t) => ids.push(t.id),
+                SeqEvent::Finished(_) => {}
+                SeqEvent::Failed(e) => return Err(e.into()),
+            }
+        }
+        out.push(ids);
+    }
+    Ok(out)
+}
