@@ -70,7 +70,6 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
     let speed = measure_speed(&dev, &args, &ceilings)?;
     report.add_speed(&args, &ceilings, &speed);
     report.write(&args.out)
-
 }
 
 struct Ceilings {
@@ -131,7 +130,6 @@ fn measure_ceilings(dev: &Device, repeats: usize) -> anyhow::Result<Ceilings> {
         matmul_flops: 2.0 * (m as f64).powi(3) / mm,
     })
 }
-
 
 struct Speed {
     weight_bytes: f64,
