@@ -13,7 +13,7 @@ use pd_engine::engine::{EngineConfig, EngineCore, GenerateRequest, KvCacheDtype,
 use pd_engine::kv::{KvCache, KvCacheSpec};
 use pd_engine::model::attention::{paged_attention, AttentionMeta};
 use pd_engine::model::{self, ModelConfig, ModelSource, SeqAttention};
-use pd_engine::sampling::SamplingParams;
+use pd_engine::sampling::{sample, sample_rows, RowRequest, SampleContext, SamplingParams};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use tokio::sync::mpsc;
 
@@ -40,6 +40,8 @@ macro_rules! device_test {
 device_test!(paged_attention_equals_plain_attention);
 device_test!(kv_blocks_read_back_what_was_written);
 device_test!(greedy_tokens_equal_the_cpu_engines);
+device_test!(batch_sampling_agrees_with_the_host_sampler);
+device_test!(seeded_draws_follow_the_softmax);
 
 /// Relative error ‖a − b‖ / ‖b‖ on the CPU in f64; NaN never passes.
 fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
@@ -89,13 +91,15 @@ fn plain_attention(
     p.matmul(&v)?.transpose(0, 1)
 }
 
+/// (heads, kv heads, head dim, block size, [(cached, new) per sequence])
+type AttentionCase = (usize, usize, usize, usize, Vec<(usize, usize)>);
+
 /// Random block layouts, GQA ratios 1:1 to 8:1, head sizes 16 to 128, block sizes 8 to 32,
 /// decode tokens after contexts up to 8k and prompt chunks after cached prefixes, all packed in
 /// one batch in shuffled order. A bf16 cache on both devices; the GPU gets a bf16 query too.
 fn paged_attention_equals_plain_attention(dev: &Device) -> TestResult {
     let mut rng = StdRng::seed_from_u64(42);
-    // (heads, kv heads, head dim, block size, [(cached, new) per sequence])
-    let mut cases: Vec<(usize, usize, usize, usize, Vec<(usize, usize)>)> = vec![
+    let mut cases: Vec<AttentionCase> = vec![
         (
             32,
             8,
@@ -310,4 +314,152 @@ fn generate(
         out.push(ids);
     }
     Ok(out)
+}
+
+fn row_request<'a>(params: &'a SamplingParams, generated: &'a [u32], seed: u64) -> RowRequest<'a> {
+    RowRequest {
+        params,
+        ctx: SampleContext {
+            prompt_ids: &[],
+            generated_ids: generated,
+            seed,
+        },
+    }
+}
+
+/// A step's rows sampled together on `dev` against each row sampled alone by the host sampler:
+/// greedy ids and the whole-vocabulary draws (the rows a GPU samples itself) agree, the filtered
+/// and penalised rows (which a GPU sends to the host) are identical, a row's token does not depend
+/// on the rest of the batch, and a NaN row fails alone.
+fn batch_sampling_agrees_with_the_host_sampler(dev: &Device) -> TestResult {
+    let (rows, vocab) = (96usize, 32_000usize);
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut values: Vec<f32> = (0..rows * vocab)
+        .map(|_| rng.random_range(-4.0..4.0))
+        .collect();
+    // Peaked rows, as a trained model gives, beside flat ones.
+    for r in (0..rows).step_by(3) {
+        for _ in 0..5 {
+            values[r * vocab + rng.random_range(0..vocab)] += 12.0;
+        }
+    }
+    let nan_row = rows - 1;
+    values[nan_row * vocab + 17] = f32::NAN;
+    let params: Vec<SamplingParams> = (0..rows)
+        .map(|r| match r % 6 {
+            0 => SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            1 => SamplingParams {
+                temperature: 0.7,
+                ..SamplingParams::default()
+            },
+            2 => SamplingParams {
+                temperature: 1.3,
+                seed: Some(5),
+                ..SamplingParams::default()
+            },
+            3 => SamplingParams {
+                temperature: 0.9,
+                top_p: 0.8,
+                ..SamplingParams::default()
+            },
+            4 => SamplingParams {
+                repetition_penalty: 1.3,
+                ..SamplingParams::default()
+            },
+            _ => SamplingParams {
+                temperature: 1.0,
+                ..SamplingParams::default()
+            },
+        })
+        .collect();
+    let history: Vec<u32> = (0..64).map(|i| (i * 499) % vocab as u32).collect();
+    let reqs: Vec<RowRequest<'_>> = (0..rows)
+        .map(|r| row_request(&params[r], &history[..r % 64], 1000 + r as u64))
+        .collect();
+    let logits = Tensor::from_vec(values.clone(), (rows, vocab), &Device::Cpu)?.to_device(dev)?;
+    let got = sample_rows(&logits, &reqs)?;
+    let mut draws = 0;
+    let mut draws_equal = 0;
+    for (r, g) in got.iter().enumerate() {
+        let row = &values[r * vocab..(r + 1) * vocab];
+        let want = sample(row, reqs[r].params, &reqs[r].ctx);
+        if r == nan_row {
+            assert!(g.is_err() && want.is_err(), "a NaN row must fail on both");
+            continue;
+        }
+        let (g, want) = (g.as_ref().map_err(|e| e.to_string())?, want?);
+        assert!(row[g.id as usize].is_finite());
+        assert!(
+            (g.logprob - want.logprob).abs() < 1e-3 || g.id != want.id,
+            "row {r}"
+        );
+        match r % 6 {
+            // Greedy: the same token (ties to the lower id on both).
+            0 | 4 => assert_eq!(g.id, want.id, "row {r}"),
+            // Host rows on every device: exactly the host sampler's answer.
+            3 => assert_eq!(g, &want, "row {r}"),
+            _ => {
+                draws += 1;
+                draws_equal += usize::from(g.id == want.id);
+            }
+        }
+    }
+    // The same uniform draw over the same weights: only the order of the f64 sums differs, so a
+    // different token means the draw fell within rounding of a boundary.
+    assert!(
+        draws_equal * 100 >= draws * 97,
+        "{draws_equal} of {draws} draws agree"
+    );
+    // Alone or in the batch, a row gets the same token.
+    for r in [0, 1, 2, 5] {
+        let alone = logits.narrow(0, r, 1)?;
+        let one = sample_rows(&alone, &reqs[r..r + 1])?;
+        assert_eq!(
+            one[0].as_ref().map_err(|e| e.to_string())?,
+            got[r].as_ref().map_err(|e| e.to_string())?
+        );
+    }
+    Ok(())
+}
+
+/// Draws of one row at 4,000 output positions follow its softmax at temperature 0.8 (a
+/// chi-square test over 16 tokens; a sampler that skewed the distribution fails it).
+fn seeded_draws_follow_the_softmax(dev: &Device) -> TestResult {
+    let vocab = 16usize;
+    let n = 4000usize;
+    let base: Vec<f32> = (0..vocab).map(|i| (i as f32 * 0.37).sin() * 1.5).collect();
+    let values: Vec<f32> = (0..n).flat_map(|_| base.iter().copied()).collect();
+    let logits = Tensor::from_vec(values, (n, vocab), &Device::Cpu)?.to_device(dev)?;
+    let params = SamplingParams {
+        temperature: 0.8,
+        ..SamplingParams::default()
+    };
+    let positions = vec![0u32; n];
+    let reqs: Vec<RowRequest<'_>> = (0..n)
+        .map(|i| row_request(&params, &positions[..i], 77))
+        .collect();
+    let mut counts = vec![0f64; vocab];
+    for t in sample_rows(&logits, &reqs)? {
+        counts[t.map_err(|e| e.to_string())?.id as usize] += 1.0;
+    }
+    let max = base.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let w: Vec<f64> = base
+        .iter()
+        .map(|&l| (f64::from(l - max) / 0.8).exp())
+        .collect();
+    let z: f64 = w.iter().sum();
+    let chi2: f64 = w
+        .iter()
+        .zip(&counts)
+        .map(|(&w, &c)| {
+            let e = n as f64 * w / z;
+            (c - e).powi(2) / e
+        })
+        .sum();
+    // 15 degrees of freedom: P(chi2 > 45) is about 7e-5.
+    assert!(chi2 < 45.0, "chi-square {chi2:.1}: {counts:?}");
+    Ok(())
 }

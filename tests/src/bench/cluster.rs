@@ -171,7 +171,9 @@ async fn run_async(args: ClusterArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        let engines: Vec<String> = cluster.nodes().iter().map(|n| n.metrics_url()).collect();
         for &clients in &args.clients {
+            let phases_before = scrape_phases(&engines).await?;
             let started = Instant::now();
             let tasks = (0..clients).map(|c| {
                 let client = client.clone();
@@ -191,6 +193,7 @@ async fn run_async(args: ClusterArgs) -> anyhow::Result<()> {
                 samples.extend(t??);
             }
             let wall = started.elapsed().as_secs_f64();
+            let phases = scrape_phases(&engines).await?.since(&phases_before);
             let tokens: usize = samples.iter().map(|s| s.tokens).sum();
             let ttft: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
             let gaps: Vec<f64> = samples
@@ -208,6 +211,11 @@ async fn run_async(args: ClusterArgs) -> anyhow::Result<()> {
                 1e3 * percentile(&gaps, 0.5),
                 1e3 * percentile(&gaps, 0.95),
             );
+            println!(
+                "{:<14} step phases, mean ms per step: {}",
+                "",
+                phases.summary()
+            );
             if let Some(f) = json_out.as_mut() {
                 use std::io::Write;
                 writeln!(
@@ -222,6 +230,7 @@ async fn run_async(args: ClusterArgs) -> anyhow::Result<()> {
                         "ttft_p95_ms": 1e3 * percentile(&ttft, 0.95),
                         "itl_p50_ms": 1e3 * percentile(&gaps, 0.5),
                         "itl_p95_ms": 1e3 * percentile(&gaps, 0.95),
+                        "step_phases_ms": phases.mean_ms(),
                     })
                 )?;
             }
@@ -278,6 +287,100 @@ async fn one_request(
     )
 }
 
+/// The engines' step-phase histograms (`pd_engine_step_phase_seconds`): per phase, the total
+/// seconds and the number of steps, summed over the nodes scraped.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct StepPhases(std::collections::BTreeMap<String, (f64, f64)>);
+
+impl StepPhases {
+    /// Reads the `_sum` and `_count` series of a Prometheus text exposition.
+    pub fn parse(text: &str) -> Self {
+        let mut phases = Self::default();
+        phases.add(text);
+        phases
+    }
+
+    fn add(&mut self, text: &str) {
+        let name = pd_engine::telemetry::names::STEP_PHASE_SECONDS;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            let (is_sum, rest) = if let Some(r) = rest.strip_prefix("_sum{") {
+                (true, r)
+            } else if let Some(r) = rest.strip_prefix("_count{") {
+                (false, r)
+            } else {
+                continue;
+            };
+            let Some((labels, value)) = rest.split_once('}') else {
+                continue;
+            };
+            let phase = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("phase=\""))
+                .map(|p| p.trim_end_matches('"').to_string());
+            let (Some(phase), Ok(value)) = (phase, value.trim().parse::<f64>()) else {
+                continue;
+            };
+            let entry = self.0.entry(phase).or_default();
+            if is_sum {
+                entry.0 += value;
+            } else {
+                entry.1 += value;
+            }
+        }
+    }
+
+    /// What happened between `before` and now.
+    pub fn since(&self, before: &Self) -> Self {
+        Self(
+            self.0
+                .iter()
+                .map(|(p, &(s, c))| {
+                    let (s0, c0) = before.0.get(p).copied().unwrap_or_default();
+                    (p.clone(), (s - s0, c - c0))
+                })
+                .collect(),
+        )
+    }
+
+    /// Mean milliseconds per step, by phase.
+    pub fn mean_ms(&self) -> serde_json::Value {
+        serde_json::Value::Object(
+            self.0
+                .iter()
+                .filter(|(_, &(_, c))| c > 0.0)
+                .map(|(p, &(s, c))| (p.clone(), serde_json::json!(1e3 * s / c)))
+                .collect(),
+        )
+    }
+
+    /// One line: phases in step order, then the steps counted.
+    pub fn summary(&self) -> String {
+        let order = pd_engine::engine::phases::Phase::ALL;
+        let mut parts: Vec<String> = order
+            .iter()
+            .filter_map(|p| {
+                let &(s, c) = self.0.get(p.name())?;
+                (c > 0.0).then(|| format!("{} {:.3}", p.name(), 1e3 * s / c))
+            })
+            .collect();
+        let steps = self.0.values().map(|&(_, c)| c).fold(0.0, f64::max);
+        parts.push(format!("({steps:.0} steps)"));
+        parts.join(", ")
+    }
+}
+
+async fn scrape_phases(urls: &[String]) -> anyhow::Result<StepPhases> {
+    let mut phases = StepPhases::default();
+    for url in urls {
+        let text = reqwest::get(url).await?.error_for_status()?.text().await?;
+        phases.add(&text);
+    }
+    Ok(phases)
+}
+
 fn percentile(xs: &[f64], q: f64) -> f64 {
     if xs.is_empty() {
         return f64::NAN;
@@ -285,4 +388,30 @@ fn percentile(xs: &[f64], q: f64) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_are_read_from_the_exposition_and_differenced() {
+        let before = StepPhases::parse(
+            "pd_engine_step_phase_seconds_sum{phase=\"forward\"} 1.5\n\
+             pd_engine_step_phase_seconds_count{phase=\"forward\"} 100\n",
+        );
+        let after = StepPhases::parse(
+            "# HELP pd_engine_step_phase_seconds Time of each phase.\n\
+             pd_engine_step_phase_seconds_bucket{phase=\"forward\",le=\"0.01\"} 300\n\
+             pd_engine_step_phase_seconds_sum{phase=\"forward\"} 3.5\n\
+             pd_engine_step_phase_seconds_count{phase=\"forward\"} 300\n\
+             pd_engine_step_phase_seconds_sum{node=\"d0\",phase=\"emit\"} 0.2\n\
+             pd_engine_step_phase_seconds_count{node=\"d0\",phase=\"emit\"} 200\n",
+        );
+        let d = after.since(&before);
+        let ms = d.mean_ms();
+        assert_eq!(ms["forward"], serde_json::json!(10.0));
+        assert_eq!(ms["emit"], serde_json::json!(1.0));
+        assert_eq!(d.summary(), "forward 10.000, emit 1.000 (200 steps)");
+    }
 }

@@ -57,6 +57,11 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     ];
     let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(pd_engine::telemetry::names::STEP_PHASE_SECONDS.into()),
+            &pd_engine::telemetry::STEP_PHASE_BUCKETS,
+        )
+        .map_err(|e| Error::Internal(format!("metrics buckets: {e}")))?
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
         .map_err(|e| Error::Internal(format!("metrics buckets: {e}")))?
         .install_recorder()

@@ -1,6 +1,6 @@
 //! Loading the project's CUDA kernels (`kernels/*.cu`, compiled to PTX by the build script) and
 //! the helpers their launches share. The launches live with what they compute: paged attention
-//! in `model::attention::cuda`, the KV cache's scatter and gather in `kv::cuda`.
+//! in `model::attention::cuda`, the KV cache's scatter and gather in `kv::cuda`, token sampling in `sampling::device`.
 
 use std::sync::Arc;
 
@@ -13,11 +13,13 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout};
 
 const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 const KV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kv_cache.ptx"));
+const SAMPLING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
 
 #[derive(Clone, Copy)]
 pub(crate) enum Module {
     Attention,
     Kv,
+    Sampling,
 }
 
 /// A kernel of ours, ready to launch on the device's stream.
@@ -40,6 +42,7 @@ pub(crate) fn function(
     let (module_name, ptx) = match module {
         Module::Attention => ("pd_paged_attention", ATTENTION_PTX),
         Module::Kv => ("pd_kv_cache", KV_PTX),
+        Module::Sampling => ("pd_sampling", SAMPLING_PTX),
     };
     let func = dev
         .get_or_load_custom_func(name, module_name, ptx)?

@@ -13,6 +13,7 @@
 mod config;
 mod core;
 mod handle;
+pub mod phases;
 mod scheduler;
 mod sequence;
 mod step;

@@ -4,12 +4,17 @@
 
 use std::time::Instant;
 
+use candle_core::Tensor;
+
 use super::core::EngineCore;
+use super::phases::{Phase, PhaseClock};
 use super::scheduler::Scheduled;
 use super::sequence::{Completion, ExportedKv, KvSink, SeqEvent, SeqId, SeqState, TokenEvent};
 use crate::kv::{blocks_for_tokens, BlockRun};
 use crate::model::ForwardBatch;
-use crate::sampling::{check_stop_token, sample, FinishReason, SampleContext, SampledToken};
+use crate::sampling::{
+    check_stop_token, sample_rows, FinishReason, RowRequest, SampleContext, SampledToken,
+};
 use crate::telemetry::names;
 use crate::{Error, Result};
 
@@ -26,15 +31,19 @@ pub(super) enum Appended {
 impl EngineCore {
     /// Runs one scheduling round and forward pass. Returns the number of tokens processed.
     pub fn step(&mut self) -> Result<usize> {
+        let started = Instant::now();
         self.drop_abandoned();
         let plan = self.schedule();
         if plan.is_empty() {
             return Ok(0);
         }
+        let mut clock = PhaseClock::starting_at(started);
+        clock.lap(Phase::Schedule);
         let (batch, exports, decode_tokens) = self.pack(&plan)?;
         metrics::counter!(names::DECODE_TOKENS_TOTAL).increment(decode_tokens as u64);
         metrics::counter!(names::PREFILL_TOKENS_TOTAL)
             .increment((batch.num_tokens() - decode_tokens) as u64);
+        clock.lap(Phase::Pack);
         let cache = &self.cache;
         let mut ship_layer = |layer: usize| -> Result<()> {
             for (sink, first_block, blocks) in &exports {
@@ -44,24 +53,30 @@ impl EngineCore {
             }
             Ok(())
         };
-        let logits = match self
+        let forward = self
             .model
             .forward(&batch, cache, &mut ship_layer)
-            .and_then(|l| Ok(l.to_vec2::<f32>()?))
-        {
+            // On a GPU the phase ends when the device has finished the pass.
+            .and_then(|l| Ok(l.device().synchronize().map(|()| l)?));
+        let logits = match forward {
             Ok(l) => l,
             Err(e) => {
                 // The whole batch is lost; fail its sequences rather than retry forever.
                 tracing::error!(error = %e, "forward step failed");
-                let msg = e.to_string();
-                for s in &plan {
-                    self.fail(s.id, Error::Internal(msg.clone()));
-                }
+                self.fail_plan(&plan, &e);
                 return Err(e);
             }
         };
-        self.apply(&plan, logits)?;
+        clock.lap(Phase::Forward);
+        self.apply(&plan, &logits, &mut clock)?;
         Ok(batch.num_tokens())
+    }
+
+    fn fail_plan(&mut self, plan: &[Scheduled], e: &Error) {
+        let msg = e.to_string();
+        for s in plan {
+            self.fail(s.id, Error::Internal(msg.clone()));
+        }
     }
 
     /// The forward batch of a plan, the exports its layers feed, and how many of its tokens are
@@ -100,36 +115,52 @@ impl EngineCore {
         Ok((batch, exports, decode_tokens))
     }
 
-    /// Advances every scheduled sequence past its tokens and samples for those whose prompt (or
-    /// last token) is now computed.
-    fn apply(&mut self, plan: &[Scheduled], logits: Vec<Vec<f32>>) -> Result<()> {
-        let mut rows = logits.into_iter();
+    /// Advances every scheduled sequence past its tokens, samples for those whose prompt (or
+    /// last token) is now computed (all rows of the step at once), then appends each token.
+    fn apply(&mut self, plan: &[Scheduled], logits: &Tensor, clock: &mut PhaseClock) -> Result<()> {
+        let mut sampled = Vec::new();
         for s in plan {
             let seq = self.seq_mut(s.id)?;
             seq.num_computed += s.tokens;
-            if seq.num_computed < seq.tokens.len() {
-                continue; // mid-prefill: no token yet
+            if seq.num_computed == seq.tokens.len() {
+                sampled.push(s.id);
             }
-            let Some(row) = rows.next() else {
-                return Err(Error::Internal(
-                    "forward returned too few logit rows".into(),
-                ));
-            };
-            let outcome = self.sample_and_append(s.id, &row);
-            self.settle(s.id, outcome);
         }
-        Ok(())
-    }
-
-    fn sample_and_append(&mut self, id: SeqId, logits: &[f32]) -> Result<Appended> {
-        let seq = self.seq_mut(id)?;
-        let ctx = SampleContext {
-            prompt_ids: &seq.tokens[..seq.prompt_len],
-            generated_ids: &seq.tokens[seq.prompt_len..],
-            seed: seq.seed,
+        let tokens = {
+            let seqs = &self.seqs;
+            let rows = sampled
+                .iter()
+                .map(|id| {
+                    let seq = seqs
+                        .get(id)
+                        .ok_or_else(|| Error::Internal(format!("sequence {id} is gone")))?;
+                    Ok(RowRequest {
+                        params: &seq.params,
+                        ctx: SampleContext {
+                            prompt_ids: &seq.tokens[..seq.prompt_len],
+                            generated_ids: &seq.tokens[seq.prompt_len..],
+                            seed: seq.seed,
+                        },
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            sample_rows(logits, &rows)
         };
-        let token = sample(logits, &seq.params, &ctx)?;
-        self.append(id, token)
+        let tokens = match tokens {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "sampling step failed");
+                self.fail_plan(plan, &e);
+                return Err(e);
+            }
+        };
+        clock.lap(Phase::Sample);
+        for (id, token) in sampled.into_iter().zip(tokens) {
+            let outcome = token.and_then(|t| self.append(id, t));
+            self.settle(id, outcome);
+        }
+        clock.lap(Phase::Emit);
+        Ok(())
     }
 
     /// Appends a sampled token to sequence `id`, streams it and checks stop conditions.
