@@ -9,11 +9,12 @@
 #   BUNDLE_OR_DIR: dist/pd-gpu.tar.xz from deploy/gpu/build.sh, or the folder it unpacks to
 #   (default: the folder this script is in). RESULTS_DIR default: ./gpu-results.
 # PD_GPU_BENCH_ARGS: extra arguments for `pd-bench gpu` (e.g. "--shape llama3-1b").
-# PD_GPU_STEPS: which parts to run (default "single transfer cluster").
+# PD_GPU_STEPS: which parts to run (default "single served transfer cluster"; "served" is one GPU
+# serving aggregated under closed-loop load at 1, 16 and 64 clients).
 set -euo pipefail
 SRC=${1:-$(dirname "$0")}
 RESULTS=${2:-gpu-results}
-STEPS=${PD_GPU_STEPS:-single transfer cluster}
+STEPS=${PD_GPU_STEPS:-single served transfer cluster}
 if [ -f "$SRC" ]; then
   DIR=$(mktemp -d)
   xz -dc "$SRC" | tar -C "$DIR" -xf -
@@ -50,6 +51,14 @@ fi
 if [[ " $STEPS " == *" single "* ]]; then
   # shellcheck disable=SC2086
   pd-bench gpu --out "$RESULTS" ${PD_GPU_BENCH_ARGS:-} 2>&1 | tee "$RESULTS/gpu-bench.log" || status=1
+fi
+if [[ " $STEPS " == *" served "* ]]; then
+  # One GPU serving aggregated: Llama-3-8B shape, dummy weights, 512-token prompts, 128 tokens
+  # out; the KV cache sized from free memory (the default). Prints each step phase's mean.
+  pd-bench cluster --model dummy:llama3-8b --prompt-tokens 512 --max-tokens 128 \
+    --clients "${PD_SERVED_CLIENTS:-1,16,64}" --rounds 2 --modes aggregated --decode-device cuda:0 \
+    --node-arg=--max-batch-tokens=2048 --node-arg=--max-num-seqs=64 \
+    --json "$RESULTS/served.jsonl" 2>&1 | tee "$RESULTS/served.log" || status=1
 fi
 if [ "$GPUS" -ge 2 ]; then
   if [[ " $STEPS " == *" transfer "* ]]; then
@@ -97,6 +106,14 @@ if t:
     for r in t:
         if "overlap" in r:
             out.append("| %s | %d | %.1f | %.1f | %.1f |" % (r["overlap"], r["tokens"], r["prefill_ms"], r["prefill_and_ship_ms"], r["prefill_and_ship_ms"] - r["prefill_ms"]))
+s = rows("served.jsonl")
+if s:
+    out.append("\n## Served, one GPU aggregated: dummy Llama-3-8B, 512-token prompts, 128 tokens out\n")
+    out.append("| clients | requests | out tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | step phases, mean ms |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in s:
+        if "clients" in r:
+            ph = ", ".join("%s %.2f" % (k, v) for k, v in r.get("step_phases_ms", {}).items())
+            out.append("| %d | %d | %.0f | %.0f | %.0f | %.1f | %.1f | %s |" % (r["clients"], r["requests"], r["output_tokens_per_s"], r["ttft_p50_ms"], r["ttft_p95_ms"], r["itl_p50_ms"], r["itl_p95_ms"], ph))
 c = rows("gpu-cluster.jsonl")
 if c:
     out.append("\n## 1P1D (prefill GPU 0, decode GPU 1) vs one GPU aggregated: dummy Llama-3-8B, 512-token prompts, 128 tokens out\n")

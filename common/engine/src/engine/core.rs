@@ -59,6 +59,14 @@ impl EngineCore {
         let spec = config.cache_spec(model.config(), model.device())?;
         let max_model_len = config.max_model_len(model.config(), &spec);
         let allocator = KvBlockAllocator::new(spec.num_blocks);
+        tracing::info!(
+            blocks = spec.num_blocks,
+            block_size = spec.block_size,
+            mib = (spec.num_blocks * spec.bytes_per_block()) >> 20,
+            dtype = ?spec.dtype,
+            max_model_len,
+            "KV cache"
+        );
         let cache = KvCache::new(spec, model.device())?;
         let eog_ids = tokenizer
             .as_ref()
