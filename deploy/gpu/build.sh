@@ -20,6 +20,7 @@ if ! command -v nvcc >/dev/null && [ ! -x "${CUDA_HOME:-/nonexistent}/bin/nvcc" 
 fi
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 F=${PD_GPU_FEATURES:-nccl}
+TARGET=${CARGO_TARGET_DIR:-target}
 cargo build --release --locked -p pd-prefill -p pd-decode -p pd-tests -p pd-router \
   --features "pd-prefill/$F,pd-decode/$F,pd-tests/$F" \
   --bin pd-prefill --bin pd-decode --bin pd-bench --bin pd-cluster --bin pd-router
@@ -36,7 +37,7 @@ rm -rf dist/pd-gpu && mkdir -p dist/pd-gpu
 cp "$TESTS" dist/pd-gpu/pd-engine-device-tests
 strip dist/pd-gpu/pd-engine-device-tests
 for b in pd-bench pd-prefill pd-decode pd-router pd-cluster; do
-  cp "target/release/$b" dist/pd-gpu/
+  cp "$TARGET/release/$b" dist/pd-gpu/
   strip dist/pd-gpu/$b
 done
 if command -v etcd >/dev/null; then cp "$(command -v etcd)" dist/pd-gpu/; fi
