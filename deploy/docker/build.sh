@@ -49,10 +49,14 @@ if [ "$gpu" = 1 ]; then
     deploy/gpu/build.sh
     cargo build --release --locked -p pd-common --bin pd-probe
 else
-    cargo_profile=()
-    [ "$profile" = release ] && cargo_profile=(--release)
-    cargo build "${cargo_profile[@]}" --locked -p pd-router -p pd-prefill -p pd-decode -p pd-common \
-        --bin pd-router --bin pd-prefill --bin pd-decode --bin pd-probe
+    if [ "$profile" = release ]; then
+        cargo build --release --locked -p pd-router -p pd-prefill -p pd-decode -p pd-common \
+            --bin pd-router --bin pd-prefill --bin pd-decode --bin pd-probe
+    else
+        # Exactly the test command's build (same packages, so the same features): nothing is
+        # compiled twice.
+        cargo build --workspace --bins --locked
+    fi
 fi
 
 # The build context: only what the image holds, so nothing else is sent to the engine.
