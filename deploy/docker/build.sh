@@ -65,7 +65,7 @@ rm -rf "$context"
 mkdir -p "$context/bin" "$context/models" "$context/lib"
 for b in "${bins[@]}"; do
     # Written anew (never stripped in place): target/ keeps its debug info.
-    strip --strip-debug -o "$context/bin/$b" "target/$profile_dir/$b"
+    strip --strip-debug -o "$context/bin/$b" "${CARGO_TARGET_DIR:-target}/$profile_dir/$b"
 done
 ln -f "$model" "$context/models/" 2>/dev/null || cp "$model" "$context/models/"
 build_args=(--build-arg "BASE=$base" --build-arg "VARIANT=$variant")

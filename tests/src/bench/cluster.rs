@@ -359,7 +359,7 @@ impl StepPhases {
     /// One line: phases in step order, then the steps counted.
     pub fn summary(&self) -> String {
         let order = pd_engine::engine::phases::Phase::ALL;
-        let mut parts: Vec<String> = order
+        let parts: Vec<String> = order
             .iter()
             .filter_map(|p| {
                 let &(s, c) = self.0.get(p.name())?;
@@ -367,8 +367,7 @@ impl StepPhases {
             })
             .collect();
         let steps = self.0.values().map(|&(_, c)| c).fold(0.0, f64::max);
-        parts.push(format!("({steps:.0} steps)"));
-        parts.join(", ")
+        format!("{} ({steps:.0} steps)", parts.join(", "))
     }
 }
 
