@@ -9,21 +9,16 @@
 //! Writes `gpu-results.json` and `gpu-results.md` into `--out`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
-use pd_common::engine::{EngineConfig, EngineCore, GenerateRequest, KvCacheDtype};
 use pd_common::kv::{KvCache, KvCacheSpec};
-use pd_common::model::attention::{paged_attention, AttentionMeta, SeqAttention};
 use pd_common::model::{self, ForwardBatch, ModelConfig, ModelSource};
-use pd_common::sampling::SamplingParams;
-use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
 
 use super::median;
-use crate::Runs;
 
 #[derive(clap::Args)]
 pub struct GpuArgs {
