@@ -15,6 +15,8 @@ pub mod kv;
 pub mod model;
 pub mod sampling;
 pub mod telemetry;
+#[cfg(test)]
+mod test_data;
 pub mod tokenizer;
 
 pub use error::{Error, ErrorKind, Result};

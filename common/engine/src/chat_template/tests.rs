@@ -3,15 +3,6 @@
 use super::*;
 use std::sync::OnceLock;
 
-const MODEL_PATH: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
-const GOLDEN_PATH: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../tests/data/smollm2_q4_1_greedy.jsonl"
-);
-
 #[derive(serde::Deserialize)]
 struct Case {
     name: String,
@@ -22,10 +13,7 @@ struct Case {
 fn model_template() -> &'static ChatTemplate {
     static TEMPLATE: OnceLock<ChatTemplate> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
-        let mut file = std::fs::File::open(MODEL_PATH).unwrap_or_else(|e| {
-            panic!("cannot open {MODEL_PATH}: {e}; run deploy/fetch-model.sh to download the model")
-        });
-        let content = gguf_file::Content::read(&mut file).expect("read GGUF");
+        let content = crate::test_data::model_gguf();
         let tokenizer = Tokenizer::from_gguf(&content).expect("tokenizer");
         ChatTemplate::from_gguf(&content, &tokenizer)
             .expect("compile the chat template")
@@ -40,11 +28,9 @@ fn render_one(source: &str, messages: &[ChatMessage]) -> Result<String> {
 #[test]
 fn chat_template_golden_prompts() {
     let template = model_template();
-    let text = std::fs::read_to_string(GOLDEN_PATH)
-        .unwrap_or_else(|e| panic!("cannot read {GOLDEN_PATH}: {e}"));
     let mut checked = 0;
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let case: Case = serde_json::from_str(line).unwrap();
+    for line in crate::test_data::golden_lines() {
+        let case: Case = serde_json::from_str(&line).unwrap();
         if !case.template {
             continue;
         }

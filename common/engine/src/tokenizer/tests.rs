@@ -9,15 +9,6 @@ use candle_core::quantized::gguf_file;
 
 use super::*;
 
-const MODEL_PATH: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
-const GOLDEN_PATH: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../tests/data/smollm2_q4_1_greedy.jsonl"
-);
-
 #[derive(serde::Deserialize)]
 struct Case {
     name: String,
@@ -30,20 +21,14 @@ struct Case {
 fn tokenizer() -> &'static Tokenizer {
     static TOK: OnceLock<Tokenizer> = OnceLock::new();
     TOK.get_or_init(|| {
-        let mut file = std::fs::File::open(MODEL_PATH).unwrap_or_else(|e| {
-            panic!("cannot open {MODEL_PATH}: {e}; run deploy/fetch-model.sh to download the model")
-        });
-        let content = gguf_file::Content::read(&mut file).expect("read GGUF");
+        let content = crate::test_data::model_gguf();
         Tokenizer::from_gguf(&content).expect("tokenizer from GGUF")
     })
 }
 
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(GOLDEN_PATH)
-        .unwrap_or_else(|e| panic!("cannot read {GOLDEN_PATH}: {e}"));
-    let cases: Vec<Case> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
+    let cases: Vec<Case> = crate::test_data::golden_lines()
+        .iter()
         .map(|l| serde_json::from_str(l).expect("golden case"))
         .collect();
     assert_eq!(cases.len(), 10, "expected the 10 golden cases");
