@@ -20,7 +20,6 @@ use pd_common::telemetry::{self, LogFormat};
 use pd_common::Result;
 use pd_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use dispatch::{Dispatcher, Job};
@@ -116,6 +115,12 @@ pub async fn run(
         metrics: prometheus,
         max_body_bytes: config.max_body_bytes,
     });
+    // Nagle off: streamed chunks leave as they are written, not after the client's delayed ACK.
+    let http_listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     let http_server =
         axum::serve(http_listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let http_server = tokio::spawn(async move { http_server.await });
@@ -136,7 +141,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(generation)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc_listener),
+            RpcConfig::incoming(grpc_listener),
             shutdown.clone().cancelled_owned(),
         );
     let grpc_server = tokio::spawn(grpc_server);

@@ -15,6 +15,10 @@ const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 2_000;
 /// default windows the sender waits for a window update every 64 KiB.
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Largest HTTP/2 frame a peer may send us: bulk KV moves in frames of up to 1 MiB rather than
+/// the protocol's 16 KiB default (each frame costs a header and a pass through the HTTP/2 state
+/// machine on both ends).
+const MAX_FRAME: u32 = 1 << 20;
 
 /// Connection settings for every gRPC server and channel of a node.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
@@ -61,8 +65,17 @@ impl RpcConfig {
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .http2_keepalive_interval(Some(interval))
             .http2_keepalive_timeout(Some(timeout))
+    }
+
+    /// The connections a server accepts on `listener`, with Nagle's algorithm off. (A server's
+    /// own `tcp_nodelay` applies only to listeners it binds itself: without this, small frames
+    /// such as window updates and streamed tokens wait for the peer's delayed ACK, up to tens
+    /// of milliseconds.)
+    pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
     }
 
     /// A lazily connecting channel to `address` (`host:port`, or a full `http://` URI).
@@ -89,7 +102,8 @@ impl RpcConfig {
             .keep_alive_timeout(timeout)
             .keep_alive_while_idle(true)
             .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW))
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME))
     }
 }
 

@@ -152,7 +152,7 @@ impl Worker {
             .server()
             .add_routes(routes.add_service(health_service))
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
+                RpcConfig::incoming(listeners.grpc),
                 serving.clone().cancelled_owned(),
             );
         let server = tokio::spawn(server);
