@@ -47,12 +47,27 @@ pub struct ExportedKv {
     pub layer: usize,
     /// Index of the run's first block among the sequence's blocks.
     pub first_block: usize,
-    pub keys: Tensor,
-    pub values: Tensor,
-    /// On a GPU: recorded on the engine's stream right after `keys` and `values` were written,
-    /// so that a sender on another stream waits for them and not for the layers after.
+    pub num_blocks: usize,
+    pub data: KvData,
+}
+
+/// Where an export's K and V are.
+#[derive(Debug)]
+pub enum KvData {
+    /// On the host, as the bytes a KV transfer carries (little-endian elements), read out of the
+    /// cache with one copy.
+    Host {
+        keys: bytes::Bytes,
+        values: bytes::Bytes,
+    },
+    /// On a GPU, as tensors. `ready` is recorded on the engine's stream right after they were
+    /// written, so that a sender on another stream waits for them and not for the layers after.
     #[cfg(feature = "cuda")]
-    pub ready: Option<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaEvent>>,
+    Device {
+        keys: Tensor,
+        values: Tensor,
+        ready: Option<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaEvent>>,
+    },
 }
 
 impl ExportedKv {
@@ -63,24 +78,80 @@ impl ExportedKv {
         first_block: usize,
         run: &crate::kv::BlockRun,
     ) -> crate::Result<Self> {
-        let (keys, values) = cache.read_run(layer, run)?;
+        let num_blocks = run.blocks().len();
         #[cfg(feature = "cuda")]
-        let ready = match keys.device() {
-            candle_core::Device::Cuda(d) => Some(std::sync::Arc::new(
-                d.cuda_stream()
-                    .record_event(None)
-                    .map_err(|e| crate::Error::Internal(format!("CUDA: {e}")))?,
-            )),
-            _ => None,
-        };
+        if let candle_core::Device::Cuda(d) = cache.layer(layer)?.0.device() {
+            let (keys, values) = cache.read_run(layer, run)?;
+            let ready = d
+                .cuda_stream()
+                .record_event(None)
+                .map_err(|e| crate::Error::Internal(format!("CUDA: {e}")))?;
+            return Ok(Self {
+                layer,
+                first_block,
+                num_blocks,
+                data: KvData::Device {
+                    keys,
+                    values,
+                    ready: Some(std::sync::Arc::new(ready)),
+                },
+            });
+        }
+        let (keys, values) = cache.read_block_bytes(layer, run.blocks())?;
         Ok(Self {
             layer,
             first_block,
-            keys,
-            values,
-            #[cfg(feature = "cuda")]
-            ready,
+            num_blocks,
+            data: KvData::Host {
+                keys: keys.into(),
+                values: values.into(),
+            },
         })
+    }
+
+    /// An export of K and V tensors `[blocks, block_size, kv_heads, head_dim]` (host bytes for
+    /// CPU tensors; GPU tensors stay on their device, with no event).
+    pub fn from_tensors(
+        layer: usize,
+        first_block: usize,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> crate::Result<Self> {
+        let num_blocks = keys.dim(0)?;
+        #[cfg(feature = "cuda")]
+        if keys.device().is_cuda() {
+            return Ok(Self {
+                layer,
+                first_block,
+                num_blocks,
+                data: KvData::Device {
+                    keys: keys.contiguous()?,
+                    values: values.contiguous()?,
+                    ready: None,
+                },
+            });
+        }
+        Ok(Self {
+            layer,
+            first_block,
+            num_blocks,
+            data: KvData::Host {
+                keys: crate::kv::tensor_bytes(keys)?.into(),
+                values: crate::kv::tensor_bytes(values)?.into(),
+            },
+        })
+    }
+
+    /// K and V as host bytes (from a GPU: copied through the engine's stream).
+    pub fn host_bytes(&self) -> crate::Result<(bytes::Bytes, bytes::Bytes)> {
+        match &self.data {
+            KvData::Host { keys, values } => Ok((keys.clone(), values.clone())),
+            #[cfg(feature = "cuda")]
+            KvData::Device { keys, values, .. } => Ok((
+                crate::kv::tensor_bytes(keys)?.into(),
+                crate::kv::tensor_bytes(values)?.into(),
+            )),
+        }
     }
 }
 

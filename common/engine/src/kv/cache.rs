@@ -174,7 +174,7 @@ impl KvCache {
         self.write_slots(layer, &k.reshape(rows)?, &v.reshape(rows)?, &slots)
     }
 
-    fn check_blocks(&self, blocks: &[BlockId]) -> Result<()> {
+    pub(super) fn check_blocks(&self, blocks: &[BlockId]) -> Result<()> {
         match blocks.iter().find(|&&b| b as usize >= self.spec.num_blocks) {
             Some(b) => Err(Error::invalid(format!(
                 "KV block {b} out of range (the cache has {})",

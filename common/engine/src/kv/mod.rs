@@ -1,9 +1,11 @@
 //! The paged KV cache: the block allocator, per-sequence block tables and the cache tensors.
 
 pub mod allocator;
+pub mod bytes;
 pub mod cache;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
 pub use allocator::{blocks_for_tokens, BlockId, KvBlockAllocator};
+pub use bytes::{bytes_tensor, tensor_bytes};
 pub use cache::{BlockRun, KvCache, KvCacheSpec, SlotMap};
