@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let descriptors = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // KV payloads decode as slices of the received buffer, not as copies.
+    tonic_prost_build::configure()
+        .bytes(".pd.v1.KvChunk")
+        .compile_fds(descriptors)?;
     Ok(())
 }

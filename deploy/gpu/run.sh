@@ -40,6 +40,7 @@ export PD_BENCH_DATE=$(date -u +%Y-%m-%d)
 export PD_BENCH_DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo unknown)
 GPUS=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l || echo 1)
 mkdir -p "$RESULTS"
+rm -f "$RESULTS/gpu-transfer.jsonl"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$RESULTS/gpu-info.txt" 2>&1 || true
 nvidia-smi topo -m >> "$RESULTS/gpu-info.txt" 2>&1 || true
 status=0
@@ -80,7 +81,15 @@ if [ "$GPUS" -ge 2 ]; then
     done > "$RESULTS/gpu-cluster-backends.txt" 2>&1
   fi
 else
-  echo "one GPU: the transfer and 1P1D measurements need two" | tee -a "$RESULTS/gpu-bench.log"
+  if [[ " $STEPS " == *" transfer "* ]]; then
+    # One GPU: KV over gRPC from the GPU to a receiver in host memory, then to one on the same
+    # GPU (through pinned host memory and loopback TCP), alone and shipped during a prefill.
+    for to in cpu cuda:0; do
+      pd-bench gpu-transfer --from cuda:0 --to $to --backends grpc --tokens 512,4096 \
+        --json "$RESULTS/gpu-transfer.jsonl" 2>&1 | tee -a "$RESULTS/gpu-transfer.log" || status=1
+    done
+  fi
+  echo "one GPU: NCCL transfers and 1P1D measurements need two" | tee -a "$RESULTS/gpu-bench.log"
 fi
 # The two-GPU figures as markdown tables after the single-GPU ones.
 python3 - "$RESULTS" <<'PY' || true
@@ -96,16 +105,19 @@ if not os.path.exists(md):
 t = rows("gpu-transfer.jsonl")
 if t:
     peak = next((r["nccl_peak_GBps"] for r in t if "nccl_peak_GBps" in r), None)
-    out.append("\n## KV transfer GPU 0 to GPU 1 (Llama-3-8B KV shape, bf16)\n")
-    out.append("NCCL's own send/recv peak on this pair: %.1f GB/s.\n" % peak)
-    out.append("| backend | tokens | MB | ms | GB/s | of NCCL peak |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    out.append("\n## KV transfer (Llama-3-8B KV shape, bf16)\n")
+    if peak is not None:
+        out.append("NCCL's own send/recv peak on this pair: %.1f GB/s.\n" % peak)
+    pct = lambda f: "%.0f%%" % (100 * f) if f is not None else "-"
+    out.append("| backend | from | to | tokens | MB | ms | GB/s | of NCCL peak |\n| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in t:
         if "backend" in r:
-            out.append("| %s | %d | %.1f | %.2f | %.1f | %.0f%% |" % (r["backend"], r["tokens"], r["bytes"] / 1e6, r["ms"], r["GBps"], 100 * r["fraction_of_nccl_peak"]))
-    out.append("\n| shipped during prefill | tokens | prefill alone ms | prefill + shipping ms | added ms |\n| --- | ---: | ---: | ---: | ---: |")
+            out.append("| %s | %s | %s | %d | %.1f | %.2f | %.1f | %s |" % (r["backend"], r.get("from", "cuda:0"), r.get("to", "cuda:1"), r["tokens"], r["bytes"] / 1e6, r["ms"], r["GBps"], pct(r.get("fraction_of_nccl_peak"))))
+    out.append("\n| shipped during prefill | to | tokens | prefill alone ms | prefill + shipping ms | added ms | added |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in t:
         if "overlap" in r:
-            out.append("| %s | %d | %.1f | %.1f | %.1f |" % (r["overlap"], r["tokens"], r["prefill_ms"], r["prefill_and_ship_ms"], r["prefill_and_ship_ms"] - r["prefill_ms"]))
+            added = r["prefill_and_ship_ms"] - r["prefill_ms"]
+            out.append("| %s | %s | %d | %.1f | %.1f | %.1f | %.1f%% |" % (r["overlap"], r.get("to", "cuda:1"), r["tokens"], r["prefill_ms"], r["prefill_and_ship_ms"], added, 100 * added / r["prefill_ms"]))
 s = rows("served.jsonl")
 if s:
     out.append("\n## Served, one GPU aggregated: dummy Llama-3-8B, 512-token prompts, 128 tokens out\n")

@@ -46,6 +46,8 @@ struct Inner {
     block_size: usize,
     /// Refuses new prefills once shutdown starts; runs each prefill as a task for the drain.
     tasks: RequestTasks,
+    /// Channels to decode nodes' `KvTransfer`, kept across transfers.
+    clients: grpc::Clients,
     /// NCCL links to decode nodes, opened on first use.
     #[cfg(feature = "nccl")]
     nccl: transfer::nccl::NcclSender,
@@ -59,6 +61,7 @@ impl PrefillService {
                 engine,
                 block_size,
                 tasks,
+                clients: grpc::Clients::default(),
                 #[cfg(feature = "nccl")]
                 nccl: transfer::nccl::NcclSender::new(options.nccl.clone()),
                 options,
@@ -174,11 +177,21 @@ async fn prefill(
         ..Default::default()
     };
     let backend = TransferBackend::from_wire(destination.transfer_backend)?;
-    let mut client = grpc::client(&inner.options.rpc, &destination.address)?;
+    let mut client = inner
+        .clients
+        .get(&inner.options.rpc, &destination.address)?;
     let push = async {
         match backend {
             TransferBackend::Grpc => {
-                push::push(client, request_id, handshake, exported, grpc::GrpcSink).await
+                push::push(
+                    client,
+                    &destination.address,
+                    request_id,
+                    handshake,
+                    exported,
+                    grpc::GrpcSink::new(),
+                )
+                .await
             }
             #[cfg(feature = "nccl")]
             TransferBackend::Nccl => {
@@ -187,7 +200,15 @@ async fn prefill(
                     .nccl
                     .sink(&mut client, &destination.address, &handshake, &device)
                     .await?;
-                push::push(client, request_id, handshake, exported, sink).await
+                push::push(
+                    client,
+                    &destination.address,
+                    request_id,
+                    handshake,
+                    exported,
+                    sink,
+                )
+                .await
             }
             #[cfg(not(feature = "nccl"))]
             TransferBackend::Nccl => {

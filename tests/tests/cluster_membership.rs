@@ -25,6 +25,21 @@ async fn decode_tokens(metrics_url: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The sum of a metric's series whose labels include every one of `labels`.
+async fn metric_sum(metrics_url: &str, name: &str, labels: &[&str]) -> f64 {
+    let text = reqwest::get(metrics_url)
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_join_and_leave_the_routers_view() {
     let _serial = SERIAL.lock().await;
@@ -38,6 +53,28 @@ async fn nodes_join_and_leave_the_routers_view() {
     .expect("cluster starts");
     let prompt = golden_cases()[0].prompt_ids.clone();
     let mut client = grpc_client(&cluster).await;
+
+    // Each link reports what it carried: bytes and a measured rate, on both ends.
+    let params = greedy(4);
+    grpc_generate(&mut client, &prompt, &params)
+        .await
+        .expect("served");
+    for (role, direction) in [(Role::Prefill, "sent"), (Role::Decode, "received")] {
+        let node = cluster
+            .nodes()
+            .into_iter()
+            .find(|n| n.role == role)
+            .expect("a node of the role");
+        let url = cluster.node(&node.id).expect("node").metrics_url();
+        let labels = [
+            r#"backend="grpc""#,
+            &format!(r#"direction="{direction}""#)[..],
+        ];
+        let bytes = metric_sum(&url, "pd_kv_link_bytes_total", &labels).await;
+        assert!(bytes > 0.0, "{role:?}: no KV bytes on its link");
+        let rate = metric_sum(&url, "pd_kv_link_last_gbps", &labels).await;
+        assert!(rate > 0.0, "{role:?}: no link rate");
+    }
 
     // A late decode node joins and receives traffic.
     let late = cluster

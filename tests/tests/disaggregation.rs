@@ -6,7 +6,7 @@
 
 use pd_common::engine::{EngineConfig, EngineCore, GenerateRequest, Placement, SeqEvent, SeqId};
 use pd_common::sampling::{FinishReason, SampledToken, SamplingParams};
-use pd_common::transfer::{chunk_from_tensors, decode_chunk_into};
+use pd_common::transfer::{chunk_of, decode_chunk_into};
 use pd_tests::{golden_cases, real_engine};
 use tokio::sync::{mpsc, oneshot};
 
@@ -106,8 +106,7 @@ fn disaggregated(requests: &[GenerateRequest]) -> Vec<Output> {
         let blocks = reserved.try_recv().expect("blocks reserved");
         let mut chunks = 0;
         while let Ok(kv) = exported.try_recv() {
-            let chunk =
-                chunk_from_tensors(kv.layer, kv.first_block as u32, &kv.keys, &kv.values).unwrap();
+            let chunk = chunk_of(&kv).unwrap();
             decode_chunk_into(decode.cache(), &chunk, &blocks).unwrap();
             chunks += 1;
         }

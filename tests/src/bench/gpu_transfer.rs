@@ -31,7 +31,7 @@ pub struct GpuTransferArgs {
     /// The sending (prefill) GPU.
     #[arg(long, default_value = "cuda:0")]
     pub from: String,
-    /// The receiving (decode) GPU.
+    /// The receiving (decode) GPU, or `cpu` for a receiver in host memory (gRPC only).
     #[arg(long, default_value = "cuda:1")]
     pub to: String,
     /// Model shape whose KV is shipped.
@@ -42,6 +42,10 @@ pub struct GpuTransferArgs {
     pub tokens: Vec<usize>,
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
+    /// Backends to measure: `nccl` needs two GPUs; `grpc` alone runs on one (`--to` may be
+    /// `--from`: GPU → pinned host → TCP loopback → host → the same GPU).
+    #[arg(long, value_delimiter = ',', default_value = "nccl,grpc")]
+    pub backends: Vec<String>,
     /// Appends the figures as JSON lines to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -55,16 +59,32 @@ pub fn run(args: GpuTransferArgs) -> anyhow::Result<()> {
 async fn run_async(args: GpuTransferArgs) -> anyhow::Result<()> {
     let from = model::open_device(&args.from)?;
     let to = model::open_device(&args.to)?;
-    ensure!(from.is_cuda() && to.is_cuda(), "both ends must be GPUs");
-    let mut out = Vec::new();
-    let peak = nccl_peak(&args.from, &args.to)?;
-    println!(
-        "NCCL send/recv peak {}→{}: {:.1} GB/s (256 MiB messages)",
-        args.from,
-        args.to,
-        peak / 1e9
+    ensure!(from.is_cuda(), "the sending end must be a GPU");
+    ensure!(
+        to.is_cuda() || !args.backends.iter().any(|b| b == "nccl"),
+        "NCCL needs a GPU at the receiving end"
     );
-    out.push(json!({"nccl_peak_GBps": peak / 1e9}));
+    let mut out = Vec::new();
+    for b in &args.backends {
+        ensure!(
+            b == "nccl" || b == "grpc",
+            "unknown backend {b:?} (nccl, grpc)"
+        );
+    }
+    let backends: Vec<&str> = args.backends.iter().map(String::as_str).collect();
+    let peak = if backends.contains(&"nccl") {
+        let peak = nccl_peak(&args.from, &args.to)?;
+        println!(
+            "NCCL send/recv peak {}→{}: {:.1} GB/s (256 MiB messages)",
+            args.from,
+            args.to,
+            peak / 1e9
+        );
+        out.push(json!({"nccl_peak_GBps": peak / 1e9}));
+        peak
+    } else {
+        f64::NAN
+    };
 
     let cfg = ModelConfig::preset(&args.shape)?;
     let bs = 16;
@@ -93,15 +113,15 @@ async fn run_async(args: GpuTransferArgs) -> anyhow::Result<()> {
         RpcConfig::default()
             .server()
             .add_service(KvTransferService::new(receiver.clone()).into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming(RpcConfig::incoming(listener)),
     );
     let nccl = NcclSender::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    let mut nccl_seconds = std::collections::HashMap::new();
+    let mut transfer_seconds = std::collections::HashMap::new();
     for &tokens in &args.tokens {
         let n = tokens.div_ceil(bs);
         let bytes = (n * spec.bytes_per_block()) as f64;
-        for backend in ["nccl", "grpc"] {
+        for &backend in &backends {
             let mut times = Vec::new();
             for rep in 0..args.repeats + 1 {
                 // Random source blocks into random destination blocks.
@@ -132,17 +152,24 @@ async fn run_async(args: GpuTransferArgs) -> anyhow::Result<()> {
                 }
             }
             let secs = median(times);
-            if backend == "nccl" {
-                nccl_seconds.insert(tokens, secs);
-            }
+            transfer_seconds.insert((backend, tokens), secs);
+            let of_peak = if peak.is_finite() {
+                format!(" ({:.0}% of the NCCL peak)", 100.0 * bytes / secs / peak)
+            } else {
+                String::new()
+            };
             println!(
-                "{backend:>4} {tokens:>5} tokens: {:.1} MB in {:.2} ms = {:.1} GB/s ({:.0}% of the NCCL peak), blocks equal",
+                "{backend:>4} {tokens:>5} tokens: {:.1} MB in {:.2} ms = {:.1} GB/s{of_peak}, blocks equal",
                 bytes / 1e6,
                 secs * 1e3,
                 bytes / secs / 1e9,
-                100.0 * bytes / secs / peak
             );
-            out.push(json!({"backend": backend, "tokens": tokens, "bytes": bytes, "ms": secs * 1e3, "GBps": bytes / secs / 1e9, "fraction_of_nccl_peak": bytes / secs / peak}));
+            let fraction = if peak.is_finite() {
+                json!(bytes / secs / peak)
+            } else {
+                json!(null)
+            };
+            out.push(json!({"backend": backend, "from": args.from, "to": args.to, "tokens": tokens, "bytes": bytes, "ms": secs * 1e3, "GBps": bytes / secs / 1e9, "fraction_of_nccl_peak": fraction}));
         }
     }
 
@@ -165,15 +192,16 @@ async fn run_async(args: GpuTransferArgs) -> anyhow::Result<()> {
             let mut times = Vec::new();
             for _ in 0..args.repeats + 1 {
                 let t = Instant::now();
-                let _ = model
-                    .forward(&batch, &prefill_cache, &mut |_| Ok(()))?
-                    .to_vec2::<f32>()?;
+                let logits = model.forward(&batch, &prefill_cache, &mut |_| Ok(()))?;
+                logits.device().synchronize()?;
+                let _ = logits.to_vec2::<f32>()?;
                 times.push(t.elapsed().as_secs_f64());
             }
             median(times[1..].to_vec())
         };
-        for backend in ["nccl", "grpc"] {
+        for &backend in &backends {
             let mut times = Vec::new();
+            let mut timeline = String::new();
             for _ in 0..args.repeats + 1 {
                 let (sink, exported) = mpsc::unbounded_channel();
                 let (model, cache, batch, blocks) = (
@@ -183,52 +211,138 @@ async fn run_async(args: GpuTransferArgs) -> anyhow::Result<()> {
                     all[..n].to_vec(),
                 );
                 let started = Instant::now();
-                let compute = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let compute = tokio::task::spawn_blocking(move || -> anyhow::Result<[f64; 2]> {
                     let run = cache.block_run(&blocks)?;
                     let mut ship_layer = |l: usize| -> pd_engine::Result<()> {
                         let _ = sink.send(ExportedKv::read(&cache, l, 0, &run)?);
                         Ok(())
                     };
-                    let _ = model
-                        .forward(&batch, &cache, &mut ship_layer)?
-                        .to_vec2::<f32>()?;
-                    Ok(())
+                    let logits = model.forward(&batch, &cache, &mut ship_layer)?;
+                    let queued = started.elapsed().as_secs_f64();
+                    // As the engine's step does: wait for the stream, then read. (A copy into
+                    // pageable memory that waits for the whole pass holds up other threads'
+                    // CUDA calls, the shipper's among them, until it is done.)
+                    logits.device().synchronize()?;
+                    let _ = logits.to_vec2::<f32>()?;
+                    Ok([queued, started.elapsed().as_secs_f64()])
+                });
+                // When each layer's bytes reach the host side of the sender.
+                let (relay, exported_timed) = mpsc::unbounded_channel();
+                let arrivals = tokio::spawn(async move {
+                    let mut exported = exported;
+                    let mut at = Vec::new();
+                    while let Some(kv) = exported.recv().await {
+                        at.push(started.elapsed().as_secs_f64());
+                        if relay.send(kv).is_err() {
+                            break;
+                        }
+                    }
+                    at
                 });
                 let dst: Vec<u32> = all[..n].to_vec();
-                let shipped = ship_stream(
-                    &receiver, &nccl, &address, &fp, &from, backend, &dst, exported,
-                );
-                let (computed, shipped) = tokio::join!(compute, shipped);
-                computed??;
+                let shipped = async {
+                    let r = ship_stream(
+                        &receiver,
+                        &nccl,
+                        &address,
+                        &fp,
+                        &from,
+                        backend,
+                        &dst,
+                        exported_timed,
+                    )
+                    .await;
+                    (r, started.elapsed().as_secs_f64())
+                };
+                let (computed, (shipped, shipped_at)) = tokio::join!(compute, shipped);
+                let [queued_at, computed_at] = computed??;
                 shipped?;
                 times.push(started.elapsed().as_secs_f64());
+                let arrived = arrivals.await?;
+                timeline = format!(
+                    "layers queued by {:.1} ms; layers 0/8/16/24 exported at {} ms, on the host at {} ms; prefill done {:.1} ms, shipping done {:.1} ms",
+                    queued_at * 1e3,
+                    every_8th(&arrived),
+                    every_8th(&std::mem::take(&mut *lock(&LAYERS_ON_HOST))),
+                    computed_at * 1e3,
+                    shipped_at * 1e3
+                );
             }
+            println!("{backend:>4} {tokens:>5} tokens, last run: {timeline}");
             let both = median(times[1..].to_vec());
-            let transfer = if backend == "nccl" {
-                nccl_seconds.get(&tokens).copied().unwrap_or(f64::NAN)
-            } else {
-                f64::NAN
-            };
+            let transfer = transfer_seconds
+                .get(&(backend, tokens))
+                .copied()
+                .unwrap_or(f64::NAN);
             let hidden = ((alone + transfer - both) / transfer).clamp(0.0, 1.0);
             println!(
-                "{backend:>4} {tokens:>5} tokens: prefill alone {:.1} ms, prefill + shipping {:.1} ms ({:+.1} ms){}",
+                "{backend:>4} {tokens:>5} tokens: prefill alone {:.1} ms, prefill + shipping {:.1} ms ({:+.1} ms, {:+.1}%){}",
                 alone * 1e3,
                 both * 1e3,
                 (both - alone) * 1e3,
+                100.0 * (both - alone) / alone,
                 if transfer.is_finite() {
                     format!(", {:.0}% of the {:.2} ms transfer hidden", 100.0 * hidden, transfer * 1e3)
                 } else {
                     String::new()
                 }
             );
-            out.push(json!({"overlap": backend, "tokens": tokens, "prefill_ms": alone * 1e3, "prefill_and_ship_ms": both * 1e3, "transfer_ms": transfer * 1e3, "hidden_fraction": if transfer.is_finite() { json!(hidden) } else { json!(null) }}));
+            out.push(json!({"overlap": backend, "from": args.from, "to": args.to, "tokens": tokens, "prefill_ms": alone * 1e3, "prefill_and_ship_ms": both * 1e3, "added_fraction": (both - alone) / alone, "transfer_ms": transfer * 1e3, "hidden_fraction": if transfer.is_finite() { json!(hidden) } else { json!(null) }}));
         }
     }
     if let Some(path) = &args.json {
         let lines: Vec<String> = out.iter().map(|v| v.to_string()).collect();
-        std::fs::write(path, lines.join("\n") + "\n")?;
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        file.write_all((lines.join("\n") + "\n").as_bytes())?;
     }
     Ok(())
+}
+
+/// When each layer's chunks were ready on the host during the last gRPC transfer, in seconds
+/// from its start.
+static LAYERS_ON_HOST: std::sync::Mutex<Vec<f64>> = std::sync::Mutex::new(Vec::new());
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn every_8th(times: &[f64]) -> String {
+    times
+        .iter()
+        .step_by(8)
+        .map(|t| format!("{:.1}", t * 1e3))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The gRPC sink, noting when each layer's bytes are ready on the host.
+struct Timed {
+    inner: grpc::GrpcSink,
+    started: Instant,
+}
+
+impl push::ChunkSink for Timed {
+    fn backend(&self) -> pd_common::transfer::TransferBackend {
+        self.inner.backend()
+    }
+    fn prepare(&self, handshake: &mut KvHandshake) {
+        self.inner.prepare(handshake)
+    }
+    async fn chunks(&mut self, kv: ExportedKv) -> pd_common::Result<Vec<pd_proto::v1::KvChunk>> {
+        let chunks = self.inner.chunks(kv).await;
+        lock(&LAYERS_ON_HOST).push(self.started.elapsed().as_secs_f64());
+        chunks
+    }
+    async fn flush(&mut self) -> pd_common::Result<()> {
+        self.inner.flush().await
+    }
+    fn failed(&mut self) {
+        self.inner.failed()
+    }
 }
 
 fn receiver_cache(receiver: &Arc<KvReceiver>) -> &KvCache {
@@ -280,9 +394,16 @@ async fn ship_stream(
     match backend {
         "nccl" => {
             let sink = nccl.sink(&mut client, address, &handshake, device).await?;
-            push::push(client, "bench", handshake, exported, sink).await?
+            push::push(client, address, "bench", handshake, exported, sink).await?
         }
-        _ => push::push(client, "bench", handshake, exported, grpc::GrpcSink).await?,
+        _ => {
+            lock(&LAYERS_ON_HOST).clear();
+            let sink = Timed {
+                inner: grpc::GrpcSink::new(),
+                started: Instant::now(),
+            };
+            push::push(client, address, "bench", handshake, exported, sink).await?
+        }
     };
     ticket.finish()?;
     Ok(())

@@ -108,6 +108,17 @@ fn describe() {
         "Whole KV transfers, by direction."
     );
     describe_counter!(
+        KV_LINK_BYTES_TOTAL,
+        Unit::Bytes,
+        "KV bytes over one link, by direction, backend and peer."
+    );
+    describe_histogram!(
+        KV_LINK_SECONDS,
+        Unit::Seconds,
+        "Seconds a link spent carrying each transfer (first chunk to last)."
+    );
+    describe_gauge!(KV_LINK_GBPS, "GB/s of the link's last transfer, measured.");
+    describe_counter!(
         KV_TRANSFER_FAILURES_TOTAL,
         "KV transfers that failed, by direction."
     );
@@ -124,6 +135,26 @@ fn describe() {
         MEMBERSHIP_STALE,
         "1 while serving from a stale view (etcd unreachable)."
     );
+}
+
+/// Records one finished transfer over a link: `bytes` in `seconds` (first chunk to last).
+pub fn record_link(
+    direction: &'static str,
+    backend: crate::transfer::TransferBackend,
+    peer: &str,
+    bytes: u64,
+    seconds: f64,
+) {
+    let labels = [
+        ("direction", direction.to_string()),
+        ("backend", backend.as_str().to_string()),
+        ("peer", peer.to_string()),
+    ];
+    metrics::counter!(names::KV_LINK_BYTES_TOTAL, &labels).increment(bytes);
+    metrics::histogram!(names::KV_LINK_SECONDS, &labels).record(seconds);
+    if seconds > 0.0 {
+        metrics::gauge!(names::KV_LINK_GBPS, &labels).set(bytes as f64 / seconds / 1e9);
+    }
 }
 
 /// Sets the engine gauges from a stats snapshot.

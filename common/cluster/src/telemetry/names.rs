@@ -25,6 +25,17 @@ pub const KV_BLOCKS_FREE: &str = "pd_kv_blocks_free";
 pub const KV_TRANSFER_BYTES_TOTAL: &str = "pd_kv_transfer_bytes_total";
 /// Duration of whole KV transfers, by `direction`.
 pub const KV_TRANSFER_SECONDS: &str = "pd_kv_transfer_seconds";
+/// KV bytes over one link, by `direction`, `backend` and `peer` (the decode node's address on
+/// the sending side, the sender's IP on the receiving side).
+pub const KV_LINK_BYTES_TOTAL: &str = "pd_kv_link_bytes_total";
+/// Seconds one link spent carrying each transfer (from its first chunk to its last), by the
+/// labels of [`KV_LINK_BYTES_TOTAL`]: the bytes counter's rate over this histogram's `_sum`
+/// rate is the link's GB/s.
+pub const KV_LINK_SECONDS: &str = "pd_kv_link_seconds";
+/// The GB/s of the link's last transfer (its bytes over its seconds, as measured). Shipped
+/// layer by layer during a prefill, a transfer also waits for the layers being computed, so
+/// this is the rate the link was asked for, at most what it can carry.
+pub const KV_LINK_GBPS: &str = "pd_kv_link_last_gbps";
 /// KV transfers that failed, by `direction`.
 pub const KV_TRANSFER_FAILURES_TOTAL: &str = "pd_kv_transfer_failures_total";
 /// Prompt tokens run through the model.

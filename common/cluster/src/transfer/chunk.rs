@@ -2,11 +2,11 @@
 //! sends as soon as a layer is computed, and a decode node verifies before writing it into the
 //! blocks it reserved.
 
-use candle_core::{DType, Tensor};
-use half::{bf16, f16};
+use bytes::Bytes;
+use candle_core::Tensor;
 use pd_proto::v1::KvChunk;
 
-use crate::kv::{BlockId, KvCache};
+use crate::kv::{tensor_bytes, BlockId, KvCache};
 use crate::{Error, Result};
 
 /// Reads `blocks` of `layer` from `cache` into a chunk that names them as the run starting at
@@ -17,11 +17,18 @@ pub fn encode_chunk(
     blocks: &[BlockId],
     first_block: u32,
 ) -> Result<KvChunk> {
-    let (k, v) = cache.read_blocks(layer, blocks)?;
-    chunk_from_tensors(layer, first_block, &k, &v)
+    let (keys, values) = cache.read_block_bytes(layer, blocks)?;
+    Ok(chunk_from_bytes(
+        layer,
+        first_block,
+        blocks.len() as u32,
+        keys.into(),
+        values.into(),
+    ))
 }
 
-/// A chunk of K and V already read from a cache, `[blocks, block_size, kv_heads, head_dim]`.
+/// A chunk of K and V already read from a cache, `[blocks, block_size, kv_heads, head_dim]`
+/// (one copy of each on the CPU).
 pub fn chunk_from_tensors(
     layer: usize,
     first_block: u32,
@@ -29,20 +36,45 @@ pub fn chunk_from_tensors(
     values: &Tensor,
 ) -> Result<KvChunk> {
     let num_blocks = keys.dim(0)? as u32;
-    let keys = tensor_bytes(keys)?;
-    let values = tensor_bytes(values)?;
-    Ok(KvChunk {
+    Ok(chunk_from_bytes(
+        layer,
+        first_block,
+        num_blocks,
+        tensor_bytes(keys)?.into(),
+        tensor_bytes(values)?.into(),
+    ))
+}
+
+/// The whole of one export as a single chunk.
+pub fn chunk_of(kv: &crate::engine::ExportedKv) -> Result<KvChunk> {
+    let (keys, values) = kv.host_bytes()?;
+    Ok(chunk_from_bytes(
+        kv.layer,
+        kv.first_block as u32,
+        kv.num_blocks as u32,
+        keys,
+        values,
+    ))
+}
+
+/// A chunk around bytes already laid out for the wire; computes its checksum.
+pub fn chunk_from_bytes(
+    layer: usize,
+    first_block: u32,
+    num_blocks: u32,
+    keys: Bytes,
+    values: Bytes,
+) -> KvChunk {
+    KvChunk {
         layer: layer as u32,
         first_block,
         num_blocks,
         checksum: checksum(&keys, &values),
         keys,
         values,
-    })
+    }
 }
 
-/// Verifies a chunk and writes it into the blocks of `reservation` it names. Returns the bytes
-/// written. Nothing is written unless the whole chunk is valid.
 /// The cache blocks a chunk names: its layer must exist and its run must lie inside the
 /// reservation (chunks index the reservation; they never name cache blocks themselves).
 pub fn chunk_blocks<'a>(
@@ -69,16 +101,17 @@ pub fn chunk_blocks<'a>(
         })
 }
 
-pub fn decode_chunk_into(
+/// Verifies a chunk (range, sizes, checksum) and returns the cache blocks it goes to; nothing
+/// is written.
+pub fn verify_chunk<'a>(
     cache: &KvCache,
     chunk: &KvChunk,
-    reservation: &[BlockId],
-) -> Result<usize> {
-    let spec = cache.spec();
+    reservation: &'a [BlockId],
+) -> Result<&'a [BlockId]> {
     let bad = |msg: String| Error::BadKvChunk(format!("layer {}: {msg}", chunk.layer));
-    let blocks = chunk_blocks(spec, chunk, reservation)?;
+    let blocks = chunk_blocks(cache.spec(), chunk, reservation)?;
     let count = blocks.len();
-    let expected = count * spec.block_size * spec.token_elems() * spec.dtype.size_in_bytes();
+    let expected = count * cache.block_bytes();
     if chunk.keys.len() != expected || chunk.values.len() != expected {
         return Err(bad(format!(
             "{} + {} bytes for {count} blocks, expected {expected} each",
@@ -89,86 +122,32 @@ pub fn decode_chunk_into(
     if checksum(&chunk.keys, &chunk.values) != chunk.checksum {
         return Err(bad("checksum mismatch".into()));
     }
-    let shape = (count, spec.block_size, spec.num_kv_heads, spec.head_dim);
-    let device = cache.layer(0)?.0.device().clone();
-    let k = bytes_tensor(&chunk.keys, spec.dtype, shape, &device)?;
-    let v = bytes_tensor(&chunk.values, spec.dtype, shape, &device)?;
-    cache.write_blocks(chunk.layer as usize, blocks, &k, &v)?;
-    Ok(2 * expected)
+    Ok(blocks)
 }
 
-fn checksum(keys: &[u8], values: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(keys);
-    h.update(values);
-    h.finalize()
+/// Verifies a chunk and writes it into the blocks of `reservation` it names. Returns the bytes
+/// written. Nothing is written unless the whole chunk is valid.
+pub fn decode_chunk_into(
+    cache: &KvCache,
+    chunk: &KvChunk,
+    reservation: &[BlockId],
+) -> Result<usize> {
+    let blocks = verify_chunk(cache, chunk, reservation)?;
+    cache.write_block_bytes(chunk.layer as usize, blocks, &chunk.keys, &chunk.values)?;
+    Ok(chunk.keys.len() + chunk.values.len())
 }
 
-/// Little-endian bytes of a tensor's elements. On little-endian machines (all we build for in
-/// practice) this is one copy of the tensor's memory.
-fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    let flat = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => le_bytes(&flat.to_vec1::<f32>()?, |x| x.to_le_bytes()),
-        DType::F16 => le_bytes(&flat.to_vec1::<f16>()?, |x| x.to_le_bytes()),
-        DType::BF16 => le_bytes(&flat.to_vec1::<bf16>()?, |x| x.to_le_bytes()),
-        other => {
-            return Err(Error::invalid(format!(
-                "KV cache of dtype {other:?} cannot be shipped"
-            )))
-        }
-    })
-}
-
-fn le_bytes<T: bytemuck::Pod, const N: usize>(v: &[T], to_le: impl Fn(&T) -> [u8; N]) -> Vec<u8> {
-    if cfg!(target_endian = "little") {
-        bytemuck::cast_slice(v).to_vec()
-    } else {
-        v.iter().flat_map(to_le).collect()
-    }
-}
-
-fn from_le_bytes<T: bytemuck::Pod, const N: usize>(
-    bytes: &[u8],
-    from_le: impl Fn([u8; N]) -> T,
-) -> Vec<T> {
-    if cfg!(target_endian = "little") {
-        // Copies into aligned memory: a message's bytes need not be aligned for T.
-        let n = bytes.len() / N;
-        let mut v = vec![T::zeroed(); n];
-        bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(&bytes[..n * N]);
-        v
-    } else {
-        bytes
-            .chunks_exact(N)
-            .map(|b| from_le(b.try_into().unwrap_or([0; N])))
-            .collect()
-    }
-}
-
-fn bytes_tensor(
-    bytes: &[u8],
-    dtype: DType,
-    shape: (usize, usize, usize, usize),
-    device: &candle_core::Device,
-) -> Result<Tensor> {
-    Ok(match dtype {
-        DType::F32 => Tensor::from_vec(from_le_bytes(bytes, f32::from_le_bytes), shape, device)?,
-        DType::F16 => Tensor::from_vec(from_le_bytes(bytes, f16::from_le_bytes), shape, device)?,
-        DType::BF16 => Tensor::from_vec(from_le_bytes(bytes, bf16::from_le_bytes), shape, device)?,
-        other => {
-            return Err(Error::invalid(format!(
-                "KV cache of dtype {other:?} cannot be shipped"
-            )))
-        }
-    })
+/// CRC-32C (Castagnoli) of `keys` followed by `values`: hardware-accelerated where the CPU has
+/// it (SSE 4.2, ARMv8 CRC), so verifying runs at memory speed.
+pub fn checksum(keys: &[u8], values: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(keys), values)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kv::KvCacheSpec;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     fn cache(dtype: DType) -> KvCache {
         let spec = KvCacheSpec {
@@ -237,7 +216,9 @@ mod tests {
         let good = encode_chunk(&src, 0, &[2, 4], 0).unwrap();
 
         let mut flipped = good.clone();
-        flipped.values[5] ^= 0x10;
+        let mut values = flipped.values.to_vec();
+        values[5] ^= 0x10;
+        flipped.values = values.into();
         let err = decode_chunk_into(&dst, &flipped, &reservation).unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");
 
@@ -270,8 +251,8 @@ mod tests {
             .contains("bytes"));
         let empty = KvChunk {
             num_blocks: 0,
-            keys: vec![],
-            values: vec![],
+            keys: Bytes::new(),
+            values: Bytes::new(),
             ..good.clone()
         };
         assert!(decode_chunk_into(&dst, &empty, &reservation).is_err());

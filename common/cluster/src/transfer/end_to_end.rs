@@ -5,7 +5,6 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use pd_proto::v1::{KvHandshake, ModelFingerprint, NcclConnectRequest};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use super::grpc::{client, GrpcSink};
 use super::push::{push, ChunkSink};
@@ -23,8 +22,8 @@ impl ChunkSink for AsIs {
         TransferBackend::Grpc
     }
     fn prepare(&self, _handshake: &mut KvHandshake) {}
-    async fn chunk(&mut self, kv: ExportedKv) -> crate::Result<pd_proto::v1::KvChunk> {
-        super::chunk_from_tensors(kv.layer, kv.first_block as u32, &kv.keys, &kv.values)
+    async fn chunks(&mut self, kv: ExportedKv) -> crate::Result<Vec<pd_proto::v1::KvChunk>> {
+        Ok(vec![super::chunk_of(&kv)?])
     }
     async fn flush(&mut self) -> crate::Result<()> {
         Ok(())
@@ -46,14 +45,7 @@ fn spec() -> KvCacheSpec {
 fn exported(layer: usize, blocks: usize) -> ExportedKv {
     let k = Tensor::randn(0f32, 1., (blocks, 4, 2, 8), &Device::Cpu).unwrap();
     let k = k.to_dtype(DType::F16).unwrap();
-    ExportedKv {
-        layer,
-        first_block: 0,
-        values: k.clone(),
-        keys: k,
-        #[cfg(feature = "cuda")]
-        ready: None,
-    }
+    ExportedKv::from_tensors(layer, 0, &k, &k).unwrap()
 }
 
 async fn serve(receiver: &Arc<KvReceiver>) -> String {
@@ -62,7 +54,7 @@ async fn serve(receiver: &Arc<KvReceiver>) -> String {
     let server = RpcConfig::default()
         .server()
         .add_service(KvTransferService::new(receiver.clone()).into_server())
-        .serve_with_incoming(TcpListenerStream::new(listener));
+        .serve_with_incoming(RpcConfig::incoming(listener));
     tokio::spawn(server);
     address
 }
@@ -102,10 +94,11 @@ async fn a_whole_transfer_completes_its_ticket_and_a_partial_one_does_not() {
     let hs = handshake(&receiver, &ticket, 2);
     let ack = push(
         client(&RpcConfig::default(), &address).unwrap(),
+        &address,
         "t",
         hs,
         rx,
-        GrpcSink,
+        GrpcSink::new(),
     )
     .await
     .unwrap();
@@ -121,10 +114,11 @@ async fn a_whole_transfer_completes_its_ticket_and_a_partial_one_does_not() {
     let hs = handshake(&receiver, &ticket, 2);
     push(
         client(&RpcConfig::default(), &address).unwrap(),
+        &address,
         "t",
         hs,
         rx,
-        GrpcSink,
+        GrpcSink::new(),
     )
     .await
     .unwrap();
@@ -147,10 +141,11 @@ async fn closed_unknown_and_mismatched_transfers_are_refused() {
     drop(tx);
     let err = push(
         client(&RpcConfig::default(), &address).unwrap(),
+        &address,
         "t",
         hs,
         rx,
-        GrpcSink,
+        GrpcSink::new(),
     )
     .await
     .unwrap_err();
@@ -165,10 +160,11 @@ async fn closed_unknown_and_mismatched_transfers_are_refused() {
     let (_tx, rx) = mpsc::unbounded_channel();
     let err = push(
         client(&RpcConfig::default(), &address).unwrap(),
+        &address,
         "t",
         hs,
         rx,
-        GrpcSink,
+        GrpcSink::new(),
     )
     .await
     .unwrap_err();
@@ -190,6 +186,7 @@ async fn unknown_backends_are_refused_and_nccl_needs_an_nccl_build() {
     let (_tx, rx) = mpsc::unbounded_channel();
     let err = push(
         client(&RpcConfig::default(), &address).unwrap(),
+        &address,
         "t",
         hs,
         rx,
@@ -207,6 +204,7 @@ async fn unknown_backends_are_refused_and_nccl_needs_an_nccl_build() {
     let (_tx, rx) = mpsc::unbounded_channel();
     let err = push(
         client(&RpcConfig::default(), &address).unwrap(),
+        &address,
         "t",
         hs,
         rx,
@@ -239,4 +237,96 @@ async fn unknown_backends_are_refused_and_nccl_needs_an_nccl_build() {
         tonic::Code::Unimplemented
     };
     assert_eq!(err.code(), expected, "{err:?}");
+}
+
+#[tokio::test]
+async fn a_large_export_travels_as_several_messages_and_lands_bit_for_bit() {
+    // 200 blocks of 32 KiB (K) per layer: more than a message holds.
+    let spec = KvCacheSpec {
+        num_layers: 2,
+        num_kv_heads: 8,
+        head_dim: 128,
+        block_size: 16,
+        num_blocks: 210,
+        dtype: DType::BF16,
+    };
+    let fp = ModelFingerprint {
+        kv_dtype: "bf16".into(),
+        num_kv_heads: 8,
+        head_dim: 128,
+        block_size: 16,
+        ..fingerprint()
+    };
+    let source = KvCache::new(spec.clone(), &Device::Cpu).unwrap();
+    let blocks: Vec<u32> = (0..200).collect();
+    for layer in 0..2 {
+        let k = Tensor::randn(0f32, 1., (200, 16, 8, 128), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let v = (&k * -2.0).unwrap();
+        source.write_blocks(layer, &blocks, &k, &v).unwrap();
+    }
+    let receiver = KvReceiver::new(KvCache::new(spec, &Device::Cpu).unwrap(), fp);
+    let address = serve(&receiver).await;
+    // Into the receiver's blocks 10..210, in reverse order.
+    let reservation: Vec<u32> = (10..210).rev().collect();
+    let ticket = receiver.expect(reservation.clone());
+    let run = source.block_run(&blocks).unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    for layer in 0..2 {
+        tx.send(ExportedKv::read(&source, layer, 0, &run).unwrap())
+            .unwrap();
+    }
+    drop(tx);
+    let hs = handshake(&receiver, &ticket, 200);
+    let ack = push(
+        client(&RpcConfig::default(), &address).unwrap(),
+        &address,
+        "t",
+        hs,
+        rx,
+        GrpcSink::new(),
+    )
+    .await
+    .unwrap();
+    // 200 blocks of 32 KiB of K and as much of V: 13 messages of up to 1 MiB per layer.
+    assert_eq!(ack.chunks, 2 * 13, "{ack:?}");
+    assert_eq!(ack.bytes, 2 * 2 * 200 * (32 << 10));
+    ticket.finish().unwrap();
+    for layer in 0..2 {
+        let sent = source.read_block_bytes(layer, &blocks).unwrap();
+        let got = receiver
+            .cache()
+            .read_block_bytes(layer, &reservation)
+            .unwrap();
+        assert!(sent == got, "layer {layer} differs");
+    }
+}
+
+#[tokio::test]
+async fn a_chunk_sent_twice_is_refused() {
+    let cache = KvCache::new(spec(), &Device::Cpu).unwrap();
+    let receiver = KvReceiver::new(cache, fingerprint());
+    let address = serve(&receiver).await;
+    let ticket = receiver.expect(vec![3, 5]);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(exported(0, 2)).unwrap();
+    tx.send(exported(0, 2)).unwrap();
+    drop(tx);
+    let hs = handshake(&receiver, &ticket, 2);
+    let err = push(
+        client(&RpcConfig::default(), &address).unwrap(),
+        &address,
+        "t",
+        hs,
+        rx,
+        AsIs,
+    )
+    .await
+    .unwrap_err();
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("twice"), "{status:?}");
+    assert!(!ticket.is_complete());
 }

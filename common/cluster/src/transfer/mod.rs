@@ -17,8 +17,13 @@ pub mod nccl;
 pub mod push;
 pub mod reservation;
 pub mod service;
+#[cfg(feature = "cuda")]
+pub mod staging;
 
-pub use chunk::{chunk_blocks, chunk_from_tensors, decode_chunk_into, encode_chunk};
+pub use chunk::{
+    checksum, chunk_blocks, chunk_from_bytes, chunk_from_tensors, chunk_of, decode_chunk_into,
+    encode_chunk, verify_chunk,
+};
 pub use reservation::{KvReceiver, TransferStats, TransferTicket};
 pub use service::KvTransferService;
 

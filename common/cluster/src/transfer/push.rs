@@ -19,7 +19,7 @@ use tonic::Response;
 
 use super::TransferBackend;
 use crate::engine::ExportedKv;
-use crate::telemetry::{names, with_request_id};
+use crate::telemetry::{names, record_link, with_request_id};
 use crate::{Error, Result};
 
 /// Chunks made but not yet sent: bounds the memory a slow link can pile up.
@@ -32,8 +32,9 @@ pub trait ChunkSink: Send {
     /// Fills in what the handshake must say about this transport.
     fn prepare(&self, handshake: &mut KvHandshake);
 
-    /// The chunk for one exported layer (for NCCL, also queues its bytes on the link).
-    fn chunk(&mut self, kv: ExportedKv) -> impl Future<Output = Result<KvChunk>> + Send;
+    /// The chunks for one exported layer, in order (gRPC: messages of about
+    /// [`super::grpc::MESSAGE_BYTES`]; NCCL: one announcement, its bytes queued on the link).
+    fn chunks(&mut self, kv: ExportedKv) -> impl Future<Output = Result<Vec<KvChunk>>> + Send;
 
     /// Waits until the bytes of every chunk have left.
     fn flush(&mut self) -> impl Future<Output = Result<()>> + Send;
@@ -43,9 +44,11 @@ pub trait ChunkSink: Send {
 }
 
 /// Streams `handshake`, then a chunk per exported layer until `exported` closes (the engine
-/// finished the prefill), and returns the receiver's acknowledgement.
+/// finished the prefill), and returns the receiver's acknowledgement. `peer` (the decode node's
+/// address) labels the link's figures in the metrics.
 pub async fn push<S: ChunkSink>(
     mut client: KvTransferClient<Channel>,
+    peer: &str,
     request_id: &str,
     mut handshake: KvHandshake,
     mut exported: mpsc::UnboundedReceiver<ExportedKv>,
@@ -55,6 +58,7 @@ pub async fn push<S: ChunkSink>(
     let backend = sink.backend();
     sink.prepare(&mut handshake);
     let (tx, rx) = mpsc::channel::<KvPushMessage>(SEND_QUEUE);
+    let mut first_chunk = None;
     let sender = async {
         let open = KvPushMessage {
             message: Some(PushMessage::Handshake(handshake)),
@@ -63,13 +67,15 @@ pub async fn push<S: ChunkSink>(
             return Ok(());
         }
         while let Some(kv) = exported.recv().await {
-            let chunk = sink.chunk(kv).await?;
-            let message = KvPushMessage {
-                message: Some(PushMessage::Chunk(chunk)),
-            };
-            if tx.send(message).await.is_err() {
-                // The stream broke; the call says why.
-                return Ok(());
+            first_chunk.get_or_insert_with(Instant::now);
+            for chunk in sink.chunks(kv).await? {
+                let message = KvPushMessage {
+                    message: Some(PushMessage::Chunk(chunk)),
+                };
+                if tx.send(message).await.is_err() {
+                    // The stream broke; the call says why.
+                    return Ok(());
+                }
             }
         }
         sink.flush().await?;
@@ -96,6 +102,10 @@ pub async fn push<S: ChunkSink>(
                 .increment(ack.bytes);
             metrics::histogram!(names::KV_TRANSFER_SECONDS, "direction" => "sent")
                 .record(started.elapsed().as_secs_f64());
+            if let Some(first) = first_chunk {
+                let seconds = first.elapsed().as_secs_f64();
+                record_link("sent", backend, peer, ack.bytes, seconds);
+            }
             tracing::debug!(%backend, bytes = ack.bytes, chunks = ack.chunks, "KV pushed");
         }
         Err(_) => {

@@ -148,9 +148,43 @@ impl OpenTransfer {
     }
 
     /// Verifies a chunk that carries its bytes and writes it into the reserved blocks it names.
-    /// Returns the bytes written.
+    /// Returns the bytes written. A chunk for a (layer, block) that already arrived is refused:
+    /// a sender that repeats itself is broken.
     pub fn write(&self, chunk: &KvChunk) -> Result<usize> {
-        let bytes = self.while_open(|t| decode_chunk_into(&self.cache, chunk, t.blocks))?;
+        #[cfg(feature = "cuda")]
+        if self.cache.layer(0)?.0.device().is_cuda() {
+            return self.write_staged(chunk);
+        }
+        let bytes = self.while_open(|t| {
+            t.refuse_repeated(chunk)?;
+            decode_chunk_into(&self.cache, chunk, t.blocks)
+        })?;
+        self.mark(chunk, bytes);
+        Ok(bytes)
+    }
+
+    /// A GPU cache: verified here, copied in on the staging stream (not the engine's).
+    #[cfg(feature = "cuda")]
+    fn write_staged(&self, chunk: &KvChunk) -> Result<usize> {
+        let blocks = self.while_open(|t| {
+            t.refuse_repeated(chunk)?;
+            Ok(super::verify_chunk(&self.cache, chunk, t.blocks)?.to_vec())
+        })?;
+        let device = self.cache.layer(0)?.0.device().clone();
+        super::staging::Staging::of_device(&device)?.write(
+            &self.cache,
+            chunk.layer as usize,
+            &blocks,
+            &chunk.keys,
+            &chunk.values,
+            &mut |scatter| {
+                self.while_open(|t| {
+                    t.refuse_repeated(chunk)?;
+                    scatter()
+                })
+            },
+        )?;
+        let bytes = chunk.keys.len() + chunk.values.len();
         self.mark(chunk, bytes);
         Ok(bytes)
     }
@@ -158,7 +192,10 @@ impl OpenTransfer {
     /// The cache blocks a data-less chunk announces (their bytes come another way), checked
     /// against the reservation while it is open.
     pub fn announced_blocks(&self, chunk: &KvChunk) -> Result<Vec<BlockId>> {
-        self.while_open(|t| Ok(chunk_blocks(self.cache.spec(), chunk, t.blocks)?.to_vec()))
+        self.while_open(|t| {
+            t.refuse_repeated(chunk)?;
+            Ok(chunk_blocks(self.cache.spec(), chunk, t.blocks)?.to_vec())
+        })
     }
 
     /// Runs `write` under the transfer's lock, only while the reservation is open: closing the
@@ -170,7 +207,10 @@ impl OpenTransfer {
                 "the KV transfer was closed by the receiver".into(),
             ));
         }
-        write(&ReservedBlocks { blocks: &t.blocks })
+        write(&ReservedBlocks {
+            blocks: &t.blocks,
+            received: &t.received,
+        })
     }
 
     /// Records that `chunk`'s blocks of its layer have arrived (`bytes` of K and V).
@@ -197,6 +237,28 @@ impl OpenTransfer {
 /// The blocks of an open reservation, seen under its lock.
 pub struct ReservedBlocks<'a> {
     pub blocks: &'a [BlockId],
+    /// `received[layer][block]`: what has arrived so far.
+    received: &'a [Vec<bool>],
+}
+
+impl ReservedBlocks<'_> {
+    /// Refuses a chunk naming a (layer, block) of the reservation that has already arrived.
+    pub fn refuse_repeated(&self, chunk: &KvChunk) -> Result<()> {
+        let Some(row) = self.received.get(chunk.layer as usize) else {
+            return Ok(()); // the range check that follows refuses it
+        };
+        let first = chunk.first_block as usize;
+        let end = first
+            .saturating_add(chunk.num_blocks as usize)
+            .min(row.len());
+        match (first..end).find(|&b| row[b]) {
+            Some(b) => Err(Error::BadKvChunk(format!(
+                "layer {}: block {b} of the reservation arrived twice",
+                chunk.layer
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 impl TransferTicket {

@@ -14,6 +14,21 @@ use super::reservation::KvReceiver;
 use super::TransferBackend;
 use crate::telemetry::names;
 
+/// Chunks of one push being verified and written at once while later ones arrive.
+const WRITES_IN_FLIGHT: usize = 4;
+
+/// The outcome of one chunk's write.
+async fn written(
+    write: Option<tokio::task::JoinHandle<crate::Result<usize>>>,
+) -> crate::Result<usize> {
+    match write {
+        Some(w) => w
+            .await
+            .map_err(|e| crate::Error::Internal(format!("KV write task: {e}")))?,
+        None => Ok(0),
+    }
+}
+
 /// `KvTransfer` as served by a decode node.
 #[derive(Clone)]
 pub struct KvTransferService {
@@ -57,6 +72,11 @@ impl KvTransfer for KvTransferService {
         &self,
         request: Request<Streaming<KvPushMessage>>,
     ) -> Result<Response<KvPushAck>, Status> {
+        // The sender's IP labels this link's figures (its port is a fresh one per connection).
+        let peer = request
+            .remote_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|| "unknown".into());
         let mut stream = request.into_inner();
         let first = stream
             .message()
@@ -81,26 +101,46 @@ impl KvTransfer for KvTransferService {
             return Err(Status::unimplemented("this node was built without NCCL"));
         }
         let mut ack = KvPushAck::default();
+        let mut first_chunk = None;
+        let refused = |e: crate::Error| {
+            metrics::counter!(names::KV_TRANSFER_FAILURES_TOTAL, "direction" => "received")
+                .increment(1);
+            tracing::warn!(request_id = %handshake.request_id, error = %e, "KV chunk refused");
+            Status::from(e)
+        };
+        // gRPC chunks are verified and written off the async workers while the next ones
+        // arrive; a few at a time, acknowledged in order.
+        let mut writing = std::collections::VecDeque::new();
         while let Some(message) = stream.message().await? {
+            first_chunk.get_or_insert_with(std::time::Instant::now);
             let Some(PushMessage::Chunk(chunk)) = message.message else {
                 return Err(Status::invalid_argument(
                     "only chunks may follow the handshake",
                 ));
             };
             #[cfg(feature = "nccl")]
-            let written = match &link {
-                Some(link) => super::nccl::receive_chunk(link, &transfer, &chunk).await,
-                None => transfer.write(&chunk),
-            };
-            #[cfg(not(feature = "nccl"))]
-            let written = transfer.write(&chunk);
-            let written = written.inspect_err(|e| {
-                metrics::counter!(names::KV_TRANSFER_FAILURES_TOTAL, "direction" => "received")
-                    .increment(1);
-                tracing::warn!(request_id = %handshake.request_id, error = %e, "KV chunk refused");
-            })?;
+            if let Some(link) = &link {
+                let written = super::nccl::receive_chunk(link, &transfer, &chunk)
+                    .await
+                    .map_err(refused)?;
+                ack.chunks += 1;
+                ack.bytes += written as u64;
+                continue;
+            }
+            let transfer = transfer.clone();
+            writing.push_back(tokio::task::spawn_blocking(move || transfer.write(&chunk)));
+            while writing.len() > WRITES_IN_FLIGHT {
+                ack.bytes += written(writing.pop_front()).await.map_err(refused)? as u64;
+                ack.chunks += 1;
+            }
+        }
+        while !writing.is_empty() {
+            ack.bytes += written(writing.pop_front()).await.map_err(refused)? as u64;
             ack.chunks += 1;
-            ack.bytes += written as u64;
+        }
+        if let Some(first) = first_chunk {
+            let seconds = first.elapsed().as_secs_f64();
+            crate::telemetry::record_link("received", backend, &peer, ack.bytes, seconds);
         }
         Ok(Response::new(ack))
     }

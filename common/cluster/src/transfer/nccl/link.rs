@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use super::comm::Comm;
 use super::NcclConfig;
-use crate::engine::ExportedKv;
+use crate::engine::{ExportedKv, KvData};
 use crate::kv::{BlockId, KvCache};
 use crate::{Error, Result};
 
@@ -342,14 +342,22 @@ fn send(
 ) -> Result<()> {
     // The tensors were written by the engine's stream: ours waits for that on the GPU (for the
     // event recorded right after them, when there is one, so not for later layers).
-    match &kv.ready {
+    let KvData::Device {
+        keys,
+        values,
+        ready,
+    } = &kv.data
+    else {
+        return Err(Error::invalid("NCCL sends GPU tensors only"));
+    };
+    match ready {
         Some(event) => stream.wait(event).map_err(driver)?,
         None => {
             let event = engine_stream.record_event(None).map_err(driver)?;
             stream.wait(&event).map_err(driver)?;
         }
     }
-    for t in [&kv.keys, &kv.values] {
+    for t in [keys, values] {
         // Sent from its own memory, which the caller holds until the send is done.
         if !t.is_contiguous() {
             return Err(Error::invalid("NCCL sends contiguous tensors only"));

@@ -119,17 +119,17 @@ impl ChunkSink for NcclSink {
         handshake.nccl_link = self.link.id().to_string();
     }
 
-    async fn chunk(&mut self, kv: ExportedKv) -> Result<KvChunk> {
+    async fn chunks(&mut self, kv: ExportedKv) -> Result<Vec<KvChunk>> {
         let announce = KvChunk {
             layer: kv.layer as u32,
             first_block: kv.first_block as u32,
-            num_blocks: kv.keys.dims()[0] as u32,
+            num_blocks: kv.num_blocks as u32,
             ..Default::default()
         };
         // Queued behind the engine's event for this layer; the receiver posts its receive when
         // the announcement arrives, and both sides take chunks in the same order.
         self.link.send(kv).await?;
-        Ok(announce)
+        Ok(vec![announce])
     }
 
     async fn flush(&mut self) -> Result<()> {
