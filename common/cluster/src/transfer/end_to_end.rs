@@ -330,3 +330,25 @@ async fn a_chunk_sent_twice_is_refused() {
     assert!(status.message().contains("twice"), "{status:?}");
     assert!(!ticket.is_complete());
 }
+
+#[test]
+fn of_the_same_chunk_written_at_once_exactly_one_lands() {
+    let cache = KvCache::new(spec(), &Device::Cpu).unwrap();
+    let receiver = KvReceiver::new(cache, fingerprint());
+    let ticket = receiver.expect(vec![3, 5]);
+    let transfer = receiver.open(&handshake(&receiver, &ticket, 2)).unwrap();
+    let chunk = super::chunk_of(&exported(1, 2)).unwrap();
+    let landed = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| transfer.write(&chunk).is_ok()))
+            .collect();
+        writers
+            .into_iter()
+            .map(|w| w.join())
+            .filter(|landed| matches!(landed, Ok(true)))
+            .count()
+    });
+    assert_eq!(landed, 1);
+    // Layer 0 never came.
+    assert!(ticket.finish().unwrap_err().to_string().contains("missing"));
+}

@@ -155,11 +155,32 @@ impl OpenTransfer {
         if self.cache.layer(0)?.0.device().is_cuda() {
             return self.write_staged(chunk);
         }
-        let bytes = self.while_open(|t| {
-            t.refuse_repeated(chunk)?;
-            decode_chunk_into(&self.cache, chunk, t.blocks)
-        })?;
-        self.mark(chunk, bytes);
+        self.write_marked(chunk, |blocks| {
+            decode_chunk_into(&self.cache, chunk, blocks)
+        })
+    }
+
+    /// Under the transfer's lock, while it is open: refuses a repeated (layer, block), runs
+    /// `write` on the reservation's blocks and records what arrived. One critical section, so
+    /// that chunks written concurrently cannot both pass the repeat check.
+    fn write_marked(
+        &self,
+        chunk: &KvChunk,
+        write: impl FnOnce(&[BlockId]) -> Result<usize>,
+    ) -> Result<usize> {
+        let mut t = lock(&self.transfer);
+        if !t.open {
+            return Err(Error::Cancelled(
+                "the KV transfer was closed by the receiver".into(),
+            ));
+        }
+        ReservedBlocks {
+            blocks: &t.blocks,
+            received: &t.received,
+        }
+        .refuse_repeated(chunk)?;
+        let bytes = write(&t.blocks)?;
+        record(&mut t, chunk, bytes);
         Ok(bytes)
     }
 
@@ -170,6 +191,7 @@ impl OpenTransfer {
             t.refuse_repeated(chunk)?;
             Ok(super::verify_chunk(&self.cache, chunk, t.blocks)?.to_vec())
         })?;
+        let bytes = chunk.keys.len() + chunk.values.len();
         let device = self.cache.layer(0)?.0.device().clone();
         super::staging::Staging::of_device(&device)?.write(
             &self.cache,
@@ -178,14 +200,13 @@ impl OpenTransfer {
             &chunk.keys,
             &chunk.values,
             &mut |scatter| {
-                self.while_open(|t| {
-                    t.refuse_repeated(chunk)?;
-                    scatter()
+                self.write_marked(chunk, |_| {
+                    scatter()?;
+                    Ok(bytes)
                 })
+                .map(|_| ())
             },
         )?;
-        let bytes = chunk.keys.len() + chunk.values.len();
-        self.mark(chunk, bytes);
         Ok(bytes)
     }
 
@@ -215,23 +236,27 @@ impl OpenTransfer {
 
     /// Records that `chunk`'s blocks of its layer have arrived (`bytes` of K and V).
     pub fn mark(&self, chunk: &KvChunk, bytes: usize) {
-        let mut t = lock(&self.transfer);
-        let first = chunk.first_block as usize;
-        let layer = chunk.layer as usize;
-        // The range was checked against the reservation before the write.
-        if let Some(row) = t.received.get_mut(layer) {
-            for seen in row.iter_mut().skip(first).take(chunk.num_blocks as usize) {
-                *seen = true;
-            }
-        }
-        t.stats.chunks += 1;
-        t.stats.bytes += bytes as u64;
-        if let Some(started) = t.started {
-            t.stats.duration = started.elapsed();
-        }
-        metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, "direction" => "received")
-            .increment(bytes as u64);
+        record(&mut lock(&self.transfer), chunk, bytes);
     }
+}
+
+/// Records under the transfer's lock that `chunk`'s blocks of its layer have arrived.
+fn record(t: &mut Transfer, chunk: &KvChunk, bytes: usize) {
+    let first = chunk.first_block as usize;
+    let layer = chunk.layer as usize;
+    // The range was checked against the reservation before the write.
+    if let Some(row) = t.received.get_mut(layer) {
+        for seen in row.iter_mut().skip(first).take(chunk.num_blocks as usize) {
+            *seen = true;
+        }
+    }
+    t.stats.chunks += 1;
+    t.stats.bytes += bytes as u64;
+    if let Some(started) = t.started {
+        t.stats.duration = started.elapsed();
+    }
+    metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, "direction" => "received")
+        .increment(bytes as u64);
 }
 
 /// The blocks of an open reservation, seen under its lock.

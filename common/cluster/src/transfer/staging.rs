@@ -24,6 +24,9 @@ use crate::engine::{ExportedKv, KvData};
 use crate::kv::{BlockId, KvCache};
 use crate::{Error, Result};
 
+/// Runs the scatter into the cache it is given under the reservation's lock, while it is open.
+pub type Gate<'a> = dyn FnMut(&mut dyn FnMut() -> Result<()>) -> Result<()> + 'a;
+
 /// Pinned memory kept for reuse; buffers beyond it are freed when their chunk is done.
 const POOL_BYTES: usize = 1 << 30;
 
@@ -155,7 +158,7 @@ impl Staging {
         blocks: &[BlockId],
         keys: &[u8],
         values: &[u8],
-        gate: &mut dyn FnMut(&mut dyn FnMut() -> Result<()>) -> Result<()>,
+        gate: &mut Gate<'_>,
     ) -> Result<()> {
         let _one = self.receiving.lock().unwrap_or_else(|p| p.into_inner());
         self.recv.context().bind_to_thread().map_err(driver)?;
