@@ -39,7 +39,6 @@ fn driver(e: candle_core::cuda_backend::cudarc::driver::DriverError) -> Error {
 pub struct Staging {
     send: Arc<CudaStream>,
     recv: Arc<CudaStream>,
-    engine_stream: Arc<CudaStream>,
     pool: Arc<Pool>,
     /// Serialises receives: they share their stream and wait for it.
     receiving: Mutex<()>,
@@ -69,7 +68,7 @@ impl Staging {
         }
     }
 
-    /// Staging for the GPU `device` (whose stream is the engine's).
+    /// Staging for the GPU `device`.
     fn new(device: &Device) -> Result<Arc<Self>> {
         let cuda = device
             .as_cuda_device()
@@ -86,7 +85,6 @@ impl Staging {
         Ok(Arc::new(Self {
             send,
             recv,
-            engine_stream,
             pool: Arc::default(),
             receiving: Mutex::new(()),
         }))
@@ -121,7 +119,14 @@ impl Staging {
         match ready {
             Some(event) => self.send.wait(&event).map_err(driver)?,
             None => {
-                let event = self.engine_stream.record_event(None).map_err(driver)?;
+                // No event: wait for everything queued so far on the stream of the tensor's own
+                // device (which need not be the one this staging was first made for).
+                let stream = keys
+                    .device()
+                    .as_cuda_device()
+                    .map_err(|_| Error::invalid("KV staging copies GPU tensors only"))?
+                    .cuda_stream();
+                let event = stream.record_event(None).map_err(driver)?;
                 self.send.wait(&event).map_err(driver)?;
             }
         }
