@@ -1,20 +1,20 @@
 //! KV over gRPC: the bytes of each exported layer ride in the chunks of the `KvTransfer.Push`
-//! stream, checksummed ([`super::chunk`]).
+//! stream, about a MiB a message, checksummed ([`super::chunk`]).
 
+use bytes::Bytes;
 use pd_proto::v1::kv_transfer_client::KvTransferClient;
 use pd_proto::v1::{KvChunk, KvHandshake};
 use tonic::transport::Channel;
 
 use super::push::ChunkSink;
-use bytes::Bytes;
-
 use super::{chunk_from_bytes, TransferBackend};
 use crate::engine::{ExportedKv, KvData};
 use crate::rpc::RpcConfig;
 use crate::Result;
 
-/// Largest gRPC message either side accepts: one layer's chunk of a long prompt of a large model
-/// (Llama-3-8B: 2 MiB per 512 tokens).
+/// Largest gRPC message either side accepts. Our senders cut messages of about
+/// [`MESSAGE_BYTES`], but a chunk may name a whole layer of a long prompt of a large model
+/// (Llama-3-8B: 2 MiB per 512 tokens), as other senders may send it.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 /// About how many bytes (K plus V) one chunk message carries: large enough that per-message
