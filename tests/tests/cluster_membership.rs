@@ -11,15 +11,21 @@ use common::*;
 use pd_tests::cluster::{Cluster, ClusterSpec, Role};
 use pd_tests::golden_cases;
 
-/// `pd_decode_tokens_total` as a node's /metrics reports it.
-async fn decode_tokens(metrics_url: &str) -> f64 {
-    let text = reqwest::get(metrics_url)
+/// A node's /metrics text.
+async fn scrape(metrics_url: &str) -> String {
+    reqwest::get(metrics_url)
         .await
         .expect("GET /metrics")
         .text()
         .await
-        .expect("metrics body");
-    text.lines()
+        .expect("metrics body")
+}
+
+/// `pd_decode_tokens_total` as a node's /metrics reports it.
+async fn decode_tokens(metrics_url: &str) -> f64 {
+    scrape(metrics_url)
+        .await
+        .lines()
         .find_map(|l| l.strip_prefix("pd_decode_tokens_total "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
@@ -27,13 +33,9 @@ async fn decode_tokens(metrics_url: &str) -> f64 {
 
 /// The sum of a metric's series whose labels include every one of `labels`.
 async fn metric_sum(metrics_url: &str, name: &str, labels: &[&str]) -> f64 {
-    let text = reqwest::get(metrics_url)
+    scrape(metrics_url)
         .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
+        .lines()
         .filter(|l| l.starts_with(&format!("{name}{{")))
         .filter(|l| labels.iter().all(|label| l.contains(label)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

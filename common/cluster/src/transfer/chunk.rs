@@ -3,10 +3,9 @@
 //! blocks it reserved.
 
 use bytes::Bytes;
-use candle_core::Tensor;
 use pd_proto::v1::KvChunk;
 
-use crate::kv::{tensor_bytes, BlockId, KvCache};
+use crate::kv::{BlockId, KvCache};
 use crate::{Error, Result};
 
 /// Reads `blocks` of `layer` from `cache` into a chunk that names them as the run starting at
@@ -24,24 +23,6 @@ pub fn encode_chunk(
         blocks.len() as u32,
         keys.into(),
         values.into(),
-    ))
-}
-
-/// A chunk of K and V already read from a cache, `[blocks, block_size, kv_heads, head_dim]`
-/// (one copy of each on the CPU).
-pub fn chunk_from_tensors(
-    layer: usize,
-    first_block: u32,
-    keys: &Tensor,
-    values: &Tensor,
-) -> Result<KvChunk> {
-    let num_blocks = keys.dim(0)? as u32;
-    Ok(chunk_from_bytes(
-        layer,
-        first_block,
-        num_blocks,
-        tensor_bytes(keys)?.into(),
-        tensor_bytes(values)?.into(),
     ))
 }
 
@@ -147,7 +128,7 @@ pub fn checksum(keys: &[u8], values: &[u8]) -> u32 {
 mod tests {
     use super::*;
     use crate::kv::KvCacheSpec;
-    use candle_core::{DType, Device};
+    use candle_core::{DType, Device, Tensor};
 
     fn cache(dtype: DType) -> KvCache {
         let spec = KvCacheSpec {

@@ -21,8 +21,7 @@ pub mod service;
 pub mod staging;
 
 pub use chunk::{
-    checksum, chunk_blocks, chunk_from_bytes, chunk_from_tensors, chunk_of, decode_chunk_into,
-    encode_chunk, verify_chunk,
+    chunk_blocks, chunk_from_bytes, chunk_of, decode_chunk_into, encode_chunk, verify_chunk,
 };
 pub use reservation::{KvReceiver, TransferStats, TransferTicket};
 pub use service::KvTransferService;

@@ -132,7 +132,7 @@ impl Staging {
         }
         let mut out = Vec::with_capacity(2);
         for t in [keys, values] {
-            let (ptr, len) = device_range(t, &self.send)?;
+            let (ptr, len, _) = device_bytes(t, &self.send)?;
             let mut buf = self.pool.take(&self.send, len)?;
             // SAFETY: `buf` holds at least `len` bytes of pinned memory that nothing else
             // uses until the copy is done (we wait for it below); the tensor `t` stays alive
@@ -199,7 +199,7 @@ impl Staging {
         let stream = &self.recv;
         gate(&mut || {
             for (dst, src) in [(kc, base), (vc, base + n as u64)] {
-                let (cache_ptr, device) = cache_base(dst, stream)?;
+                let (cache_ptr, _, device) = device_bytes(dst, stream)?;
                 crate::kv::cuda::scatter_blocks_raw(
                     &device,
                     stream,
@@ -218,8 +218,11 @@ impl Staging {
     }
 }
 
-/// The device address and byte length of a contiguous GPU tensor.
-fn device_range(t: &Tensor, stream: &Arc<CudaStream>) -> Result<(u64, usize)> {
+/// The device address and byte length of a contiguous GPU tensor's elements, and its device.
+fn device_bytes(
+    t: &Tensor,
+    stream: &Arc<CudaStream>,
+) -> Result<(u64, usize, candle_core::CudaDevice)> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(s) = &*storage else {
         return Err(Error::invalid("KV staging copies GPU tensors only"));
@@ -234,26 +237,7 @@ fn device_range(t: &Tensor, stream: &Arc<CudaStream>) -> Result<(u64, usize)> {
         DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(stream).0,
         other => return Err(Error::invalid(format!("no KV staging for {other:?}"))),
     };
-    Ok((base + (a * size) as u64, (b - a) * size))
-}
-
-/// The device address of a cache layer's first element, and its device.
-fn cache_base(t: &Tensor, stream: &Arc<CudaStream>) -> Result<(u64, candle_core::CudaDevice)> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(c) = &*storage else {
-        return Err(Error::invalid("KV staging writes into a GPU cache only"));
-    };
-    let size = t.dtype().size_in_bytes();
-    let base = match t.dtype() {
-        DType::BF16 => c.as_cuda_slice::<half::bf16>()?.device_ptr(stream).0,
-        DType::F16 => c.as_cuda_slice::<half::f16>()?.device_ptr(stream).0,
-        DType::F32 => c.as_cuda_slice::<f32>()?.device_ptr(stream).0,
-        other => return Err(Error::invalid(format!("no KV staging for {other:?}"))),
-    };
-    Ok((
-        base + (layout.start_offset() * size) as u64,
-        c.device.clone(),
-    ))
+    Ok((base + (a * size) as u64, (b - a) * size, s.device.clone()))
 }
 
 /// Waits for everything queued on `stream` (a chunk's copies: microseconds to milliseconds),
