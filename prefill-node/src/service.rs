@@ -177,14 +177,14 @@ async fn prefill(
         ..Default::default()
     };
     let backend = TransferBackend::from_wire(destination.transfer_backend)?;
-    let mut client = inner
+    let channel = inner
         .clients
         .get(&inner.options.rpc, &destination.address)?;
     let push = async {
         match backend {
             TransferBackend::Grpc => {
                 push::push(
-                    client,
+                    channel,
                     &destination.address,
                     request_id,
                     handshake,
@@ -198,10 +198,10 @@ async fn prefill(
                 let device = inner.engine.cache().layer(0)?.0.device().clone();
                 let sink = inner
                     .nccl
-                    .sink(&mut client, &destination.address, &handshake, &device)
+                    .sink(&channel, &destination.address, &handshake, &device)
                     .await?;
                 push::push(
-                    client,
+                    channel,
                     &destination.address,
                     request_id,
                     handshake,
@@ -212,7 +212,7 @@ async fn prefill(
             }
             #[cfg(not(feature = "nccl"))]
             TransferBackend::Nccl => {
-                let _ = &mut client;
+                let _ = &channel;
                 Err(Error::invalid(
                     "this prefill node was built without NCCL and cannot send KV over it",
                 ))

@@ -390,11 +390,11 @@ async fn ship_stream(
         num_blocks: dst.len() as u32,
         ..Default::default()
     };
-    let mut client = grpc::client(&RpcConfig::default(), address)?;
+    let channel = RpcConfig::default().channel(address)?;
     match backend {
         "nccl" => {
-            let sink = nccl.sink(&mut client, address, &handshake, device).await?;
-            push::push(client, address, "bench", handshake, exported, sink).await?
+            let sink = nccl.sink(&channel, address, &handshake, device).await?;
+            push::push(channel, address, "bench", handshake, exported, sink).await?
         }
         _ => {
             lock(&LAYERS_ON_HOST).clear();
@@ -402,7 +402,7 @@ async fn ship_stream(
                 inner: grpc::GrpcSink::new(),
                 started: Instant::now(),
             };
-            push::push(client, address, "bench", handshake, exported, sink).await?
+            push::push(channel, address, "bench", handshake, exported, sink).await?
         }
     };
     ticket.finish()?;

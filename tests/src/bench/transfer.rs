@@ -1,6 +1,6 @@
 //! `pd-bench transfer`: KV shipping over gRPC on loopback, next to raw TCP on loopback measured
 //! in the same run. The gRPC path is the production one: each layer read out of a prefill cache
-//! as the engine exports it, cut into messages of about a MiB and checksummed, pushed through
+//! as the engine exports it (on a thread of its own, while earlier layers are sent), cut into messages of about a MiB and checksummed, pushed through
 //! `KvTransfer.Push` on a kept connection into a real decode-side receiver that verifies and
 //! writes them into a paged cache.
 
@@ -114,7 +114,7 @@ struct Receiver {
     receiver: std::sync::Arc<KvReceiver>,
     fingerprint: pd_proto::v1::ModelFingerprint,
     address: String,
-    client: pd_proto::v1::kv_transfer_client::KvTransferClient<tonic::transport::Channel>,
+    channel: tonic::transport::Channel,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
@@ -131,12 +131,12 @@ impl Receiver {
                 .add_service(KvTransferService::new(receiver.clone()).into_server())
                 .serve_with_incoming(RpcConfig::incoming(listener)),
         );
-        let client = grpc::client(&rpc, &address)?;
+        let channel = rpc.channel(&address)?;
         Ok(Self {
             receiver,
             fingerprint,
             address,
-            client,
+            channel,
             server,
         })
     }
@@ -154,15 +154,23 @@ impl Receiver {
         };
         let (sink, exported) = mpsc::unbounded_channel();
         let started = Instant::now();
-        // Read out of the sender's cache as a prefill engine exports them (one copy a layer).
+        // Layers read out of the sender's cache on a thread of their own, one copy each, as a
+        // prefill engine exports them while the push sends the ones before.
         let run = source.block_run(&(0..spec.num_blocks as u32).collect::<Vec<_>>())?;
-        for layer in 0..spec.num_layers {
-            sink.send(ExportedKv::read(source, layer, 0, &run)?)?;
-        }
-        drop(sink);
-        let client = self.client.clone();
+        let (source, num_layers) = (source.clone(), spec.num_layers);
+        let exporter = tokio::task::spawn_blocking(move || {
+            for layer in 0..num_layers {
+                if sink
+                    .send(ExportedKv::read(&source, layer, 0, &run)?)
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        });
         push::push(
-            client,
+            self.channel.clone(),
             &self.address,
             "bench",
             handshake,
@@ -171,6 +179,7 @@ impl Receiver {
         )
         .await?;
         let seconds = started.elapsed().as_secs_f64();
+        exporter.await??;
         ticket.finish().context("the whole transfer arrived")?;
         Ok(seconds)
     }

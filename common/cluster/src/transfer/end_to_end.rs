@@ -3,10 +3,16 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use pd_proto::v1::{KvHandshake, ModelFingerprint, NcclConnectRequest};
+use pd_proto::v1::kv_push_message::Message as PushMessage;
+use pd_proto::v1::{KvHandshake, KvPushMessage, ModelFingerprint, NcclConnectRequest};
 use tokio::sync::mpsc;
 
 use super::grpc::{client, GrpcSink};
+
+/// A channel to the receiver at `address`.
+fn channel(address: &str) -> tonic::transport::Channel {
+    RpcConfig::default().channel(address).unwrap()
+}
 use super::push::{push, ChunkSink};
 use super::{KvReceiver, KvTransferService, TransferBackend, TransferTicket};
 use crate::engine::ExportedKv;
@@ -49,13 +55,32 @@ fn exported(layer: usize, blocks: usize) -> ExportedKv {
 }
 
 async fn serve(receiver: &Arc<KvReceiver>) -> String {
+    serve_framed_by(receiver, Ends::Ours).await
+}
+
+/// Which code frames the `Push` stream at each end: ours ([`super::framing`]) at both, or
+/// tonic's codec at one of them (as any other gRPC peer would).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Ends {
+    Ours,
+    TonicServer,
+    TonicClient,
+}
+
+async fn serve_framed_by(receiver: &Arc<KvReceiver>, ends: Ends) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
-    let server = RpcConfig::default()
-        .server()
-        .add_service(KvTransferService::new(receiver.clone()).into_server())
-        .serve_with_incoming(RpcConfig::incoming(listener));
-    tokio::spawn(server);
+    let service = KvTransferService::new(receiver.clone());
+    let router = match ends {
+        Ends::TonicServer => RpcConfig::default().server().add_service(
+            pd_proto::v1::kv_transfer_server::KvTransferServer::new(service)
+                .max_decoding_message_size(super::grpc::MAX_MESSAGE_BYTES),
+        ),
+        _ => RpcConfig::default()
+            .server()
+            .add_service(service.into_server()),
+    };
+    tokio::spawn(router.serve_with_incoming(RpcConfig::incoming(listener)));
     address
 }
 
@@ -92,16 +117,9 @@ async fn a_whole_transfer_completes_its_ticket_and_a_partial_one_does_not() {
     tx.send(exported(1, 2)).unwrap();
     drop(tx);
     let hs = handshake(&receiver, &ticket, 2);
-    let ack = push(
-        client(&RpcConfig::default(), &address).unwrap(),
-        &address,
-        "t",
-        hs,
-        rx,
-        GrpcSink::new(),
-    )
-    .await
-    .unwrap();
+    let ack = push(channel(&address), &address, "t", hs, rx, GrpcSink::new())
+        .await
+        .unwrap();
     assert_eq!(ack.chunks, 2);
     assert!(ticket.is_complete());
     assert_eq!(ticket.finish().unwrap().chunks, 2);
@@ -112,16 +130,9 @@ async fn a_whole_transfer_completes_its_ticket_and_a_partial_one_does_not() {
     tx.send(exported(0, 2)).unwrap();
     drop(tx);
     let hs = handshake(&receiver, &ticket, 2);
-    push(
-        client(&RpcConfig::default(), &address).unwrap(),
-        &address,
-        "t",
-        hs,
-        rx,
-        GrpcSink::new(),
-    )
-    .await
-    .unwrap();
+    push(channel(&address), &address, "t", hs, rx, GrpcSink::new())
+        .await
+        .unwrap();
     assert!(!ticket.is_complete());
     assert!(ticket.finish().unwrap_err().to_string().contains("missing"));
 }
@@ -139,16 +150,9 @@ async fn closed_unknown_and_mismatched_transfers_are_refused() {
     let (tx, rx) = mpsc::unbounded_channel();
     tx.send(exported(0, 1)).unwrap();
     drop(tx);
-    let err = push(
-        client(&RpcConfig::default(), &address).unwrap(),
-        &address,
-        "t",
-        hs,
-        rx,
-        GrpcSink::new(),
-    )
-    .await
-    .unwrap_err();
+    let err = push(channel(&address), &address, "t", hs, rx, GrpcSink::new())
+        .await
+        .unwrap_err();
     assert_eq!(tonic::Status::from(err).code(), tonic::Code::NotFound);
 
     // Another model's KV: refused, naming the field.
@@ -158,16 +162,9 @@ async fn closed_unknown_and_mismatched_transfers_are_refused() {
         f.head_dim = 128;
     }
     let (_tx, rx) = mpsc::unbounded_channel();
-    let err = push(
-        client(&RpcConfig::default(), &address).unwrap(),
-        &address,
-        "t",
-        hs,
-        rx,
-        GrpcSink::new(),
-    )
-    .await
-    .unwrap_err();
+    let err = push(channel(&address), &address, "t", hs, rx, GrpcSink::new())
+        .await
+        .unwrap_err();
     let status = tonic::Status::from(err);
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("head_dim"), "{status:?}");
@@ -184,16 +181,9 @@ async fn unknown_backends_are_refused_and_nccl_needs_an_nccl_build() {
     let mut hs = handshake(&receiver, &ticket, 1);
     hs.backend = 42;
     let (_tx, rx) = mpsc::unbounded_channel();
-    let err = push(
-        client(&RpcConfig::default(), &address).unwrap(),
-        &address,
-        "t",
-        hs,
-        rx,
-        AsIs,
-    )
-    .await
-    .unwrap_err();
+    let err = push(channel(&address), &address, "t", hs, rx, AsIs)
+        .await
+        .unwrap_err();
     let status = tonic::Status::from(err);
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
@@ -202,16 +192,9 @@ async fn unknown_backends_are_refused_and_nccl_needs_an_nccl_build() {
     hs.set_backend(TransferBackend::Nccl.to_wire());
     hs.nccl_link = "no-such-link".into();
     let (_tx, rx) = mpsc::unbounded_channel();
-    let err = push(
-        client(&RpcConfig::default(), &address).unwrap(),
-        &address,
-        "t",
-        hs,
-        rx,
-        AsIs,
-    )
-    .await
-    .unwrap_err();
+    let err = push(channel(&address), &address, "t", hs, rx, AsIs)
+        .await
+        .unwrap_err();
     let code = tonic::Status::from(err).code();
     let expected = if cfg!(feature = "nccl") {
         tonic::Code::NotFound
@@ -222,8 +205,7 @@ async fn unknown_backends_are_refused_and_nccl_needs_an_nccl_build() {
     assert!(!ticket.is_complete());
 
     // Joining a link: refused outright without NCCL, and for a malformed id with it.
-    let err = client(&RpcConfig::default(), &address)
-        .unwrap()
+    let err = client(channel(&address))
         .nccl_connect(NcclConnectRequest {
             unique_id: vec![0; 7],
             link_id: "l".into(),
@@ -241,6 +223,12 @@ async fn unknown_backends_are_refused_and_nccl_needs_an_nccl_build() {
 
 #[tokio::test]
 async fn a_large_export_travels_as_several_messages_and_lands_bit_for_bit() {
+    for ends in [Ends::Ours, Ends::TonicServer, Ends::TonicClient] {
+        large_export(ends).await;
+    }
+}
+
+async fn large_export(ends: Ends) {
     // 200 blocks of 32 KiB (K) per layer: more than a message holds.
     let spec = KvCacheSpec {
         num_layers: 2,
@@ -268,7 +256,7 @@ async fn a_large_export_travels_as_several_messages_and_lands_bit_for_bit() {
         source.write_blocks(layer, &blocks, &k, &v).unwrap();
     }
     let receiver = KvReceiver::new(KvCache::new(spec, &Device::Cpu).unwrap(), fp);
-    let address = serve(&receiver).await;
+    let address = serve_framed_by(&receiver, ends).await;
     // Into the receiver's blocks 10..210, in reverse order.
     let reservation: Vec<u32> = (10..210).rev().collect();
     let ticket = receiver.expect(reservation.clone());
@@ -279,19 +267,34 @@ async fn a_large_export_travels_as_several_messages_and_lands_bit_for_bit() {
             .unwrap();
     }
     drop(tx);
-    let hs = handshake(&receiver, &ticket, 200);
-    let ack = push(
-        client(&RpcConfig::default(), &address).unwrap(),
-        &address,
-        "t",
-        hs,
-        rx,
-        GrpcSink::new(),
-    )
-    .await
-    .unwrap();
+    let mut hs = handshake(&receiver, &ticket, 200);
+    let ack = match ends {
+        Ends::TonicClient => {
+            let mut sink = GrpcSink::new();
+            sink.prepare(&mut hs);
+            let mut messages = vec![KvPushMessage {
+                message: Some(PushMessage::Handshake(hs)),
+            }];
+            let mut rx = rx;
+            while let Some(kv) = rx.recv().await {
+                for chunk in sink.chunks(kv).await.unwrap() {
+                    messages.push(KvPushMessage {
+                        message: Some(PushMessage::Chunk(chunk)),
+                    });
+                }
+            }
+            client(channel(&address))
+                .push(tokio_stream::iter(messages))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+        _ => push(channel(&address), &address, "t", hs, rx, GrpcSink::new())
+            .await
+            .unwrap(),
+    };
     // 200 blocks of 32 KiB of K and as much of V: 13 messages of up to 1 MiB per layer.
-    assert_eq!(ack.chunks, 2 * 13, "{ack:?}");
+    assert_eq!(ack.chunks, 2 * 13, "{ends:?}: {ack:?}");
     assert_eq!(ack.bytes, 2 * 2 * 200 * (32 << 10));
     ticket.finish().unwrap();
     for layer in 0..2 {
@@ -300,7 +303,7 @@ async fn a_large_export_travels_as_several_messages_and_lands_bit_for_bit() {
             .cache()
             .read_block_bytes(layer, &reservation)
             .unwrap();
-        assert!(sent == got, "layer {layer} differs");
+        assert!(sent == got, "{ends:?}: layer {layer} differs");
     }
 }
 
@@ -315,16 +318,9 @@ async fn a_chunk_sent_twice_is_refused() {
     tx.send(exported(0, 2)).unwrap();
     drop(tx);
     let hs = handshake(&receiver, &ticket, 2);
-    let err = push(
-        client(&RpcConfig::default(), &address).unwrap(),
-        &address,
-        "t",
-        hs,
-        rx,
-        AsIs,
-    )
-    .await
-    .unwrap_err();
+    let err = push(channel(&address), &address, "t", hs, rx, AsIs)
+        .await
+        .unwrap_err();
     let status = tonic::Status::from(err);
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("twice"), "{status:?}");

@@ -22,7 +22,7 @@ pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 /// message, and that several are in flight at once.
 pub const MESSAGE_BYTES: usize = 1 << 20;
 
-/// Clients for the decode nodes' `KvTransfer`, one channel (HTTP/2 connection) per address,
+/// Channels to the decode nodes' `KvTransfer`, one (HTTP/2 connection) per address,
 /// kept across transfers: a transfer then starts at full window on a warm connection instead
 /// of paying a TCP and HTTP/2 handshake. A channel whose peer went away reconnects on its next
 /// use.
@@ -32,8 +32,8 @@ pub struct Clients {
 }
 
 impl Clients {
-    /// The client for `address`, made on first use.
-    pub fn get(&self, rpc: &RpcConfig, address: &str) -> Result<KvTransferClient<Channel>> {
+    /// The channel to `address`, made on first use.
+    pub fn get(&self, rpc: &RpcConfig, address: &str) -> Result<Channel> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let channel = match channels.get(address) {
             Some(c) => c.clone(),
@@ -47,22 +47,19 @@ impl Clients {
                 c
             }
         };
-        Ok(limits(KvTransferClient::new(channel)))
+        Ok(channel)
     }
 }
 
 /// Decode nodes whose channels are kept at once.
 const MAX_CHANNELS: usize = 4096;
 
-fn limits(client: KvTransferClient<Channel>) -> KvTransferClient<Channel> {
-    client
+/// tonic's client for a decode node's `KvTransfer` on `channel` (its unary calls; pushes go
+/// through [`super::framing::push`]), with message limits sized for KV chunks.
+pub fn client(channel: Channel) -> KvTransferClient<Channel> {
+    KvTransferClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
-}
-
-/// A client for a decode node's `KvTransfer`, connecting lazily.
-pub fn client(rpc: &RpcConfig, address: &str) -> Result<KvTransferClient<Channel>> {
-    Ok(limits(KvTransferClient::new(rpc.channel(address)?)))
 }
 
 /// The gRPC transport: each chunk carries its layer's bytes. On a GPU they come to the host

@@ -2,7 +2,8 @@
 //! - what both ends must agree on: the model [`fingerprint`] and the [`TransferBackend`];
 //! - how one layer's blocks travel as a checksummed chunk ([`chunk`]);
 //! - the decode side's reservations, which accept only the transfers they expect ([`reservation`]),
-//!   and the `KvTransfer` service that feeds them ([`service`]);
+//!   and the `KvTransfer` service that feeds them ([`service`]), its `Push` stream framed on the
+//!   wire without copying KV bytes ([`framing`]);
 //! - the prefill side's push driver ([`push`]) over a [`push::ChunkSink`] that each transport
 //!   implements: gRPC chunks carrying the bytes ([`grpc`]), or NCCL between GPUs ([`nccl`]).
 //!
@@ -11,6 +12,7 @@
 pub mod chunk;
 #[cfg(test)]
 mod end_to_end;
+pub mod framing;
 pub mod grpc;
 #[cfg(feature = "nccl")]
 pub mod nccl;

@@ -10,16 +10,13 @@ use std::future::Future;
 use std::time::Instant;
 
 use pd_proto::v1::kv_push_message::Message as PushMessage;
-use pd_proto::v1::kv_transfer_client::KvTransferClient;
 use pd_proto::v1::{KvChunk, KvHandshake, KvPushAck, KvPushMessage};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
-use tonic::Response;
 
-use super::TransferBackend;
+use super::{framing, TransferBackend};
 use crate::engine::ExportedKv;
-use crate::telemetry::{names, record_link, with_request_id};
+use crate::telemetry::{names, record_link};
 use crate::{Error, Result};
 
 /// Chunks made but not yet sent: bounds the memory a slow link can pile up.
@@ -43,11 +40,11 @@ pub trait ChunkSink: Send {
     fn failed(&mut self);
 }
 
-/// Streams `handshake`, then a chunk per exported layer until `exported` closes (the engine
+/// Streams `handshake` over `channel` (to the decode node), then a chunk per exported layer until `exported` closes (the engine
 /// finished the prefill), and returns the receiver's acknowledgement. `peer` (the decode node's
 /// address) labels the link's figures in the metrics.
 pub async fn push<S: ChunkSink>(
-    mut client: KvTransferClient<Channel>,
+    channel: Channel,
     peer: &str,
     request_id: &str,
     mut handshake: KvHandshake,
@@ -82,16 +79,16 @@ pub async fn push<S: ChunkSink>(
         drop(tx);
         Ok::<(), Error>(())
     };
-    let call = client.push(with_request_id(ReceiverStream::new(rx), request_id));
+    let call = framing::push(channel, request_id, rx);
     let outcome = {
         tokio::pin!(sender);
         tokio::pin!(call);
         tokio::select! {
             // The receiver answered before we were done: a refusal (or a broken link).
             // Returning drops `exported`, which tells the engine to stop computing this prompt.
-            answer = &mut call => answer.map(Response::into_inner).map_err(Error::from),
+            answer = &mut call => answer.map_err(Error::from),
             sent = &mut sender => match sent {
-                Ok(()) => call.await.map(Response::into_inner).map_err(Error::from),
+                Ok(()) => call.await.map_err(Error::from),
                 Err(e) => Err(e),
             },
         }

@@ -2,14 +2,15 @@
 //! handshake, then each chunk is written into the reservation, by the bytes it carries (gRPC) or
 //! by a receive over the NCCL link it names. `NcclConnect` joins links that prefill nodes open.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use pd_proto::v1::kv_push_message::Message as PushMessage;
-use pd_proto::v1::kv_transfer_server::{KvTransfer, KvTransferServer};
+use pd_proto::v1::kv_transfer_server::KvTransfer;
 use pd_proto::v1::{KvPushAck, KvPushMessage, NcclConnectReply, NcclConnectRequest};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::grpc::MAX_MESSAGE_BYTES;
+use super::framing::{KvTransferRoutes, PushMessages};
 use super::reservation::KvReceiver;
 use super::TransferBackend;
 use crate::telemetry::names;
@@ -58,26 +59,18 @@ impl KvTransferService {
         self
     }
 
-    /// The gRPC service, with message limits sized for KV chunks.
-    pub fn into_server(self) -> KvTransferServer<Self> {
-        KvTransferServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    /// The gRPC service: `Push` read without copying KV bytes ([`super::framing`]), the rest
+    /// through tonic, with message limits sized for KV chunks.
+    pub fn into_server(self) -> KvTransferRoutes {
+        KvTransferRoutes::new(self)
     }
-}
 
-#[tonic::async_trait]
-impl KvTransfer for KvTransferService {
-    async fn push(
+    /// Serves one `Push` stream from `peer` (its IP, which labels the link's figures).
+    pub(crate) async fn receive(
         &self,
-        request: Request<Streaming<KvPushMessage>>,
-    ) -> Result<Response<KvPushAck>, Status> {
-        // The sender's IP labels this link's figures (its port is a fresh one per connection).
-        let peer = request
-            .remote_addr()
-            .map(|a| a.ip().to_string())
-            .unwrap_or_else(|| "unknown".into());
-        let mut stream = request.into_inner();
+        peer: &str,
+        stream: &mut impl PushStream,
+    ) -> Result<KvPushAck, Status> {
         let first = stream
             .message()
             .await?
@@ -140,8 +133,43 @@ impl KvTransfer for KvTransferService {
         }
         if let Some(first) = first_chunk {
             let seconds = first.elapsed().as_secs_f64();
-            crate::telemetry::record_link("received", backend, &peer, ack.bytes, seconds);
+            crate::telemetry::record_link("received", backend, peer, ack.bytes, seconds);
         }
+        Ok(ack)
+    }
+}
+
+/// Where a push's messages come from: [`PushMessages`] as our server reads them, or tonic's
+/// decoder.
+pub(crate) trait PushStream: Send {
+    fn message(&mut self) -> impl Future<Output = Result<Option<KvPushMessage>, Status>> + Send;
+}
+
+impl PushStream for PushMessages {
+    fn message(&mut self) -> impl Future<Output = Result<Option<KvPushMessage>, Status>> + Send {
+        PushMessages::message(self)
+    }
+}
+
+impl PushStream for Streaming<KvPushMessage> {
+    fn message(&mut self) -> impl Future<Output = Result<Option<KvPushMessage>, Status>> + Send {
+        Streaming::message(self)
+    }
+}
+
+#[tonic::async_trait]
+impl KvTransfer for KvTransferService {
+    /// Reached only where tonic's generated server is mounted directly: ours routes `Push` to
+    /// [`PushMessages`].
+    async fn push(
+        &self,
+        request: Request<Streaming<KvPushMessage>>,
+    ) -> Result<Response<KvPushAck>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let ack = self.receive(&peer, &mut request.into_inner()).await?;
         Ok(Response::new(ack))
     }
 

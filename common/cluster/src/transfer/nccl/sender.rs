@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use pd_proto::v1::kv_transfer_client::KvTransferClient;
 use pd_proto::v1::{KvChunk, KvHandshake, ModelFingerprint, NcclConnectRequest};
 use tonic::transport::Channel;
 
@@ -12,7 +11,7 @@ use super::link::{Links, NcclLink};
 use super::NcclConfig;
 use crate::engine::ExportedKv;
 use crate::transfer::push::ChunkSink;
-use crate::transfer::TransferBackend;
+use crate::transfer::{grpc, TransferBackend};
 use crate::{Error, Result};
 
 /// The prefill end's NCCL links, one per decode node, opened on first use.
@@ -36,7 +35,7 @@ impl NcclSender {
     /// The link to the decode node at `address`, opening it (as rank 0) if there is none.
     async fn link(
         &self,
-        client: &mut KvTransferClient<Channel>,
+        channel: &Channel,
         address: &str,
         fingerprint: &ModelFingerprint,
         device: &candle_core::Device,
@@ -62,7 +61,9 @@ impl NcclSender {
             fingerprint: Some(fingerprint.clone()),
         };
         let timeout = self.config.connect_timeout();
-        let joined = tokio::time::timeout(timeout, client.nccl_connect(request)).await;
+        let joined =
+            tokio::time::timeout(timeout, grpc::client(channel.clone()).nccl_connect(request))
+                .await;
         match joined {
             Ok(Ok(_)) => {}
             Ok(Err(status)) => {
@@ -88,7 +89,7 @@ impl NcclSender {
     /// need be) for the whole transfer: sends and receives on a link pair up in order.
     pub async fn sink(
         &self,
-        client: &mut KvTransferClient<Channel>,
+        channel: &Channel,
         address: &str,
         handshake: &KvHandshake,
         device: &candle_core::Device,
@@ -97,7 +98,7 @@ impl NcclSender {
             .fingerprint
             .as_ref()
             .ok_or_else(|| Error::invalid("a KV handshake needs a fingerprint"))?;
-        let link = self.link(client, address, fingerprint, device).await?;
+        let link = self.link(channel, address, fingerprint, device).await?;
         let held = link.hold().await;
         Ok(NcclSink { link, _held: held })
     }
