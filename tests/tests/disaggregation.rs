@@ -59,14 +59,33 @@ fn assert_all_free(core: &EngineCore) {
     assert_eq!(s.free_blocks, s.total_blocks, "{s:?}");
 }
 
-/// Prefills `requests` together on one engine (small token budget: chunked and batched) and
-/// decodes each on a second engine from the shipped KV.
-fn disaggregated(requests: &[GenerateRequest]) -> Vec<Output> {
+/// Prefills `requests` together on one engine (small token budget: chunked and batched, block
+/// boundaries falling inside chunks) and decodes each on a second engine from the shipped KV,
+/// checking that every block of every layer was shipped exactly once (a KV receiver refuses a
+/// block that arrives twice). With `warm`, the prefill engine has computed the prompts once
+/// before: its prefix cache holds them, and what it ships comes from there.
+fn disaggregated(requests: &[GenerateRequest], warm: bool) -> Vec<Output> {
     let small_budget = EngineConfig {
         max_batch_tokens: 48,
         ..EngineConfig::default()
     };
     let mut prefill = real_engine(small_budget);
+    if warm {
+        let mut held = Vec::new();
+        for r in requests {
+            let (sink, exported) = mpsc::unbounded_channel();
+            let (tx, rx) = mpsc::unbounded_channel();
+            prefill
+                .submit(r.clone(), Placement::Export(sink), tx)
+                .unwrap();
+            held.push((exported, rx));
+        }
+        while prefill.has_work() {
+            prefill.step().unwrap();
+        }
+        assert!(prefill.stats().cached_blocks > 0);
+    }
+    let hits_before = prefill.stats().prefix_cache_hits;
     let mut decode = real_engine(EngineConfig::default());
 
     let mut pending: Vec<(
@@ -99,18 +118,35 @@ fn disaggregated(requests: &[GenerateRequest]) -> Vec<Output> {
         prefill.step().unwrap();
     }
     assert_all_free(&prefill);
+    let hits = prefill.stats().prefix_cache_hits - hits_before;
+    // (Cold, a prompt may still find the chat template's opening that an earlier one cached.)
+    assert!(
+        !warm || hits > 0,
+        "no prefix cache hits on the warm prefill engine"
+    );
+    let layers = prefill.model().config().num_layers;
 
     let mut outputs = Vec::new();
     for ((id, events, mut reserved), (mut exported, mut first)) in pending.into_iter().zip(exports)
     {
         let blocks = reserved.try_recv().expect("blocks reserved");
-        let mut chunks = 0;
+        let mut shipped = std::collections::HashSet::new();
         while let Ok(kv) = exported.try_recv() {
+            for b in kv.first_block..kv.first_block + kv.num_blocks {
+                assert!(
+                    shipped.insert((kv.layer, b)),
+                    "layer {} block {b} twice",
+                    kv.layer
+                );
+            }
             let chunk = chunk_of(&kv).unwrap();
             decode_chunk_into(decode.cache(), &chunk, &blocks).unwrap();
-            chunks += 1;
         }
-        assert!(chunks >= 30, "one chunk per layer at least, got {chunks}");
+        assert_eq!(
+            shipped.len(),
+            layers * blocks.len(),
+            "every block of every layer"
+        );
         let token = match first.try_recv() {
             Ok(SeqEvent::Token(t)) => SampledToken {
                 id: t.id,
@@ -155,12 +191,14 @@ fn shipped_kv_decodes_to_the_single_engine_greedy_output() {
             }
         })
         .collect();
-    let got = disaggregated(&requests);
-    for (request, got) in requests.iter().zip(got) {
-        let want = single(request.clone());
-        assert_eq!(got.ids, want.ids);
-        assert_eq!(got.text(), want.text());
-        assert_eq!(got.reason, want.reason);
+    for warm in [false, true] {
+        let got = disaggregated(&requests, warm);
+        for (request, got) in requests.iter().zip(got) {
+            let want = single(request.clone());
+            assert_eq!(got.ids, want.ids, "warm prefix cache: {warm}");
+            assert_eq!(got.text(), want.text());
+            assert_eq!(got.reason, want.reason);
+        }
     }
 }
 

@@ -121,8 +121,11 @@ fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
         ..SamplingParams::default()
     };
     let new_core = |max_batch_tokens: usize| -> anyhow::Result<EngineCore> {
+        // The same prompts run again and again here: a prefix cache would time its lookups,
+        // not the model.
         let config = EngineConfig {
             max_batch_tokens,
+            enable_prefix_caching: false,
             ..args.engine.clone()
         };
         Ok(EngineCore::new(

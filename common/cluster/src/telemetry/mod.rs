@@ -97,6 +97,7 @@ fn describe() {
     );
     describe_gauge!(KV_BLOCKS_USED, "KV cache blocks in use.");
     describe_gauge!(KV_BLOCKS_FREE, "KV cache blocks free.");
+    describe_gauge!(PREFIX_CACHE_BLOCKS, "KV cache blocks in the prefix cache.");
     describe_counter!(
         KV_TRANSFER_BYTES_TOTAL,
         Unit::Bytes,
@@ -166,6 +167,7 @@ pub fn record_engine_stats(stats: &crate::engine::EngineStats) {
     metrics::gauge!(AWAITING_KV_SEQUENCES).set(stats.awaiting_kv as f64);
     metrics::gauge!(KV_BLOCKS_USED).set((stats.total_blocks - stats.free_blocks) as f64);
     metrics::gauge!(KV_BLOCKS_FREE).set(stats.free_blocks as f64);
+    metrics::gauge!(PREFIX_CACHE_BLOCKS).set(stats.cached_blocks as f64);
 }
 
 /// The request id of an incoming gRPC call, or a new one.

@@ -19,8 +19,10 @@ pub const RUNNING_SEQUENCES: &str = "pd_running_sequences";
 pub const AWAITING_KV_SEQUENCES: &str = "pd_awaiting_kv_sequences";
 /// KV cache blocks in use.
 pub const KV_BLOCKS_USED: &str = "pd_kv_blocks_used";
-/// KV cache blocks free.
+/// KV cache blocks free (cached blocks nobody references among them).
 pub const KV_BLOCKS_FREE: &str = "pd_kv_blocks_free";
+/// KV cache blocks in the prefix cache.
+pub const PREFIX_CACHE_BLOCKS: &str = "pd_prefix_cache_blocks";
 /// KV bytes shipped, by `direction` (`sent`, `received`).
 pub const KV_TRANSFER_BYTES_TOTAL: &str = "pd_kv_transfer_bytes_total";
 /// Duration of whole KV transfers, by `direction`.

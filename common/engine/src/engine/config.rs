@@ -74,6 +74,16 @@ pub struct EngineConfig {
     /// llama.cpp keeps by default), bf16 on a GPU (the activations' type there).
     #[arg(long, env = "PD_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::Auto)]
     pub kv_cache_dtype: KvCacheDtype,
+
+    /// Prefix caching keeps the KV of full blocks after their sequences end and reuses it for
+    /// prompts that begin with the same tokens; on unless --no-enable-prefix-caching (vLLM's
+    /// flag) is given.
+    #[arg(
+        long = "no-enable-prefix-caching",
+        env = "PD_NO_ENABLE_PREFIX_CACHING",
+        action = clap::ArgAction::SetFalse
+    )]
+    pub enable_prefix_caching: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -114,6 +124,7 @@ impl Default for EngineConfig {
             max_num_seqs: 64,
             max_model_len: 0,
             kv_cache_dtype: KvCacheDtype::Auto,
+            enable_prefix_caching: true,
         }
     }
 }
@@ -259,6 +270,20 @@ mod tests {
                 .cache_spec(&model, &candle_core::Device::Cpu)
                 .is_err());
         }
+    }
+
+    #[test]
+    fn prefix_caching_is_on_unless_turned_off() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            engine: EngineConfig,
+        }
+        assert!(Cli::parse_from(["node"]).engine.enable_prefix_caching);
+        let off = Cli::parse_from(["node", "--no-enable-prefix-caching"]);
+        assert!(!off.engine.enable_prefix_caching);
+        assert!(EngineConfig::default().enable_prefix_caching);
     }
 
     #[test]

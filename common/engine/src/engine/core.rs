@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::config::EngineConfig;
 use super::sequence::{GenerateRequest, Placement, SeqEvent, SeqId, SeqState, Sequence};
-use crate::kv::{KvBlockAllocator, KvCache};
+use crate::kv::{BlockHash, KvBlockAllocator, KvCache, PrefixKey};
 use crate::model::LlamaModel;
 use crate::sampling::{FinishReason, SampledToken, StopChecker};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
@@ -29,6 +29,12 @@ pub struct EngineStats {
     pub pending_tokens: usize,
     /// Sequences preempted (blocks taken back, to recompute later) since the engine started.
     pub preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache at admission since the engine started, and
+    /// of those, tokens whose KV was found there.
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    /// Blocks in the prefix cache (those nobody references count as free too).
+    pub cached_blocks: usize,
 }
 
 pub struct EngineCore {
@@ -48,6 +54,10 @@ pub struct EngineCore {
     pub(super) running: Vec<SeqId>,
     next_id: SeqId,
     pub(super) preemptions: u64,
+    /// Where block names start ([`PrefixKey::root`]); `None` with prefix caching off.
+    pub(super) prefix_root: Option<BlockHash>,
+    pub(super) prefix_queries: u64,
+    pub(super) prefix_hits: u64,
 }
 
 impl EngineCore {
@@ -67,6 +77,17 @@ impl EngineCore {
             max_model_len,
             "KV cache"
         );
+        let prefix_root = config.enable_prefix_caching.then(|| {
+            PrefixKey {
+                model: model.config().name.clone(),
+                num_layers: spec.num_layers,
+                num_kv_heads: spec.num_kv_heads,
+                head_dim: spec.head_dim,
+                kv_dtype: spec.dtype.as_str().to_string(),
+                block_size: spec.block_size,
+            }
+            .root()
+        });
         let cache = KvCache::new(spec, model.device())?;
         let eog_ids = tokenizer
             .as_ref()
@@ -85,6 +106,9 @@ impl EngineCore {
             running: Vec::new(),
             next_id: 0,
             preemptions: 0,
+            prefix_root,
+            prefix_queries: 0,
+            prefix_hits: 0,
         })
     }
 
@@ -129,6 +153,9 @@ impl EngineCore {
                     .filter(|&n| n > 1)
                     .sum::<usize>(),
             preemptions: self.preemptions,
+            prefix_cache_queries: self.prefix_queries,
+            prefix_cache_hits: self.prefix_hits,
+            cached_blocks: self.allocator.num_cached(),
         }
     }
 
@@ -213,6 +240,9 @@ impl EngineCore {
                 prompt_len,
                 num_computed: 0,
                 blocks: Vec::new(),
+                block_hashes: Vec::new(),
+                cached_blocks: 0,
+                exported_blocks: 0,
                 decoder,
                 stop,
                 tokens,
@@ -244,6 +274,8 @@ impl EngineCore {
         let seq = self.seq_mut(id)?;
         seq.num_computed = seq.tokens.len();
         seq.first_scheduled.get_or_insert_with(Instant::now);
+        // The KV that arrived is what this node would have computed: later prompts reuse it.
+        self.cache_computed(id);
         self.set_state(id, SeqState::Decoding)?;
         let outcome = self.append(id, first);
         self.settle(id, outcome);

@@ -5,7 +5,9 @@
 //! token budget), runs one forward pass, samples, and streams each sequence's new token. Requests
 //! join between steps and finished ones leave at once, freeing their blocks. A sequence's life is
 //! an explicit state (waiting, preempted, awaiting KV, prefilling, exporting, decoding) that
-//! changes in one place (`EngineCore::set_state`); see `sequence.rs`.
+//! changes in one place (`EngineCore::set_state`); see `sequence.rs`. Full blocks stay in a
+//! prefix cache after their sequences end, and prompts that begin with the same tokens take
+//! them instead of computing them again (`prefix.rs`).
 //!
 //! [`EngineHandle`] runs a core on its own thread and is what async code talks to: a bounded
 //! command channel in, one event stream per request out.
@@ -14,6 +16,7 @@ mod config;
 mod core;
 mod handle;
 pub mod phases;
+mod prefix;
 mod scheduler;
 mod sequence;
 mod step;

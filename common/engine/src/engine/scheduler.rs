@@ -1,5 +1,6 @@
 //! Picking a step's work: running sequences first (oldest first), then admissions from the queue
-//! while the token budget, the sequence limit and free blocks allow. A running sequence that
+//! while the token budget, the sequence limit and free blocks allow; an admission starts after
+//! the longest prefix the prefix cache holds. A running sequence that
 //! needs a block when none is free takes it from the youngest running sequence, which is
 //! preempted: it goes back to the front of the queue and recomputes later.
 
@@ -99,16 +100,26 @@ impl EngineCore {
             }
             return Admitted::Awaits;
         }
-        let tokens = seq.pending().min(budget);
-        let Ok(blocks) = self
-            .allocator
-            .allocate(blocks_for_tokens(seq.num_computed + tokens, bs))
-        else {
+        // Blocks the prefix cache holds are not computed again.
+        let hit = self.match_prefix(id);
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return Admitted::Awaits;
+        };
+        let (asked, computed) = (seq.tokens.len(), hit.len() * bs);
+        let tokens = (asked - computed).min(budget);
+        let more = blocks_for_tokens(computed + tokens, bs) - hit.len();
+        let Ok(blocks) = self.allocator.allocate(more) else {
+            if let Err(e) = self.allocator.free(&hit) {
+                tracing::error!(seq = id, error = %e, "returning cached KV blocks failed");
+            }
             return Admitted::NoRoom;
         };
-        if let Some(seq) = self.seqs.get_mut(&id) {
-            seq.blocks = blocks;
-        }
+        let found = hit.len();
+        seq.num_computed = computed;
+        seq.cached_blocks = found;
+        seq.blocks = hit;
+        seq.blocks.extend(blocks);
+        self.count_prefix_lookup(asked, found);
         let to = match self.seqs.get(&id).and_then(|s| s.state.export_sink()) {
             Some(sink) => SeqState::Exporting(sink.clone()),
             None => SeqState::Prefilling,
@@ -131,6 +142,7 @@ impl EngineCore {
         };
         let blocks = std::mem::take(&mut seq.blocks);
         seq.num_computed = 0;
+        seq.cached_blocks = 0;
         let placement = match seq.state.export_sink() {
             Some(sink) => Placement::Export(sink.clone()),
             None => Placement::Local,

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::kv::BlockId;
+use crate::kv::{BlockHash, BlockId};
 use crate::sampling::{FinishReason, SamplingParams, StopChecker};
 use crate::tokenizer::IncrementalDecoder;
 use crate::Error;
@@ -279,6 +279,16 @@ pub(crate) struct Sequence {
     /// Leading tokens whose K/V are in the cache.
     pub num_computed: usize,
     pub blocks: Vec<BlockId>,
+    /// Names of the full blocks of `tokens` (as far as they have been needed), for the prefix
+    /// cache.
+    pub block_hashes: Vec<BlockHash>,
+    /// Leading blocks of `blocks` the prefix cache has seen: found there at admission, or
+    /// computed and offered to it since.
+    pub cached_blocks: usize,
+    /// A prefill-only sequence: leading blocks whose KV went to the sink. Each block goes once,
+    /// when its last token is computed (or the prompt ends in it), and not again when a
+    /// preempted sequence recomputes it: the receiver has it already.
+    pub exported_blocks: usize,
     pub params: SamplingParams,
     pub seed: u64,
     pub state: SeqState,

@@ -105,11 +105,21 @@ impl EngineCore {
                 samples,
             );
             if let SeqState::Exporting(sink) = &seq.state {
-                // Every block this chunk wrote into; a block the next chunk completes goes again.
-                let (first, end) = (from / bs, blocks_for_tokens(from + s.tokens, bs));
-                let sink = sink.clone();
-                let run = self.cache.block_run(&seq.blocks[first..end])?;
-                exports.push((sink, first, run));
+                // The blocks this chunk completes (with the last, partial one when the prompt
+                // ends here) that have not gone yet; on the first chunk, also those the prefix
+                // cache held.
+                let to = from + s.tokens;
+                let end = match to == seq.tokens.len() {
+                    true => blocks_for_tokens(to, bs),
+                    false => to / bs,
+                };
+                let first = seq.exported_blocks;
+                if end > first {
+                    let sink = sink.clone();
+                    let run = self.cache.block_run(&seq.blocks[first..end])?;
+                    exports.push((sink, first, run));
+                    seq.exported_blocks = end;
+                }
             }
         }
         Ok((batch, exports, decode_tokens))
@@ -125,6 +135,7 @@ impl EngineCore {
             if seq.num_computed == seq.tokens.len() {
                 sampled.push(s.id);
             }
+            self.cache_computed(s.id);
         }
         let tokens = {
             let seqs = &self.seqs;
