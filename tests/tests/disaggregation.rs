@@ -4,7 +4,9 @@
 //! request resumed after k tokens continues exactly as it would have (seeded sampling too); and
 //! every block returns to the allocator.
 
-use pd_common::engine::{EngineConfig, EngineCore, GenerateRequest, Placement, SeqEvent, SeqId};
+use pd_common::engine::{
+    EngineConfig, EngineCore, ExportedKv, GenerateRequest, Placement, SeqEvent, SeqId,
+};
 use pd_common::sampling::{FinishReason, SampledToken, SamplingParams};
 use pd_common::transfer::{chunk_of, decode_chunk_into};
 use pd_tests::{golden_cases, real_engine};
@@ -59,6 +61,30 @@ fn assert_all_free(core: &EngineCore) {
     assert_eq!(s.free_blocks, s.total_blocks, "{s:?}");
 }
 
+/// Exports of `requests` submitted together to `prefill` and run until it is idle: each one's
+/// layers and its first token.
+fn prefill_all(
+    prefill: &mut EngineCore,
+    requests: &[GenerateRequest],
+) -> Vec<(
+    mpsc::UnboundedReceiver<ExportedKv>,
+    mpsc::UnboundedReceiver<SeqEvent>,
+)> {
+    let mut exports = Vec::new();
+    for r in requests {
+        let (sink, exported) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
+        prefill
+            .submit(r.clone(), Placement::Export(sink), tx)
+            .unwrap();
+        exports.push((exported, rx));
+    }
+    while prefill.has_work() {
+        prefill.step().unwrap();
+    }
+    exports
+}
+
 /// Prefills `requests` together on one engine (small token budget: chunked and batched, block
 /// boundaries falling inside chunks) and decodes each on a second engine from the shipped KV,
 /// checking that every block of every layer was shipped exactly once (a KV receiver refuses a
@@ -71,18 +97,7 @@ fn disaggregated(requests: &[GenerateRequest], warm: bool) -> Vec<Output> {
     };
     let mut prefill = real_engine(small_budget);
     if warm {
-        let mut held = Vec::new();
-        for r in requests {
-            let (sink, exported) = mpsc::unbounded_channel();
-            let (tx, rx) = mpsc::unbounded_channel();
-            prefill
-                .submit(r.clone(), Placement::Export(sink), tx)
-                .unwrap();
-            held.push((exported, rx));
-        }
-        while prefill.has_work() {
-            prefill.step().unwrap();
-        }
+        prefill_all(&mut prefill, requests);
         assert!(prefill.stats().cached_blocks > 0);
     }
     let hits_before = prefill.stats().prefix_cache_hits;
@@ -105,18 +120,7 @@ fn disaggregated(requests: &[GenerateRequest], warm: bool) -> Vec<Output> {
     assert_eq!(decode.step().unwrap(), 0);
     assert_eq!(decode.stats().awaiting_kv, requests.len());
 
-    let mut exports = Vec::new();
-    for r in requests {
-        let (sink, exported) = mpsc::unbounded_channel();
-        let (tx, rx) = mpsc::unbounded_channel();
-        prefill
-            .submit(r.clone(), Placement::Export(sink), tx)
-            .unwrap();
-        exports.push((exported, rx));
-    }
-    while prefill.has_work() {
-        prefill.step().unwrap();
-    }
+    let exports = prefill_all(&mut prefill, requests);
     assert_all_free(&prefill);
     let hits = prefill.stats().prefix_cache_hits - hits_before;
     // (Cold, a prompt may still find the chat template's opening that an earlier one cached.)
