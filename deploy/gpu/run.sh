@@ -55,10 +55,12 @@ if [[ " $STEPS " == *" single "* ]]; then
 fi
 if [[ " $STEPS " == *" served "* ]]; then
   # One GPU serving aggregated: Llama-3-8B shape, dummy weights, 512-token prompts, 128 tokens
-  # out; the KV cache sized from free memory (the default). Prints each step phase's mean.
+  # out; the KV cache sized from free memory (the default). Prints each step phase's mean. The
+  # prefix cache is off: every prompt is computed, as the figure is meant to say.
   pd-bench cluster --model dummy:llama3-8b --prompt-tokens 512 --max-tokens 128 \
     --clients "${PD_SERVED_CLIENTS:-1,16,64}" --rounds 2 --modes aggregated --decode-device cuda:0 \
     --node-arg=--max-batch-tokens=2048 --node-arg=--max-num-seqs=64 \
+    --node-arg=--no-enable-prefix-caching \
     --json "$RESULTS/served.jsonl" 2>&1 | tee "$RESULTS/served.log" || status=1
 fi
 if [ "$GPUS" -ge 2 ]; then

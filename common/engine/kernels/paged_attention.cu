@@ -3,7 +3,7 @@
 // Cache layout, per layer: K and V of shape [num_blocks, block_size, num_kv_heads, head_dim].
 // A sequence's token at position p lives in block block_table[p / block_size], row p % block_size.
 //
-// Two kernels:
+// Three kernels:
 // - paged_attention_*: one query token per (CTA, head), any head_dim, any dtype. Used for decode
 //   tokens, and for every token when the prefill kernel does not apply. Long contexts are split
 //   into partitions that run in parallel and are merged by paged_attention_reduce_*.
@@ -252,6 +252,233 @@ DEFINE_TOKEN_KERNEL(paged_attention_f32_f32, float, float)
 
 DEFINE_REDUCE_KERNEL(paged_attention_reduce_bf16, __nv_bfloat16)
 DEFINE_REDUCE_KERNEL(paged_attention_reduce_f32, float)
+
+// ---------------------------------------------------------------------------------------------
+// Grouped per-token kernel: a 16-bit cache, head_dim D in {64, 128, 256}, G query heads per KV
+// head in {1, 2, 4, 8}.
+//
+// grid: (num_kv_heads, num_work_tokens, num_partitions); block: NUM_WARPS * 32 threads.
+// One CTA computes all G query heads of a token that share one KV head, so each K and V row is
+// read from memory once per group instead of once per query head. A row is LPK = D / 8 lanes'
+// 16-byte chunks, so a warp reads KPW = 32 / LPK rows per coalesced load; each lane issues its U
+// loads of K and of V for a tile before it uses any of them, keeping many bytes in flight. Every
+// lane keeps the scores, probabilities and output of its own chunk of its own keys; the warp
+// shares one running maximum per head, so the partial outputs of its keys simply add at the end.
+// Partitions, scratch layout and rounding are those of the per-token kernel above (the same
+// reduce kernel merges them), and a token's result depends on its own length only.
+// ---------------------------------------------------------------------------------------------
+template <typename A, typename C, int D, int G, int NUM_WARPS>
+__device__ void paged_attention_group(
+    A* __restrict__ out, const A* __restrict__ q, const C* __restrict__ k_cache,
+    const C* __restrict__ v_cache, const int* __restrict__ work_tokens,
+    const int* __restrict__ token_seq, const int* __restrict__ token_keys,
+    const int* __restrict__ block_tables, int max_blocks, int num_heads, int num_kv_heads,
+    int block_size, float scale, int partition, float* __restrict__ part_max,
+    float* __restrict__ part_sum, float* __restrict__ part_out) {
+    static_assert(sizeof(C) == 2, "16-bit caches only");
+    constexpr int PER = 8;           // elements per 16-byte chunk
+    constexpr int LPK = D / PER;     // lanes per key row
+    constexpr int KPW = WARP / LPK;  // key rows per warp-wide load
+    constexpr int U = G <= 4 ? 8 : 4;
+    constexpr int TILE = KPW * U;    // keys per warp per iteration
+    static_assert(LPK <= WARP && WARP % LPK == 0, "head_dim must be 64, 128 or 256");
+
+    const int kv_head = blockIdx.x;
+    const int work = blockIdx.y;
+    const int part = blockIdx.z;
+    const int num_parts = gridDim.z;
+    const int token = work_tokens[work];
+    const int seq = token_seq[token];
+    const int n_keys = token_keys[token];
+    const int own_parts = (n_keys + partition - 1) / partition;
+    if (part >= own_parts) return;
+    const int key_begin = part * partition;
+    const int key_end = min(n_keys, key_begin + partition);
+    const int lane = threadIdx.x % WARP;
+    const int warp = threadIdx.x / WARP;
+    const int chunk = lane % LPK;  // which 16 bytes of a row
+    const int sub = lane / LPK;    // which of the warp's KPW rows
+    const size_t kv_row = (size_t)num_kv_heads * D;
+    const int* table = block_tables + (size_t)seq * max_blocks;
+    const int head0 = kv_head * G;
+    // Block sizes are powers of two in practice; spare the divisions then.
+    const int shift = (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
+
+    float qr[G][PER];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        const A* q_row = q + ((size_t)token * num_heads + head0 + g) * D + chunk * PER;
+#pragma unroll
+        for (int e = 0; e < PER; e++) qr[g][e] = round_to<C>(to_f(q_row[e]));
+    }
+    float m[G], l[G], acc[G][PER];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int e = 0; e < PER; e++) acc[g][e] = 0.f;
+    }
+
+    for (int tile = key_begin + warp * TILE; tile < key_end; tile += NUM_WARPS * TILE) {
+        uint4 kw[U], vw[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int j = tile + u * KPW + sub;
+            kw[u] = make_uint4(0, 0, 0, 0);
+            vw[u] = make_uint4(0, 0, 0, 0);
+            if (j < key_end) {
+                const int blk = shift >= 0 ? j >> shift : j / block_size;
+                const int row = shift >= 0 ? j & (block_size - 1) : j % block_size;
+                const size_t at = ((size_t)table[blk] * block_size + row) * kv_row +
+                                  (size_t)kv_head * D + chunk * PER;
+                kw[u] = *reinterpret_cast<const uint4*>(k_cache + at);
+                vw[u] = *reinterpret_cast<const uint4*>(v_cache + at);
+            }
+        }
+        // Scores: this lane's part of each dot product, summed over the row's LPK lanes.
+        float s[U][G];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const C* e = reinterpret_cast<const C*>(&kw[u]);
+            float kf[PER];
+#pragma unroll
+            for (int i = 0; i < PER; i++) kf[i] = to_f(e[i]);
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                float dot = 0.f;
+#pragma unroll
+                for (int i = 0; i < PER; i++) dot += qr[g][i] * kf[i];
+                s[u][g] = dot;
+            }
+        }
+#pragma unroll
+        for (int o = 1; o < LPK; o *= 2) {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+#pragma unroll
+                for (int g = 0; g < G; g++) s[u][g] += __shfl_xor_sync(0xffffffff, s[u][g], o);
+            }
+        }
+        // Online softmax per head over the warp's tile (rows differ across `sub` only).
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const bool valid = tile + u * KPW + sub < key_end;
+                s[u][g] = valid ? s[u][g] * scale : -INFINITY;
+                mx = fmaxf(mx, s[u][g]);
+            }
+#pragma unroll
+            for (int o = LPK; o < WARP; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+            const float m_new = fmaxf(m[g], mx);
+            const float alpha = __expf(m[g] - m_new);
+            float sum = 0.f;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const float p = __expf(s[u][g] - m_new);
+                sum += p;
+                s[u][g] = round_to<C>(p);
+            }
+#pragma unroll
+            for (int o = LPK; o < WARP; o *= 2) sum += __shfl_xor_sync(0xffffffff, sum, o);
+            l[g] = l[g] * alpha + sum;
+            m[g] = m_new;
+#pragma unroll
+            for (int i = 0; i < PER; i++) acc[g][i] *= alpha;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const C* e = reinterpret_cast<const C*>(&vw[u]);
+#pragma unroll
+            for (int i = 0; i < PER; i++) {
+                const float vf = to_f(e[i]);
+#pragma unroll
+                for (int g = 0; g < G; g++) acc[g][i] += s[u][g] * vf;
+            }
+        }
+    }
+
+    // The warp's rows share its maxima: add the partial outputs of its KPW row groups.
+#pragma unroll
+    for (int o = LPK; o < WARP; o *= 2) {
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+#pragma unroll
+            for (int i = 0; i < PER; i++) acc[g][i] += __shfl_xor_sync(0xffffffff, acc[g][i], o);
+        }
+    }
+    __shared__ float w_max[NUM_WARPS][G], w_sum[NUM_WARPS][G];
+    __shared__ float w_out[NUM_WARPS][G][D];
+    if (lane == 0) {
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            w_max[warp][g] = m[g];
+            w_sum[warp][g] = l[g];
+        }
+    }
+    if (sub == 0) {
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+#pragma unroll
+            for (int i = 0; i < PER; i++) w_out[warp][g][chunk * PER + i] = acc[g][i];
+        }
+    }
+    __syncthreads();
+    // Merge the warps, as the per-token kernel does.
+    for (int x = threadIdx.x; x < G * D; x += blockDim.x) {
+        const int g = x / D, d = x % D;
+        float gm = -INFINITY;
+        for (int w = 0; w < NUM_WARPS; w++) gm = fmaxf(gm, w_max[w][g]);
+        float gl = 0.f, o = 0.f;
+        for (int w = 0; w < NUM_WARPS; w++) {
+            if (w_max[w][g] > -INFINITY) {
+                const float f = __expf(w_max[w][g] - gm);
+                gl += w_sum[w][g] * f;
+                o += w_out[w][g][d] * f;
+            }
+        }
+        const int head = head0 + g;
+        if (own_parts == 1) {
+            out[((size_t)token * num_heads + head) * D + d] = from_f<A>(o / gl);
+        } else {
+            const size_t at = ((size_t)work * num_heads + head) * num_parts + part;
+            part_out[at * D + d] = o;
+            if (d == 0) {
+                part_max[at] = gm;
+                part_sum[at] = gl;
+            }
+        }
+    }
+}
+
+#define DEFINE_GROUP_KERNEL(A_TAG, A, C_TAG, C, D, G)                                           \
+    extern "C" __global__ void __launch_bounds__(PA_WARPS * WARP)                                \
+        paged_attention_group_##A_TAG##_##C_TAG##_d##D##_g##G(                                   \
+            A* out, const A* q, const C* k_cache, const C* v_cache, const int* work_tokens,      \
+            const int* token_seq, const int* token_keys, const int* block_tables,                \
+            int max_blocks, int num_heads, int num_kv_heads, int block_size, float scale,        \
+            int partition, float* part_max, float* part_sum, float* part_out) {                  \
+        paged_attention_group<A, C, D, G, PA_WARPS>(                                             \
+            out, q, k_cache, v_cache, work_tokens, token_seq, token_keys, block_tables,          \
+            max_blocks, num_heads, num_kv_heads, block_size, scale, partition, part_max,         \
+            part_sum, part_out);                                                                 \
+    }
+#define DEFINE_GROUP_KERNELS_G(A_TAG, A, C_TAG, C, D) \
+    DEFINE_GROUP_KERNEL(A_TAG, A, C_TAG, C, D, 1)     \
+    DEFINE_GROUP_KERNEL(A_TAG, A, C_TAG, C, D, 2)     \
+    DEFINE_GROUP_KERNEL(A_TAG, A, C_TAG, C, D, 4)     \
+    DEFINE_GROUP_KERNEL(A_TAG, A, C_TAG, C, D, 8)
+#define DEFINE_GROUP_KERNELS(A_TAG, A, C_TAG, C)     \
+    DEFINE_GROUP_KERNELS_G(A_TAG, A, C_TAG, C, 64)  \
+    DEFINE_GROUP_KERNELS_G(A_TAG, A, C_TAG, C, 128) \
+    DEFINE_GROUP_KERNELS_G(A_TAG, A, C_TAG, C, 256)
+
+DEFINE_GROUP_KERNELS(bf16, __nv_bfloat16, bf16, __nv_bfloat16)
+DEFINE_GROUP_KERNELS(bf16, __nv_bfloat16, f16, __half)
+DEFINE_GROUP_KERNELS(f32, float, bf16, __nv_bfloat16)
+DEFINE_GROUP_KERNELS(f32, float, f16, __half)
 
 // ---------------------------------------------------------------------------------------------
 // Prefill kernel: bf16 query and cache, head_dim D in {64, 128}, on tensor cores.

@@ -118,6 +118,11 @@ fn paged_attention_equals_plain_attention(dev: &Device) -> TestResult {
         (8, 1, 64, 32, vec![(0, 129), (8000, 191), (999, 1)]),
         (4, 2, 16, 8, vec![(0, 50), (60, 1), (300, 20)]),
         (16, 4, 96, 16, vec![(0, 64), (1500, 1)]),
+        // The grouped decode kernel's other head and group sizes, and a block size that is not
+        // a power of two.
+        (16, 8, 256, 16, vec![(1500, 1), (3, 1), (0, 5)]),
+        (8, 8, 64, 16, vec![(700, 1), (31, 2)]),
+        (32, 8, 128, 12, vec![(999, 1), (40, 1), (0, 9)]),
     ];
     if dev.is_cuda() {
         // Long prompt chunks: the tiled tensor-core kernel's territory (minutes on the CPU).
@@ -172,25 +177,30 @@ fn paged_attention_equals_plain_attention(dev: &Device) -> TestResult {
             packed.push(seqs[i].clone());
         }
         let q = Tensor::randn(0f32, 1., (at, h, d), &Device::Cpu)?.to_dtype(DType::BF16)?;
-        let q_dev = if dev.is_cuda() {
-            q.to_device(dev)?
+        // The GPU has kernels for a bf16 and an f32 query; the CPU computes in f32.
+        let query_dtypes: &[DType] = if dev.is_cuda() {
+            &[DType::BF16, DType::F32]
         } else {
-            q.to_dtype(DType::F32)?
+            &[DType::F32]
         };
-        let meta = Arc::new(AttentionMeta::new(packed, bs, h, kvh, d)?);
         let (kc, vc) = cache.layer(0)?;
-        let got = paged_attention(&q_dev, kc, vc, &meta)?;
-        for &i in &order {
-            let s = &seqs[i];
-            let (k, v, cached) = &contexts[i];
-            let want = plain_attention(&q.narrow(0, s.q_start, s.q_len)?, k, v, *cached)?;
-            let e = rel_err(&got.narrow(0, s.q_start, s.q_len)?, &want)?;
-            assert!(
-                e < 1e-2,
-                "{dev:?} h{h} kv{kvh} d{d} bs{bs}, context {} with {} new: rel err {e:.2e}",
-                s.context_len,
-                s.q_len
-            );
+        for &qdt in query_dtypes {
+            // Fresh metadata: what the device keeps of it depends on which kernels apply.
+            let meta = Arc::new(AttentionMeta::new(packed.clone(), bs, h, kvh, d)?);
+            let q_dev = q.to_dtype(qdt)?.to_device(dev)?;
+            let got = paged_attention(&q_dev, kc, vc, &meta)?;
+            for &i in &order {
+                let s = &seqs[i];
+                let (k, v, cached) = &contexts[i];
+                let want = plain_attention(&q.narrow(0, s.q_start, s.q_len)?, k, v, *cached)?;
+                let e = rel_err(&got.narrow(0, s.q_start, s.q_len)?, &want)?;
+                assert!(
+                    e < 1e-2,
+                    "{dev:?} {qdt:?} query, h{h} kv{kvh} d{d} bs{bs}, context {} with {} new: rel err {e:.2e}",
+                    s.context_len,
+                    s.q_len
+                );
+            }
         }
     }
     Ok(())

@@ -2,7 +2,8 @@
 //!
 //! Sequences with many new tokens (prompt chunks) go to the tiled tensor-core kernel when the
 //! query and cache are bf16 and the head size is 64 or 128; every other token goes to the
-//! per-token kernel. The batch's metadata is uploaded once per forward step and reused by every
+//! per-token kernel, in its grouped form (one CTA per KV head and token) when the cache is 16-bit
+//! and the head and group sizes are common ones. The batch's metadata is uploaded once per forward step and reused by every
 //! layer.
 
 use std::sync::Arc;
@@ -64,6 +65,14 @@ impl std::fmt::Debug for DeviceMeta {
 /// Whether the tiled kernel can take this batch's prompt chunks.
 fn prefill_kernel_applies(q: DType, cache: DType, head_dim: usize) -> bool {
     q == DType::BF16 && cache == DType::BF16 && matches!(head_dim, 64 | 128)
+}
+
+/// Whether the per-token work can go to a grouped kernel (one CTA per KV head serving its whole
+/// group of query heads): a 16-bit cache, and a head size and group size it was built for.
+fn grouped_kernel_applies(cache: DType, head_dim: usize, group: usize) -> bool {
+    matches!(cache, DType::BF16 | DType::F16)
+        && matches!(head_dim, 64 | 128 | 256)
+        && matches!(group, 1 | 2 | 4 | 8)
 }
 
 impl DeviceMeta {
@@ -227,7 +236,15 @@ where
     let scale = m.scale;
     if let Some(t) = &meta.token {
         let (a, c) = (dtype_tag(A::DTYPE)?, dtype_tag(C::DTYPE)?);
-        let f = function(dev, Module::Attention, &format!("paged_attention_{a}_{c}"))?;
+        let group = m.num_heads / m.num_kv_heads;
+        let grouped = grouped_kernel_applies(C::DTYPE, m.head_dim, group);
+        let (f, heads_per_cta) = if grouped {
+            let name = format!("paged_attention_group_{a}_{c}_d{}_g{group}", m.head_dim);
+            (function(dev, Module::Attention, &name)?, group)
+        } else {
+            let name = format!("paged_attention_{a}_{c}");
+            (function(dev, Module::Attention, &name)?, 1)
+        };
         let scratch = if t.num_parts > 1 {
             t.count * m.num_heads * t.num_parts
         } else {
@@ -241,7 +258,11 @@ where
         let part_out = unsafe { dev.alloc::<f32>(scratch * m.head_dim)? };
         let partition = PARTITION as i32;
         let cfg = LaunchConfig {
-            grid_dim: (m.num_heads as u32, t.count as u32, t.num_parts as u32),
+            grid_dim: (
+                (m.num_heads / heads_per_cta) as u32,
+                t.count as u32,
+                t.num_parts as u32,
+            ),
             block_dim: (TOKEN_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -257,7 +278,10 @@ where
         b.arg(&meta.max_blocks);
         b.arg(&h);
         b.arg(&kvh);
-        b.arg(&d);
+        if !grouped {
+            // The grouped kernels have the head size built in.
+            b.arg(&d);
+        }
         b.arg(&bs);
         b.arg(&scale);
         b.arg(&partition);
