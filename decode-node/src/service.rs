@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pd_common::engine::{
-    Completion, EngineHandle, GenerateRequest, Placement, RequestStream, SeqEvent,
+    Completion, EngineHandle, GenerateRequest, Placement, RequestStream, Reservation, SeqEvent,
 };
 use pd_common::error::status;
 use pd_common::kv::BlockId;
@@ -165,6 +165,19 @@ impl pb::decode_server::Decode for DecodeService {
 
 #[tonic::async_trait]
 impl pb::node_server::Node for DecodeService {
+    type KvEventsStream = node::KvEventStream;
+
+    async fn kv_events(
+        &self,
+        request: Request<pb::KvEventsRequest>,
+    ) -> Result<Response<Self::KvEventsStream>, Status> {
+        Ok(Response::new(node::kv_event_stream(
+            self.inner.engine.kv_events().clone(),
+            request.into_inner(),
+            self.inner.tasks.shutdown_token(),
+        )))
+    }
+
     async fn stats(
         &self,
         _request: Request<pb::StatsRequest>,
@@ -193,6 +206,9 @@ struct PrefillTimings {
     queue: f64,
     prefill: f64,
     transfer: f64,
+    /// Prompt tokens the prefill node took from its prefix cache; `None` when the prompt was
+    /// not prefilled remotely (the engine's own count applies then).
+    cached_tokens: Option<usize>,
 }
 
 async fn drive(
@@ -200,19 +216,27 @@ async fn drive(
     request: GenerateRequest,
     prefill: Prefill,
     mut stream: RequestStream,
-    reserved: Option<oneshot::Receiver<Vec<BlockId>>>,
+    reserved: Option<oneshot::Receiver<Reservation>>,
     tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>,
 ) {
     let mut timings = PrefillTimings::default();
     if let Some(reserved) = reserved {
-        let blocks = tokio::select! {
-            blocks = reserved => blocks.ok(),
+        let reservation = tokio::select! {
+            r = reserved => r.ok(),
             _ = tx.closed() => return,
         };
-        // No blocks: the sequence ended before admission (cancelled); its stream says how.
-        if let Some(blocks) = blocks {
+        if reservation == Some(Reservation::Local) {
+            // This node's prefix cache holds the prompt: the engine computes its last block.
+            metrics::counter!(names::LOCAL_PREFILLS_TOTAL, "reason" => "cached").increment(1);
+        }
+        // No reservation: the sequence ended before admission (cancelled); its stream says how.
+        if let Some(Reservation::Fill {
+            first_block,
+            blocks,
+        }) = reservation
+        {
             let outcome = tokio::select! {
-                o = prefill_remote(&inner, &request, &prefill, blocks) => o,
+                o = prefill_remote(&inner, &request, &prefill, first_block, blocks) => o,
                 _ = tx.closed() => return,
             };
             let handoff = match outcome {
@@ -281,6 +305,7 @@ async fn forward(
 
 fn final_message(request_id: &str, c: Completion, remote: &PrefillTimings) -> pb::GenerateResponse {
     let reason = c.reason.to_wire();
+    let cached = remote.cached_tokens.unwrap_or(c.cached_tokens);
     pb::GenerateResponse {
         request_id: request_id.to_string(),
         token_ids: Vec::new(),
@@ -291,6 +316,9 @@ fn final_message(request_id: &str, c: Completion, remote: &PrefillTimings) -> pb
             usage: Some(pb::Usage {
                 prompt_tokens: c.prompt_tokens as u32,
                 completion_tokens: c.completion_tokens as u32,
+                prompt_tokens_details: Some(pb::PromptTokensDetails {
+                    cached_tokens: cached as u32,
+                }),
             }),
             timings: Some(pb::Timings {
                 queue_seconds: c.timings.queue.as_secs_f64() + remote.queue,
@@ -302,16 +330,19 @@ fn final_message(request_id: &str, c: Completion, remote: &PrefillTimings) -> pb
                 transfer_seconds: remote.transfer,
                 time_to_first_token_seconds: c.timings.time_to_first_token.as_secs_f64(),
                 total_seconds: c.timings.total.as_secs_f64(),
+                computed_prompt_tokens: c.prompt_tokens.saturating_sub(cached) as u32,
             }),
         }),
     }
 }
 
-/// Has the named prefill nodes fill `blocks`, one after the other until one succeeds.
+/// Has the named prefill nodes fill `blocks` (the prompt's from `first_block` on; this node's
+/// prefix cache supplied those before), one after the other until one succeeds.
 async fn prefill_remote(
     inner: &Inner,
     request: &GenerateRequest,
     prefill: &Prefill,
+    first_block: usize,
     blocks: Vec<BlockId>,
 ) -> Result<(SampledToken, PrefillTimings)> {
     let mut last_error = Error::Unavailable("no prefill node was named".into());
@@ -327,7 +358,8 @@ async fn prefill_remote(
         if attempt > 0 {
             metrics::counter!(names::RETRIES_TOTAL, "stage" => "prefill").increment(1);
         }
-        match prefill_once(inner, request, prefill, &blocks, address, backend).await {
+        let fill = (first_block, blocks.as_slice());
+        match prefill_once(inner, request, prefill, fill, address, backend).await {
             Ok(done) => return Ok(done),
             Err(e) => {
                 tracing::warn!(prefill = %address, %backend, error = %e, "prefill attempt failed");
@@ -348,7 +380,7 @@ async fn prefill_once(
     inner: &Inner,
     request: &GenerateRequest,
     prefill: &Prefill,
-    blocks: &[BlockId],
+    (first_block, blocks): (usize, &[BlockId]),
     address: &str,
     backend: TransferBackend,
 ) -> Result<(SampledToken, PrefillTimings)> {
@@ -370,6 +402,7 @@ async fn prefill_once(
             num_blocks: blocks.len() as u32,
             fingerprint: Some(inner.receiver.fingerprint().clone()),
             transfer_backend: backend.to_wire() as i32,
+            first_block: first_block as u32,
         }),
         deadline_ms: deadline.as_millis().min(u32::MAX as u128) as u32,
     };
@@ -402,6 +435,7 @@ async fn prefill_once(
             queue: response.queue_seconds,
             prefill: response.prefill_seconds,
             transfer: response.transfer_seconds,
+            cached_tokens: Some(response.cached_tokens as usize),
         },
     ))
 }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pd_common::engine::{EngineHandle, GenerateRequest, Placement, SeqEvent, Timings};
+use pd_common::engine::{Completion, EngineHandle, GenerateRequest, Placement, SeqEvent};
 use pd_common::error::status;
 use pd_common::kv::blocks_for_tokens;
 use pd_common::node::RequestTasks;
@@ -144,9 +144,11 @@ async fn prefill(
         )));
     }
     let needed = blocks_for_tokens(r.token_ids.len(), inner.block_size);
-    if destination.num_blocks as usize != needed {
+    let first_block = destination.first_block as usize;
+    if first_block + destination.num_blocks as usize != needed || destination.num_blocks == 0 {
+        // The last block is never the destination's already: its last token is computed.
         return Err(Error::invalid(format!(
-            "{} tokens need {needed} blocks; the destination reserved {}",
+            "{} tokens need {needed} blocks; the destination holds {first_block} and reserved {}",
             r.token_ids.len(),
             destination.num_blocks
         )));
@@ -166,7 +168,13 @@ async fn prefill(
     let (sink, exported) = mpsc::unbounded_channel();
     let mut stream = inner
         .engine
-        .submit(request, Placement::Export(sink))
+        .submit(
+            request,
+            Placement::Export {
+                sink,
+                from_block: first_block,
+            },
+        )
         .await?;
 
     let handshake = pb::KvHandshake {
@@ -232,7 +240,7 @@ async fn prefill(
                 }
                 Some(SeqEvent::Finished(c)) => {
                     return match first {
-                        Some(f) => Ok((f, c.timings, Instant::now())),
+                        Some(f) => Ok((f, c, Instant::now())),
                         None => Err(Error::Cancelled("the prefill was cancelled".into())),
                     }
                 }
@@ -244,7 +252,8 @@ async fn prefill(
     let (pushed, computed) = tokio::join!(push, computed);
     // A refused or broken push explains a cancelled prefill better than the cancellation does.
     let ack = pushed?;
-    let (first, timings, computed_at): (SampledToken, Timings, Instant) = computed?;
+    let (first, completion, computed_at): (SampledToken, Completion, Instant) = computed?;
+    let timings = completion.timings;
     let transfer_seconds = computed_at.elapsed().as_secs_f64();
     tracing::info!(
         kv_bytes = ack.bytes,
@@ -259,11 +268,25 @@ async fn prefill(
         prefill_seconds: timings.prefill.as_secs_f64(),
         transfer_seconds,
         kv_bytes: ack.bytes,
+        cached_tokens: completion.cached_tokens as u32,
     })
 }
 
 #[tonic::async_trait]
 impl pb::node_server::Node for PrefillService {
+    type KvEventsStream = node::KvEventStream;
+
+    async fn kv_events(
+        &self,
+        request: Request<pb::KvEventsRequest>,
+    ) -> Result<Response<Self::KvEventsStream>, Status> {
+        Ok(Response::new(node::kv_event_stream(
+            self.inner.engine.kv_events().clone(),
+            request.into_inner(),
+            self.inner.tasks.shutdown_token(),
+        )))
+    }
+
     async fn stats(
         &self,
         _request: Request<pb::StatsRequest>,

@@ -71,7 +71,8 @@ impl Dispatcher {
     /// Opens `Decode.Generate` on the best decode node not yet tried, moving on while nodes fail.
     async fn open(&self, job: &Job, sent: &[u32], excluded: &mut Vec<String>) -> Result<Attempt> {
         loop {
-            let Some((node, active)) = self.pool.pick_decode(excluded) else {
+            let tokens = [job.prompt_ids.as_slice(), sent].concat();
+            let Some((node, active)) = self.pool.pick_decode(excluded, &tokens) else {
                 return Err(Error::Unavailable(if excluded.is_empty() {
                     "no decode node is available".into()
                 } else {
@@ -84,7 +85,7 @@ impl Dispatcher {
                 sampling: Some(job.params.to_wire()),
                 seed: job.params.seed.unwrap_or_default(),
                 resume_ids: sent.to_vec(),
-                prefill_candidates: self.pool.prefill_candidates(&node.node_id),
+                prefill_candidates: self.pool.prefill_candidates(&node.node_id, &tokens),
             };
             let call = async {
                 let mut client = self.pool.decode_client(&node.address)?;
@@ -222,6 +223,8 @@ impl Dispatcher {
                 usage: Some(pb::Usage {
                     prompt_tokens: job.prompt_ids.len() as u32,
                     completion_tokens: sent.len() as u32,
+                    // Unknown: the node that computed the prompt did not say.
+                    prompt_tokens_details: None,
                 }),
                 timings: None,
             }),

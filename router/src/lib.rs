@@ -7,6 +7,7 @@ mod dispatch;
 mod frontend;
 mod grpc;
 mod http;
+mod kv_index;
 mod pool;
 
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use dispatch::{Dispatcher, Job};
+pub use pool::{RouterMode, Routing};
 
 /// Everything a router can be told; every flag has a default.
 #[derive(Debug, Clone, clap::Parser)]
@@ -66,6 +68,17 @@ pub struct RouterConfig {
     #[arg(long, env = "PD_STATS_TIMEOUT_MS", default_value_t = 500)]
     pub stats_timeout_ms: u64,
 
+    /// How prefill nodes are chosen: `kv` costs each the prompt tokens its prefix cache lacks
+    /// (from the nodes' cache event streams) plus the prompt tokens queued on it; `load` looks
+    /// at the queue only.
+    #[arg(long, env = "PD_ROUTER_MODE", value_enum, default_value_t = RouterMode::Kv)]
+    pub router_mode: RouterMode,
+
+    /// In `kv` mode, the weight of a prompt token a prefill node would compute against one
+    /// already queued on it (as Dynamo's flag of this name). 0 routes by load alone.
+    #[arg(long, env = "PD_KV_OVERLAP_SCORE_WEIGHT", default_value_t = 1.0)]
+    pub kv_overlap_score_weight: f64,
+
     /// Log line format.
     #[arg(long, env = "PD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -100,6 +113,10 @@ pub async fn run(
         config.membership.clone(),
         config.rpc.clone(),
         Duration::from_millis(config.stats_timeout_ms),
+        Routing {
+            mode: config.router_mode,
+            kv_overlap_score_weight: config.kv_overlap_score_weight,
+        },
         stop.clone(),
     );
     let tokenizer = text.tokenizer.clone();

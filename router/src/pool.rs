@@ -5,7 +5,14 @@
 //! comes from the nodes themselves: a poller asks every node for `Node.Stats` a few times a
 //! second, and the router adds what it has sent since (its own open streams), so that a burst
 //! of requests between two polls spreads instead of piling onto one node.
+//!
+//! Where the KV already is comes from the nodes' prefix-cache event streams ([`KvIndex`]). With
+//! `--router-mode kv` (the default) a prefill node costs the prompt tokens it would have to
+//! compute (what its cache lacks), weighted by `--kv-overlap-score-weight`, plus the prompt
+//! tokens queued on it: the cheapest goes first. Between equally loaded decode nodes, the one
+//! holding more of the prompt wins (holding all of it, it computes the rest itself).
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +29,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::kv_index::{self, KvIndex};
+
 /// How often the poller asks every node for its load.
 const STATS_INTERVAL: Duration = Duration::from_millis(250);
 /// Prefill nodes a decode node may try for one request, best first.
@@ -32,6 +41,31 @@ const PREFILL_CANDIDATES: usize = 3;
 pub struct Candidate {
     pub node_id: String,
     pub address: String,
+}
+
+/// How the router weighs where the KV is against load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RouterMode {
+    /// Prompt tokens a node would compute (its cache considered) plus its queue.
+    Kv,
+    /// Load only.
+    Load,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Routing {
+    pub mode: RouterMode,
+    /// Weight of a prompt token a prefill node must compute, against one already queued there.
+    pub kv_overlap_score_weight: f64,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self {
+            mode: RouterMode::Kv,
+            kv_overlap_score_weight: 1.0,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -57,6 +91,8 @@ pub struct Pool {
     stats_timeout: Duration,
     loads: Mutex<HashMap<String, Load>>,
     channels: Mutex<HashMap<String, Channel>>,
+    kv: Arc<KvIndex>,
+    routing: Routing,
 }
 
 impl Pool {
@@ -66,29 +102,58 @@ impl Pool {
         config: MembershipConfig,
         rpc: RpcConfig,
         stats_timeout: Duration,
+        routing: Routing,
         stop: CancellationToken,
     ) -> Arc<Self> {
         let (tx, view) = watch::channel(Arc::new(ClusterSnapshot::default()));
         let pool = Arc::new(Self {
-            view,
+            view: view.clone(),
             rpc,
             stats_timeout,
             loads: Mutex::new(HashMap::new()),
             channels: Mutex::new(HashMap::new()),
+            kv: Arc::new(KvIndex::default()),
+            routing,
         });
         tokio::spawn(follow_membership(config, tx, stop.clone()));
-        tokio::spawn(poll_stats(pool.clone(), stop));
+        tokio::spawn(poll_stats(pool.clone(), stop.clone()));
+        let p = pool.clone();
+        tokio::spawn(kv_index::follow_nodes(
+            pool.kv.clone(),
+            view,
+            move |address| p.channel(address),
+            stop,
+        ));
         pool
+    }
+
+    /// The router's view of the nodes' prefix caches.
+    pub fn kv_index(&self) -> &KvIndex {
+        &self.kv
+    }
+
+    /// Prompt tokens of `tokens` each node's cache holds, when routing looks at it.
+    fn cached_tokens(&self, tokens: &[u32]) -> HashMap<String, usize> {
+        match self.routing.mode {
+            RouterMode::Kv => self.kv.cached_tokens(tokens),
+            RouterMode::Load => HashMap::new(),
+        }
     }
 
     pub fn snapshot(&self) -> Arc<ClusterSnapshot> {
         self.view.borrow().clone()
     }
 
-    /// The least loaded decode node not in `exclude`: fewest waiting + open streams, then the
-    /// most free KV blocks.
-    pub fn pick_decode(&self, exclude: &[String]) -> Option<(Candidate, ActiveGuard)> {
+    /// The least loaded decode node not in `exclude` for a request of `tokens`: fewest waiting
+    /// + open streams, then the most of `tokens` in its prefix cache, then the most free KV
+    /// blocks.
+    pub fn pick_decode(
+        &self,
+        exclude: &[String],
+        tokens: &[u32],
+    ) -> Option<(Candidate, ActiveGuard)> {
         let snapshot = self.snapshot();
+        let cached = self.cached_tokens(tokens);
         let mut loads = lock(&self.loads);
         let best = snapshot
             .decode
@@ -103,11 +168,13 @@ impl Pool {
                     let free = stats.map_or(0.0, |s| {
                         s.free_kv_blocks as f64 / s.total_kv_blocks.max(1) as f64
                     });
-                    (active + waiting, -free)
+                    let held = cached.get(&n.node_id).copied().unwrap_or(0);
+                    (active + waiting, Reverse(held), -free)
                 };
                 let (ka, kb) = (key(a), key(b));
                 ka.0.cmp(&kb.0)
-                    .then(ka.1.total_cmp(&kb.1))
+                    .then(ka.1.cmp(&kb.1))
+                    .then(ka.2.total_cmp(&kb.2))
                     .then(a.node_id.cmp(&b.node_id))
             })?
             .clone();
@@ -126,15 +193,17 @@ impl Pool {
         ))
     }
 
-    /// Prefill nodes whose KV fits `decode`'s cache, fewest queued prompt tokens first, each with
-    /// the KV transfer backend to use: NCCL where both ends offer it, else gRPC.
-    pub fn prefill_candidates(&self, decode_node: &str) -> Vec<PrefillCandidate> {
+    /// Prefill nodes whose KV fits `decode`'s cache for a prompt of `tokens`, cheapest first
+    /// (see the module documentation), each with the KV transfer backend to use: NCCL where
+    /// both ends offer it, else gRPC.
+    pub fn prefill_candidates(&self, decode_node: &str, tokens: &[u32]) -> Vec<PrefillCandidate> {
         let snapshot = self.snapshot();
         let Some(decode) = snapshot.decode.get(decode_node) else {
             return Vec::new();
         };
+        let cached = self.cached_tokens(tokens);
         let loads = lock(&self.loads);
-        let mut nodes: Vec<(u64, u32, &NodeInfo)> = snapshot
+        let mut nodes: Vec<(f64, u32, usize, &NodeInfo)> = snapshot
             .prefill
             .values()
             .filter(|p| p.fingerprint == decode.fingerprint)
@@ -143,15 +212,26 @@ impl Pool {
                     .get(&p.node_id)
                     .and_then(|l| l.stats.as_ref())
                     .map_or(0, |s| s.queued_prompt_tokens);
+                let held = cached.get(&p.node_id).copied().unwrap_or(0);
+                let cost = match self.routing.mode {
+                    RouterMode::Kv => {
+                        let compute = tokens.len().saturating_sub(held);
+                        self.routing.kv_overlap_score_weight * compute as f64 + queued as f64
+                    }
+                    RouterMode::Load => queued as f64,
+                };
                 // A random tie-break spreads equal nodes between polls.
-                (queued, rand::random::<u32>(), p)
+                (cost, rand::random::<u32>(), held, p)
             })
             .collect();
-        nodes.sort_by_key(|&(queued, tie, _)| (queued, tie));
+        nodes.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        if let Some(&(_, _, held, _)) = nodes.first() {
+            metrics::counter!(names::ROUTER_KV_HIT_TOKENS_TOTAL).increment(held as u64);
+        }
         nodes
             .into_iter()
             .take(PREFILL_CANDIDATES)
-            .map(|(_, _, p)| PrefillCandidate {
+            .map(|(_, _, _, p)| PrefillCandidate {
                 address: p.address.clone(),
                 backend: transfer_backend(p, decode).to_wire() as i32,
             })

@@ -76,6 +76,8 @@ pub struct RunResult {
     pub ids: Vec<u32>,
     pub text: String,
     pub reason: FinishReason,
+    /// Prompt tokens the prefix cache supplied.
+    pub cached_tokens: usize,
 }
 
 /// One request's stream and what it has delivered so far.
@@ -84,6 +86,7 @@ struct Stream {
     ids: Vec<u32>,
     text: String,
     reason: Option<FinishReason>,
+    cached_tokens: usize,
 }
 
 /// Streams of requests added to an engine.
@@ -108,6 +111,7 @@ impl Runs {
             ids: Vec::new(),
             text: String::new(),
             reason: None,
+            cached_tokens: 0,
         });
         self.streams.len() - 1
     }
@@ -134,6 +138,7 @@ impl Runs {
             .map(|s| RunResult {
                 ids: s.ids,
                 text: s.text,
+                cached_tokens: s.cached_tokens,
                 reason: s
                     .reason
                     .unwrap_or_else(|| panic!("a request never finished")),
@@ -147,6 +152,7 @@ impl Runs {
             ids,
             text,
             reason,
+            cached_tokens,
         } in &mut self.streams
         {
             while let Ok(event) = events.try_recv() {
@@ -158,6 +164,7 @@ impl Runs {
                     SeqEvent::Finished(c) => {
                         text.push_str(&c.text);
                         *reason = Some(c.reason);
+                        *cached_tokens = c.cached_tokens;
                     }
                     SeqEvent::Failed(e) => panic!("request failed: {e}"),
                 }

@@ -1,11 +1,12 @@
 //! Disaggregation inside one process, without the network: a prefill engine exports a prompt's KV
 //! layer by layer (in chunks, batched with other prompts), a decode engine receives it into
-//! blocks it reserved and decodes from there. Greedy output equals the single engine's; a
-//! request resumed after k tokens continues exactly as it would have (seeded sampling too); and
-//! every block returns to the allocator.
+//! blocks it reserved and decodes from there. Greedy output equals the single engine's, also
+//! when the decode engine's prefix cache holds part of a prompt (only the rest is shipped) or all
+//! of it (nothing is); a request resumed after k tokens continues exactly as it would have
+//! (seeded sampling too); and every block returns to the allocator.
 
 use pd_common::engine::{
-    EngineConfig, EngineCore, ExportedKv, GenerateRequest, Placement, SeqEvent, SeqId,
+    EngineConfig, EngineCore, ExportedKv, GenerateRequest, Placement, Reservation, SeqEvent,
 };
 use pd_common::sampling::{FinishReason, SampledToken, SamplingParams};
 use pd_common::transfer::{chunk_of, decode_chunk_into};
@@ -19,6 +20,8 @@ struct Output {
     texts: Vec<String>,
     tail: String,
     reason: Option<FinishReason>,
+    /// Prompt tokens the engine's prefix cache supplied.
+    cached_tokens: usize,
 }
 
 impl Output {
@@ -39,6 +42,7 @@ fn run_to_end(core: &mut EngineCore, events: &mut mpsc::UnboundedReceiver<SeqEve
                 SeqEvent::Finished(c) => {
                     out.tail = c.text;
                     out.reason = Some(c.reason);
+                    out.cached_tokens = c.cached_tokens;
                     return out;
                 }
                 SeqEvent::Failed(e) => panic!("request failed: {e}"),
@@ -61,22 +65,22 @@ fn assert_all_free(core: &EngineCore) {
     assert_eq!(s.free_blocks, s.total_blocks, "{s:?}");
 }
 
-/// Exports of `requests` submitted together to `prefill` and run until it is idle: each one's
-/// layers and its first token.
+/// Exports of `requests` submitted together to `prefill` and run until it is idle, each from its
+/// block in `from_blocks`: each one's layers and its first token.
 fn prefill_all(
     prefill: &mut EngineCore,
     requests: &[GenerateRequest],
+    from_blocks: &[usize],
 ) -> Vec<(
     mpsc::UnboundedReceiver<ExportedKv>,
     mpsc::UnboundedReceiver<SeqEvent>,
 )> {
     let mut exports = Vec::new();
-    for r in requests {
+    for (r, &from_block) in requests.iter().zip(from_blocks) {
         let (sink, exported) = mpsc::unbounded_channel();
         let (tx, rx) = mpsc::unbounded_channel();
-        prefill
-            .submit(r.clone(), Placement::Export(sink), tx)
-            .unwrap();
+        let placement = Placement::Export { sink, from_block };
+        prefill.submit(r.clone(), placement, tx).unwrap();
         exports.push((exported, rx));
     }
     while prefill.has_work() {
@@ -87,40 +91,63 @@ fn prefill_all(
 
 /// Prefills `requests` together on one engine (small token budget: chunked and batched, block
 /// boundaries falling inside chunks) and decodes each on a second engine from the shipped KV,
-/// checking that every block of every layer was shipped exactly once (a KV receiver refuses a
-/// block that arrives twice). With `warm`, the prefill engine has computed the prompts once
-/// before: its prefix cache holds them, and what it ships comes from there.
-fn disaggregated(requests: &[GenerateRequest], warm: bool) -> Vec<Output> {
+/// checking that every reserved block of every layer was shipped exactly once (a KV receiver
+/// refuses a block that arrives twice). With `warm`, the prefill engine has computed the prompts
+/// once before: its prefix cache holds them, and what it ships comes from there. The decode
+/// engine first runs `decode_seen` itself: what its prefix cache then holds of a prompt is
+/// neither reserved nor shipped. Returns each request's output and reservation.
+fn disaggregated(
+    requests: &[GenerateRequest],
+    warm: bool,
+    decode_seen: &[GenerateRequest],
+) -> Vec<(Output, Reservation)> {
     let small_budget = EngineConfig {
         max_batch_tokens: 48,
         ..EngineConfig::default()
     };
     let mut prefill = real_engine(small_budget);
     if warm {
-        prefill_all(&mut prefill, requests);
+        prefill_all(&mut prefill, requests, &vec![0; requests.len()]);
         assert!(prefill.stats().cached_blocks > 0);
     }
     let hits_before = prefill.stats().prefix_cache_hits;
     let mut decode = real_engine(EngineConfig::default());
+    for r in decode_seen {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        decode.add_request(r.clone(), tx).unwrap();
+        run_to_end(&mut decode, &mut rx);
+    }
 
-    let mut pending: Vec<(
-        SeqId,
-        mpsc::UnboundedReceiver<SeqEvent>,
-        oneshot::Receiver<Vec<u32>>,
-    )> = Vec::new();
+    let mut submitted = Vec::new();
     for r in requests {
         let (reserved_tx, reserved) = oneshot::channel();
         let (tx, rx) = mpsc::unbounded_channel();
         let id = decode
             .submit(r.clone(), Placement::Remote(reserved_tx), tx)
             .unwrap();
-        pending.push((id, rx, reserved));
+        submitted.push((id, rx, reserved));
     }
-    // Admission reserves the blocks; nothing is computed on the decode side yet.
-    assert_eq!(decode.step().unwrap(), 0);
-    assert_eq!(decode.stats().awaiting_kv, requests.len());
+    // Admission decides what is fetched; only prompts the cache holds are computed here.
+    let computed = decode.step().unwrap();
+    let pending: Vec<_> = submitted
+        .into_iter()
+        .map(|(id, rx, mut reserved)| (id, rx, reserved.try_recv().expect("admitted")))
+        .collect();
+    let fetched: Vec<usize> = (0..requests.len())
+        .filter(|&i| matches!(pending[i].2, Reservation::Fill { .. }))
+        .collect();
+    assert_eq!(decode.stats().awaiting_kv, fetched.len());
+    assert_eq!(computed == 0, fetched.len() == requests.len());
 
-    let exports = prefill_all(&mut prefill, requests);
+    let to_prefill: Vec<GenerateRequest> = fetched.iter().map(|&i| requests[i].clone()).collect();
+    let from_blocks: Vec<usize> = fetched
+        .iter()
+        .map(|&i| match &pending[i].2 {
+            Reservation::Fill { first_block, .. } => *first_block,
+            Reservation::Local => unreachable!(),
+        })
+        .collect();
+    let mut exports = prefill_all(&mut prefill, &to_prefill, &from_blocks).into_iter();
     assert_all_free(&prefill);
     let hits = prefill.stats().prefix_cache_hits - hits_before;
     // (Cold, a prompt may still find the chat template's opening that an earlier one cached.)
@@ -131,9 +158,13 @@ fn disaggregated(requests: &[GenerateRequest], warm: bool) -> Vec<Output> {
     let layers = prefill.model().config().num_layers;
 
     let mut outputs = Vec::new();
-    for ((id, events, mut reserved), (mut exported, mut first)) in pending.into_iter().zip(exports)
-    {
-        let blocks = reserved.try_recv().expect("blocks reserved");
+    for (id, events, reservation) in pending {
+        let Reservation::Fill { blocks, .. } = &reservation else {
+            // Computed on the decode engine: its cache held the prompt.
+            outputs.push((events, reservation));
+            continue;
+        };
+        let (mut exported, mut first) = exports.next().expect("an export per fetched prompt");
         let mut shipped = std::collections::HashSet::new();
         while let Ok(kv) = exported.try_recv() {
             for b in kv.first_block..kv.first_block + kv.num_blocks {
@@ -144,7 +175,7 @@ fn disaggregated(requests: &[GenerateRequest], warm: bool) -> Vec<Output> {
                 );
             }
             let chunk = chunk_of(&kv).unwrap();
-            decode_chunk_into(decode.cache(), &chunk, &blocks).unwrap();
+            decode_chunk_into(decode.cache(), &chunk, blocks).unwrap();
         }
         assert_eq!(
             shipped.len(),
@@ -160,11 +191,11 @@ fn disaggregated(requests: &[GenerateRequest], warm: bool) -> Vec<Output> {
             other => panic!("expected the first token, got {other:?}"),
         };
         decode.activate(id, token).unwrap();
-        outputs.push(events);
+        outputs.push((events, reservation));
     }
     let results = outputs
         .into_iter()
-        .map(|mut events| run_to_end(&mut decode, &mut events))
+        .map(|(mut events, reservation)| (run_to_end(&mut decode, &mut events), reservation))
         .collect::<Vec<_>>();
     while decode.has_work() {
         decode.step().unwrap();
@@ -196,14 +227,85 @@ fn shipped_kv_decodes_to_the_single_engine_greedy_output() {
         })
         .collect();
     for warm in [false, true] {
-        let got = disaggregated(&requests, warm);
-        for (request, got) in requests.iter().zip(got) {
+        let got = disaggregated(&requests, warm, &[]);
+        for (request, (got, reservation)) in requests.iter().zip(got) {
             let want = single(request.clone());
             assert_eq!(got.ids, want.ids, "warm prefix cache: {warm}");
             assert_eq!(got.text(), want.text());
             assert_eq!(got.reason, want.reason);
+            assert!(
+                matches!(reservation, Reservation::Fill { first_block: 0, .. }),
+                "{reservation:?}"
+            );
         }
     }
+}
+
+#[test]
+fn a_decode_engine_fetches_only_the_blocks_its_prefix_cache_lacks() {
+    let cases = golden_cases();
+    let prompt = |name: &str| {
+        cases
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap()
+            .prompt_ids
+            .clone()
+    };
+    let long = prompt("long_600");
+    let shared = &long[..long.len() - 8];
+    let request = |tail: &str| GenerateRequest {
+        prompt_ids: [shared, &prompt(tail)].concat(),
+        params: greedy(16),
+        ..Default::default()
+    };
+    // The decode engine has run the first: the second shares its beginning, the third is it.
+    let seen = request("en_capital");
+    let requests = [request("zh_instruction"), seen.clone()];
+    for warm in [false, true] {
+        let got = disaggregated(&requests, warm, std::slice::from_ref(&seen));
+        let common = pd_tests::match_len(&requests[0].prompt_ids, &seen.prompt_ids);
+        for (i, (request, (got, reservation))) in requests.iter().zip(got).enumerate() {
+            let want = single(request.clone());
+            assert_eq!(got.ids, want.ids, "request {i}, warm prefill cache: {warm}");
+            assert_eq!(got.text(), want.text());
+            assert_eq!(got.reason, want.reason);
+            let len = request.prompt_ids.len();
+            match (i, reservation) {
+                (0, Reservation::Fill { first_block, .. }) => {
+                    assert_eq!(first_block, common / 16);
+                    assert_eq!(got.cached_tokens, common / 16 * 16);
+                }
+                (1, Reservation::Local) => assert_eq!(got.cached_tokens, (len - 1) / 16 * 16),
+                (i, r) => panic!("request {i}: {r:?}"),
+            }
+        }
+    }
+
+    // The remote prefill fails: the decode engine computes the rest itself, after what its
+    // cache holds (whose shared blocks it must not write).
+    let mut decode = real_engine(EngineConfig::default());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    decode.add_request(seen.clone(), tx).unwrap();
+    run_to_end(&mut decode, &mut rx);
+    let (reserved_tx, mut reserved) = oneshot::channel();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let id = decode
+        .submit(requests[0].clone(), Placement::Remote(reserved_tx), tx)
+        .unwrap();
+    decode.step().unwrap();
+    assert!(matches!(
+        reserved.try_recv(),
+        Ok(Reservation::Fill { first_block, .. }) if first_block > 0
+    ));
+    decode.prefill_locally(id).unwrap();
+    let got = run_to_end(&mut decode, &mut rx);
+    assert_eq!(got.ids, single(requests[0].clone()).ids);
+    // `seen` again: its blocks were not overwritten.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    decode.add_request(seen.clone(), tx).unwrap();
+    assert_eq!(run_to_end(&mut decode, &mut rx).ids, single(seen).ids);
+    assert_all_free(&decode);
 }
 
 #[test]
@@ -251,7 +353,11 @@ fn a_reservation_given_up_computes_locally_or_frees_its_blocks() {
         ..Default::default()
     };
     let want = single(request.clone());
-    let mut core = real_engine(EngineConfig::default());
+    // The prompt repeats: without a prefix cache each submission reserves blocks again.
+    let mut core = real_engine(EngineConfig {
+        enable_prefix_caching: false,
+        ..EngineConfig::default()
+    });
 
     // Prefilled locally in the reserved blocks after the remote attempt failed.
     let (reserved_tx, mut reserved) = oneshot::channel();
@@ -260,7 +366,7 @@ fn a_reservation_given_up_computes_locally_or_frees_its_blocks() {
         .submit(request.clone(), Placement::Remote(reserved_tx), tx)
         .unwrap();
     core.step().unwrap();
-    assert!(reserved.try_recv().is_ok());
+    assert!(matches!(reserved.try_recv(), Ok(Reservation::Fill { .. })));
     core.prefill_locally(id).unwrap();
     assert_eq!(run_to_end(&mut core, &mut rx).ids, want.ids);
     assert_all_free(&core);

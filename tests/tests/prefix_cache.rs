@@ -4,7 +4,7 @@
 
 use pd_common::engine::{EngineConfig, EngineCore, GenerateRequest};
 use pd_common::sampling::SamplingParams;
-use pd_tests::{golden_cases, real_engine, RunResult, Runs};
+use pd_tests::{golden_cases, match_len, real_engine, RunResult, Runs};
 
 fn prompt(name: &str) -> Vec<u32> {
     golden_cases()
@@ -71,6 +71,16 @@ fn a_shared_prefix_is_computed_once_and_greedy_output_is_unchanged() {
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g.ids, w.ids, "prompt {i}");
         assert_eq!(g.text, w.text, "prompt {i}");
+        assert_eq!(w.cached_tokens, 0, "prompt {i} with the cache off");
+        // Every full block it shares with an earlier prompt, short of the block holding its
+        // last token: 16 tokens a block.
+        let shared = prompts[..i]
+            .iter()
+            .map(|p| match_len(p, &prompts[i]))
+            .max()
+            .unwrap_or(0);
+        let blocks = (shared / 16).min((prompts[i].len() - 1) / 16);
+        assert_eq!(g.cached_tokens, blocks * 16, "prompt {i}");
     }
     let s = core.stats();
     let asked: usize = prompts.iter().map(Vec::len).sum();
@@ -90,6 +100,7 @@ fn a_shared_prefix_is_computed_once_and_greedy_output_is_unchanged() {
     assert_eq!(again[0].ids, want[0].ids);
     let found = core.stats().prefix_cache_hits - before;
     assert_eq!(found, ((prompts[0].len() - 1) / 16 * 16) as u64);
+    assert_eq!(again[0].cached_tokens as u64, found);
     assert_all_free(&core);
 }
 
@@ -128,5 +139,32 @@ fn cached_blocks_give_way_to_new_prompts_when_the_cache_is_full() {
     let s = core.stats();
     assert!(s.cached_blocks <= 80, "{s:?}");
     assert!(s.prefix_cache_hits > 0, "{s:?}");
+    assert_all_free(&core);
+}
+
+#[test]
+fn the_cached_token_count_drops_after_an_eviction_and_output_stays() {
+    // 80 blocks. A prompt run twice finds all its full blocks; a prompt sharing none of them
+    // then takes room that only evicting some of them gives; the first prompt finds fewer.
+    let first = prompts()[1].clone();
+    let mut other = prompt("long_600");
+    other.reverse();
+    let want = one_by_one(&mut engine(false, 80), std::slice::from_ref(&first));
+    let mut core = engine(true, 80);
+    let full = (first.len() - 1) / 16 * 16;
+    let runs = one_by_one(
+        &mut core,
+        &[first.clone(), first.clone(), other, first.clone()],
+    );
+    assert_eq!(runs[1].cached_tokens, full);
+    assert!(
+        runs[3].cached_tokens < full,
+        "{} cached tokens after an eviction, of {full}",
+        runs[3].cached_tokens
+    );
+    for r in [&runs[1], &runs[3]] {
+        assert_eq!(r.ids, want[0].ids);
+        assert_eq!(r.text, want[0].text);
+    }
     assert_all_free(&core);
 }

@@ -166,12 +166,12 @@ fn now() -> u64 {
 
 async fn execute(state: AppState, plan: Plan) -> Result<Response, ApiError> {
     let mut streams = Vec::with_capacity(plan.jobs.len());
-    let mut prompt_tokens = vec![0u32; plan.jobs.iter().map(|j| j.1 + 1).max().unwrap_or(0)];
+    let mut usage = UsageCount::new(plan.jobs.iter().map(|j| j.1 + 1).max().unwrap_or(0));
     for (index, prompt, job, echo) in &plan.jobs {
-        prompt_tokens[*prompt] = job.prompt_ids.len() as u32;
+        usage.prompt_tokens[*prompt] = job.prompt_ids.len() as u32;
         // Dropping the streams started so far (on `?`) cancels them.
         let stream = state.dispatcher.start(job.clone()).await?;
-        streams.push((*index, echo.clone(), stream));
+        streams.push((*index, *prompt, echo.clone(), stream));
     }
     let tokenizer = state.frontend.tokenizer().ok().cloned();
     let presenter = Presenter {
@@ -182,11 +182,10 @@ async fn execute(state: AppState, plan: Plan) -> Result<Response, ApiError> {
         logprobs: plan.logprobs,
         tokenizer,
     };
-    let prompt_tokens: u32 = prompt_tokens.iter().sum();
     if plan.stream {
-        Ok(stream_sse(presenter, streams, prompt_tokens, plan.include_usage).into_response())
+        Ok(stream_sse(presenter, streams, usage, plan.include_usage).into_response())
     } else {
-        collect(presenter, streams, prompt_tokens).await
+        collect(presenter, streams, usage).await
     }
 }
 
@@ -290,22 +289,51 @@ fn finish_reason(c: &pb::Completion) -> &'static str {
     }
 }
 
-fn usage(prompt_tokens: u32, completion_tokens: u32) -> Value {
-    json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    })
+/// The token counts of one response. A prompt counts once however many choices it has; its
+/// cached tokens are the fewest any of its choices found (what it did not have to compute).
+struct UsageCount {
+    prompt_tokens: Vec<u32>,
+    cached_tokens: Vec<Option<u32>>,
+    completion_tokens: u32,
+}
+
+impl UsageCount {
+    fn new(prompts: usize) -> Self {
+        Self {
+            prompt_tokens: vec![0; prompts],
+            cached_tokens: vec![None; prompts],
+            completion_tokens: 0,
+        }
+    }
+
+    /// Counts the final usage of one choice of prompt `prompt`.
+    fn add(&mut self, prompt: usize, u: &pb::Usage) {
+        self.completion_tokens += u.completion_tokens;
+        if let Some(d) = &u.prompt_tokens_details {
+            let c = &mut self.cached_tokens[prompt];
+            *c = Some(c.map_or(d.cached_tokens, |c| c.min(d.cached_tokens)));
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let prompt_tokens: u32 = self.prompt_tokens.iter().sum();
+        let cached_tokens: u32 = self.cached_tokens.iter().flatten().sum();
+        json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        })
+    }
 }
 
 async fn collect(
     p: Presenter,
-    streams: Vec<(usize, String, JobStream)>,
-    prompt_tokens: u32,
+    streams: Vec<(usize, usize, String, JobStream)>,
+    mut usage: UsageCount,
 ) -> Result<Response, ApiError> {
     let mut choices = Vec::with_capacity(streams.len());
-    let mut completion_tokens = 0;
-    for (index, echo, mut rx) in streams {
+    for (index, prompt, echo, mut rx) in streams {
         let mut text = echo;
         let mut entries = Vec::new();
         let mut reason = "stop";
@@ -315,7 +343,9 @@ async fn collect(
             entries.extend(m.logprobs);
             if let Some(c) = &m.completion {
                 reason = finish_reason(c);
-                completion_tokens += c.usage.as_ref().map_or(0, |u| u.completion_tokens);
+                if let Some(u) = &c.usage {
+                    usage.add(prompt, u);
+                }
             }
         }
         let logprobs = p.logprobs(&entries, &mut 0);
@@ -332,40 +362,40 @@ async fn collect(
         });
     }
     let mut body = p.envelope(false, choices);
-    body["usage"] = usage(prompt_tokens, completion_tokens);
+    body["usage"] = usage.to_json();
     Ok(Json(body).into_response())
 }
 
 /// What the SSE stream yields, per job message or at the end.
 enum Item {
-    Message(usize, String, Result<pb::GenerateResponse, Error>),
+    /// Choice index, prompt index, echoed text, the message.
+    Message(usize, usize, String, Result<pb::GenerateResponse, Error>),
     End,
 }
 
 fn stream_sse(
     p: Presenter,
-    streams: Vec<(usize, String, JobStream)>,
-    prompt_tokens: u32,
+    streams: Vec<(usize, usize, String, JobStream)>,
+    mut usage: UsageCount,
     include_usage: bool,
 ) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
     let ended = Arc::new(AtomicBool::new(false));
     let ended_check = ended.clone();
-    let merged = select_all(streams.into_iter().map(|(index, echo, rx)| {
+    let merged = select_all(streams.into_iter().map(|(index, prompt, echo, rx)| {
         let mut echo = Some(echo);
         ReceiverStream::new(rx)
-            .map(move |m| Item::Message(index, echo.take().unwrap_or_default(), m))
+            .map(move |m| Item::Message(index, prompt, echo.take().unwrap_or_default(), m))
     }))
     .chain(stream::once(async { Item::End }))
     .take_while(move |_| futures::future::ready(!ended_check.load(Ordering::Relaxed)));
-    let mut completion_tokens = 0u32;
     let mut offsets = std::collections::HashMap::<usize, usize>::new();
     let mut started = std::collections::HashSet::<usize>::new();
     let mut failed = false;
     let events = merged.flat_map(move |item| {
         let mut out: Vec<Event> = Vec::new();
         match item {
-            Item::Message(_, _, _) if failed => {}
-            Item::Message(_, _, Err(e)) => {
+            Item::Message(..) if failed => {}
+            Item::Message(_, _, _, Err(e)) => {
                 // An error ends the response: the other choices' streams are dropped with it,
                 // which cancels them.
                 failed = true;
@@ -373,12 +403,12 @@ fn stream_sse(
                 out.push(json_event(&ApiError::from(e).body()));
                 out.push(Event::default().data("[DONE]"));
             }
-            Item::Message(index, echo, Ok(m)) => {
+            Item::Message(index, prompt, echo, Ok(m)) => {
                 let offset = offsets.entry(index).or_default();
                 let logprobs = p.logprobs(&m.logprobs, offset);
                 let reason = m.completion.as_ref().map(finish_reason);
-                if let Some(c) = &m.completion {
-                    completion_tokens += c.usage.as_ref().map_or(0, |u| u.completion_tokens);
+                if let Some(u) = m.completion.as_ref().and_then(|c| c.usage.as_ref()) {
+                    usage.add(prompt, u);
                 }
                 let text = echo + &m.text;
                 let choice = match p.kind {
@@ -409,7 +439,7 @@ fn stream_sse(
             Item::End => {
                 if include_usage {
                     let mut last = p.envelope(true, Vec::new());
-                    last["usage"] = usage(prompt_tokens, completion_tokens);
+                    last["usage"] = usage.to_json();
                     out.push(json_event(&last));
                 }
                 out.push(Event::default().data("[DONE]"));

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API: `POST /v1/completions`, `POST /v1/chat/completions` (SSE
 //! when `stream: true`), `GET /v1/models`, and for operators `/health` (ready: a decode node is
-//! known), `/live` and `/metrics`.
+//! known), `/live`, `/metrics` and `/debug/kv_index` (which blocks the router believes each
+//! node's prefix cache holds).
 //!
 //! Every error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`:
 //! a body that is not JSON is 400, JSON of the wrong shape 422, a body over the limit 413,
@@ -50,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/live", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        .route("/debug/kv_index", get(kv_index))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such route", "not_found_error")
         })
@@ -90,6 +92,11 @@ async fn health(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> String {
     state.metrics.render()
+}
+
+/// `{"nodes": {node_id: {incarnation, next_seq, block_size, blocks: [hex names]}}}`.
+async fn kv_index(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "nodes": state.pool.kv_index().dump() }))
 }
 
 /// An OpenAI-style error response.

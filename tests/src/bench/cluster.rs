@@ -63,12 +63,14 @@ pub struct ClusterArgs {
 }
 
 /// What a client saw of one request.
-struct Sample {
-    ids: Vec<u32>,
-    ttft: f64,
+pub(crate) struct Sample {
+    pub ids: Vec<u32>,
+    pub ttft: f64,
     /// Gaps between consecutive tokens.
-    gaps: Vec<f64>,
-    tokens: usize,
+    pub gaps: Vec<f64>,
+    pub tokens: usize,
+    /// `Usage.prompt_tokens_details.cached_tokens`.
+    pub cached_tokens: u32,
 }
 
 pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
@@ -240,7 +242,7 @@ async fn run_async(args: ClusterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn one_request(
+pub(crate) async fn one_request(
     mut client: GenerationClient<tonic::transport::Channel>,
     prompt: Vec<u32>,
     max_tokens: u32,
@@ -265,6 +267,7 @@ async fn one_request(
         ttft: 0.0,
         gaps: Vec::new(),
         tokens: 0,
+        cached_tokens: 0,
     };
     while let Some(m) = stream.message().await? {
         if !m.token_ids.is_empty() {
@@ -277,7 +280,11 @@ async fn one_request(
             sample.tokens += m.token_ids.len();
             sample.ids.extend_from_slice(&m.token_ids);
         }
-        if m.completion.is_some() {
+        if let Some(c) = m.completion {
+            sample.cached_tokens = c
+                .usage
+                .and_then(|u| u.prompt_tokens_details)
+                .map_or(0, |d| d.cached_tokens);
             return Ok(sample);
         }
     }
@@ -380,7 +387,7 @@ async fn scrape_phases(urls: &[String]) -> anyhow::Result<StepPhases> {
     Ok(phases)
 }
 
-fn percentile(xs: &[f64], q: f64) -> f64 {
+pub(crate) fn percentile(xs: &[f64], q: f64) -> f64 {
     if xs.is_empty() {
         return f64::NAN;
     }

@@ -137,7 +137,10 @@ fn measure_ceilings(dev: &Device, repeats: usize) -> anyhow::Result<Ceilings> {
         let (candle_core::Storage::Cuda(sa), candle_core::Storage::Cuda(sb)) = (&*sa, &*sb) else {
             bail!("expected CUDA tensors")
         };
-        let (sa, sb) = (sa.as_cuda_slice::<half::bf16>()?, sb.as_cuda_slice::<half::bf16>()?);
+        let (sa, sb) = (
+            sa.as_cuda_slice::<half::bf16>()?,
+            sb.as_cuda_slice::<half::bf16>()?,
+        );
         let n = m as u64;
         let cfg = MatmulConfig {
             transa: false,

@@ -1,4 +1,4 @@
-//! The cluster-level benchmarks of `pd-bench` (`transfer`, `cluster`); the engine and kernel
+//! The cluster-level benchmarks of `pd-bench` (`transfer`, `cluster`, `prefix-cache`); the engine and kernel
 //! ones live in the binary itself.
 
 pub mod cluster;
@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod gpu;
 #[cfg(feature = "nccl")]
 pub mod gpu_transfer;
+pub mod prefix;
 pub mod transfer;
 
 /// The machine's 1/5/15-minute load averages: figures taken on a busy machine mean little.

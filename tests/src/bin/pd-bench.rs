@@ -6,6 +6,8 @@
 //!
 //! `pd-bench kernels`: our quantized matmuls against candle's. `pd-bench transfer`: KV over gRPC
 //! against raw TCP on loopback. `pd-bench cluster`: a local cluster under closed-loop load.
+//! `pd-bench prefix-cache`: what the prefix cache and KV-aware routing do for prompts that share
+//! a long instruction.
 
 use std::time::Instant;
 
@@ -37,6 +39,9 @@ enum Command {
     Transfer(pd_tests::bench::transfer::TransferArgs),
     /// A local cluster under closed-loop load, aggregated and disaggregated.
     Cluster(pd_tests::bench::cluster::ClusterArgs),
+    /// A shared-instruction workload on a local cluster: prefix cache off, on with routing by
+    /// load, and on with KV-aware routing.
+    PrefixCache(pd_tests::bench::prefix::PrefixArgs),
     /// The GPU path: kernel and model checks against the CPU, then speed against the device's
     /// measured ceilings (builds with the `cuda` feature).
     #[cfg(feature = "cuda")]
@@ -83,6 +88,7 @@ fn main() -> anyhow::Result<()> {
         Command::Kernels => bench_kernels(),
         Command::Transfer(args) => pd_tests::bench::transfer::run(args),
         Command::Cluster(args) => pd_tests::bench::cluster::run(args),
+        Command::PrefixCache(args) => pd_tests::bench::prefix::run(args),
         #[cfg(feature = "cuda")]
         Command::Gpu(args) => pd_tests::bench::gpu::run(args),
         #[cfg(feature = "nccl")]

@@ -30,6 +30,8 @@ pub struct Generated {
     pub text: String,
     pub finish_reason: i32,
     pub completion_tokens: u32,
+    /// `usage.prompt_tokens_details.cached_tokens` (the engine's count for a reference).
+    pub cached_tokens: u32,
 }
 
 /// The single-process engine's output for `prompt_ids` under `params`.
@@ -47,6 +49,7 @@ pub fn reference(prompt_ids: &[u32], params: &SamplingParams) -> Generated {
     let r = runs.finish(&mut core).remove(0);
     Generated {
         completion_tokens: r.ids.len() as u32,
+        cached_tokens: r.cached_tokens as u32,
         ids: r.ids,
         text: r.text,
         finish_reason: r.reason.to_wire() as i32,
@@ -72,6 +75,7 @@ pub fn references(work: &[(Vec<u32>, SamplingParams)]) -> Vec<Generated> {
         .into_iter()
         .map(|r| Generated {
             completion_tokens: r.ids.len() as u32,
+            cached_tokens: r.cached_tokens as u32,
             ids: r.ids,
             text: r.text,
             finish_reason: r.reason.to_wire() as i32,
@@ -114,7 +118,9 @@ pub async fn grpc_generate(
             out.text.push_str(&m.text);
             if let Some(c) = m.completion {
                 out.finish_reason = c.finish_reason;
-                out.completion_tokens = c.usage.map_or(0, |u| u.completion_tokens);
+                let usage = c.usage.unwrap_or_default();
+                out.completion_tokens = usage.completion_tokens;
+                out.cached_tokens = usage.prompt_tokens_details.map_or(0, |d| d.cached_tokens);
                 return Ok(out);
             }
         }
@@ -127,14 +133,23 @@ pub async fn grpc_generate(
         .unwrap_or_else(|_| panic!("a gRPC stream hung for {REQUEST_TIMEOUT:?}"))
 }
 
-/// `POST /v1/completions` with token ids; returns (text, finish_reason, completion_tokens),
-/// streamed or not.
+/// What `POST /v1/completions` answered.
+#[derive(Debug, Default)]
+pub struct HttpCompletion {
+    pub text: String,
+    pub finish_reason: String,
+    pub completion_tokens: u64,
+    /// `usage.prompt_tokens_details.cached_tokens`.
+    pub cached_tokens: u64,
+}
+
+/// `POST /v1/completions` with token ids, streamed or not (with `include_usage`).
 pub async fn http_complete(
     cluster: &Cluster,
     prompt_ids: &[u32],
     max_tokens: u32,
     stream: bool,
-) -> (String, String, u64) {
+) -> HttpCompletion {
     let body = json!({
         "model": "",
         "prompt": prompt_ids,
@@ -152,35 +167,42 @@ pub async fn http_complete(
         .expect("POST /v1/completions");
     assert_eq!(response.status(), 200);
     let text = response.text().await.expect("response body");
+    let usage = |v: &Value, out: &mut HttpCompletion| {
+        let u = &v["usage"];
+        out.completion_tokens = u["completion_tokens"].as_u64().expect("completion_tokens");
+        out.cached_tokens = u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("usage.prompt_tokens_details.cached_tokens");
+    };
+    let mut out = HttpCompletion::default();
     if !stream {
         let v: Value = serde_json::from_str(&text).expect("a JSON body");
         let choice = &v["choices"][0];
-        return (
-            choice["text"].as_str().unwrap_or_default().to_string(),
-            choice["finish_reason"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            v["usage"]["completion_tokens"].as_u64().unwrap_or_default(),
-        );
+        out.text = choice["text"].as_str().unwrap_or_default().to_string();
+        out.finish_reason = choice["finish_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        usage(&v, &mut out);
+        return out;
     }
-    let (mut out, mut reason, mut tokens) = (String::new(), String::new(), 0);
     let events = sse_events(&text);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
     for data in &events[..events.len() - 1] {
         let v: Value = serde_json::from_str(data).expect("a JSON event");
         assert!(v.get("error").is_none(), "{data}");
         if let Some(choice) = v["choices"].get(0) {
-            out.push_str(choice["text"].as_str().unwrap_or_default());
+            out.text
+                .push_str(choice["text"].as_str().unwrap_or_default());
             if let Some(r) = choice["finish_reason"].as_str() {
-                reason = r.to_string();
+                out.finish_reason = r.to_string();
             }
         }
-        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
-            tokens = n;
+        if !v["usage"].is_null() {
+            usage(&v, &mut out);
         }
     }
-    (out, reason, tokens)
+    out
 }
 
 /// The `data:` payloads of a server-sent event stream.

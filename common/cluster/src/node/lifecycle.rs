@@ -41,6 +41,11 @@ impl RequestTasks {
         self.tracker.spawn(work)
     }
 
+    /// Cancelled when shutdown starts: streams that never end on their own stop then.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.admission.clone()
+    }
+
     /// Requests in flight.
     pub fn in_flight(&self) -> usize {
         self.tracker.len()

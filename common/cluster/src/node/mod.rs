@@ -6,12 +6,14 @@
 
 pub mod advertise;
 pub mod args;
+pub mod kv_events;
 pub mod lifecycle;
 pub mod ready;
 pub mod signals;
 pub mod worker;
 
 pub use args::{KvTransfer, ModelArgs, ModelDtype, ShutdownArgs};
+pub use kv_events::{kv_event_stream, KvEventStream};
 pub use lifecycle::RequestTasks;
 pub use ready::{advertised, device_name, new_node_id, ReadyLine};
 pub use signals::cancel_on_signals;

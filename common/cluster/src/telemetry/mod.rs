@@ -136,6 +136,14 @@ fn describe() {
         MEMBERSHIP_STALE,
         "1 while serving from a stale view (etcd unreachable)."
     );
+    describe_gauge!(
+        ROUTER_KV_INDEX_BLOCKS,
+        "Blocks of a node's prefix cache in the router's index, by node."
+    );
+    describe_counter!(
+        ROUTER_KV_HIT_TOKENS_TOTAL,
+        "Prompt tokens the chosen prefill node held in its prefix cache, per the router's index."
+    );
 }
 
 /// Records one finished transfer over a link: `bytes` in `seconds` (first chunk to last).

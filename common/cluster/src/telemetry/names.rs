@@ -54,3 +54,8 @@ pub const RETRIES_TOTAL: &str = "pd_retries_total";
 pub const CLUSTER_NODES: &str = "pd_cluster_nodes";
 /// 1 while the router serves from its last view because etcd is unreachable.
 pub const MEMBERSHIP_STALE: &str = "pd_membership_stale";
+/// Blocks the router's KV index holds for a `node` (what its prefix cache reported).
+pub const ROUTER_KV_INDEX_BLOCKS: &str = "pd_router_kv_index_blocks";
+/// Prompt tokens of routed requests that the chosen prefill node's cache held, as the router's
+/// index saw it when it chose.
+pub const ROUTER_KV_HIT_TOKENS_TOTAL: &str = "pd_router_kv_hit_tokens_total";

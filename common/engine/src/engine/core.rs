@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::config::EngineConfig;
 use super::sequence::{GenerateRequest, Placement, SeqEvent, SeqId, SeqState, Sequence};
-use crate::kv::{BlockHash, KvBlockAllocator, KvCache, PrefixKey};
+use crate::kv::{BlockHash, KvBlockAllocator, KvCache, KvEventLog, PrefixKey};
 use crate::model::LlamaModel;
 use crate::sampling::{FinishReason, SampledToken, StopChecker};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
@@ -58,6 +58,7 @@ pub struct EngineCore {
     pub(super) prefix_root: Option<BlockHash>,
     pub(super) prefix_queries: u64,
     pub(super) prefix_hits: u64,
+    pub(super) kv_events: Arc<KvEventLog>,
 }
 
 impl EngineCore {
@@ -88,6 +89,11 @@ impl EngineCore {
             }
             .root()
         });
+        let kv_events = Arc::new(KvEventLog::new(
+            prefix_root,
+            spec.block_size,
+            KvEventLog::DEFAULT_CAPACITY,
+        ));
         let cache = KvCache::new(spec, model.device())?;
         let eog_ids = tokenizer
             .as_ref()
@@ -109,7 +115,21 @@ impl EngineCore {
             prefix_root,
             prefix_queries: 0,
             prefix_hits: 0,
+            kv_events,
         })
+    }
+
+    /// The prefix cache's change log, which the node streams to routers.
+    pub fn kv_events(&self) -> &Arc<KvEventLog> {
+        &self.kv_events
+    }
+
+    /// Moves the allocator's cache changes into the event log.
+    pub(super) fn publish_kv_events(&mut self) {
+        let events = self.allocator.take_events();
+        if !events.is_empty() {
+            self.kv_events.append(events);
+        }
     }
 
     pub fn model(&self) -> &Arc<LlamaModel> {
@@ -223,7 +243,11 @@ impl EngineCore {
         // Replay resumed tokens through the detokenizer and stop checker: their text went out
         // already, and what was held back then (a partial character, a possible stop string)
         // must be held back now too. Both are deterministic, so the replay ends in that state.
-        let exporting = matches!(placement, Placement::Export(_));
+        let exporting = matches!(placement, Placement::Export { .. });
+        let export_from = match placement {
+            Placement::Export { from_block, .. } => from_block,
+            _ => 0,
+        };
         if let (Some(tok), false) = (&self.tokenizer, exporting) {
             for &token in &req.resume_ids {
                 let piece = decoder.push(tok, token)?;
@@ -242,7 +266,9 @@ impl EngineCore {
                 blocks: Vec::new(),
                 block_hashes: Vec::new(),
                 cached_blocks: 0,
-                exported_blocks: 0,
+                exported_blocks: export_from,
+                export_from,
+                cached_prompt_tokens: 0,
                 decoder,
                 stop,
                 tokens,
@@ -276,6 +302,7 @@ impl EngineCore {
         seq.first_scheduled.get_or_insert_with(Instant::now);
         // The KV that arrived is what this node would have computed: later prompts reuse it.
         self.cache_computed(id);
+        self.publish_kv_events();
         self.set_state(id, SeqState::Decoding)?;
         let outcome = self.append(id, first);
         self.settle(id, outcome);
@@ -285,7 +312,10 @@ impl EngineCore {
     /// A sequence awaiting remote KV computes it here instead, in the blocks it holds.
     pub fn prefill_locally(&mut self, id: SeqId) -> Result<()> {
         self.expect_awaiting(id)?;
-        self.seq_mut(id)?.num_computed = 0;
+        let bs = self.cache.spec().block_size;
+        let seq = self.seq_mut(id)?;
+        // The blocks its prefix cache supplied hold their KV already (and are shared).
+        seq.num_computed = seq.cached_blocks * bs;
         self.set_state(id, SeqState::Prefilling)?;
         Ok(())
     }

@@ -3,13 +3,14 @@
 //! A caller that drops its [`RequestStream`] cancels the request, and its KV blocks are freed at
 //! the next step.
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::core::{EngineCore, EngineStats};
 use super::sequence::{GenerateRequest, Placement, SeqEvent, SeqId};
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvEventLog};
 use crate::sampling::SampledToken;
 use crate::{Error, Result};
 
@@ -43,6 +44,7 @@ enum Command {
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     cache: KvCache,
+    kv_events: Arc<KvEventLog>,
     max_model_len: usize,
 }
 
@@ -83,6 +85,7 @@ impl EngineHandle {
     pub fn spawn(core: EngineCore) -> Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let cache = core.cache().clone();
+        let kv_events = core.kv_events().clone();
         let max_model_len = core.max_model_len();
         let thread = std::thread::Builder::new()
             .name("pd-engine".into())
@@ -91,6 +94,7 @@ impl EngineHandle {
             Self {
                 commands: tx,
                 cache,
+                kv_events,
                 max_model_len,
             },
             thread,
@@ -105,6 +109,11 @@ impl EngineHandle {
 
     pub fn max_model_len(&self) -> usize {
         self.max_model_len
+    }
+
+    /// What the engine's prefix cache stores and evicts.
+    pub fn kv_events(&self) -> &Arc<KvEventLog> {
+        &self.kv_events
     }
 
     /// Submits a request to run here from start to end. Invalid requests are refused here,

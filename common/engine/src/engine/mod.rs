@@ -25,6 +25,6 @@ pub use self::config::{EngineConfig, KvCacheDtype};
 pub use self::core::{EngineCore, EngineStats};
 pub use self::handle::{EngineHandle, RequestStream};
 pub use self::sequence::{
-    Completion, ExportedKv, GenerateRequest, KvData, KvSink, Placement, SeqEvent, SeqId, Timings,
-    TokenEvent,
+    Completion, ExportedKv, GenerateRequest, KvData, KvSink, Placement, Reservation, SeqEvent,
+    SeqId, Timings, TokenEvent,
 };

@@ -5,8 +5,8 @@
 //! preempted: it goes back to the front of the queue and recomputes later.
 
 use super::core::EngineCore;
-use super::sequence::{Placement, SeqId, SeqState};
-use crate::kv::blocks_for_tokens;
+use super::sequence::{Placement, Reservation, SeqId, SeqState};
+use crate::kv::{blocks_for_tokens, BlockId};
 use crate::sampling::FinishReason;
 use crate::telemetry::names;
 
@@ -77,45 +77,42 @@ impl EngineCore {
             self.queue.retain(|&q| q != id);
             return Admitted::Awaits;
         };
-        if matches!(seq.state, SeqState::Waiting(Placement::Remote(_))) {
-            // Reserve blocks for every token so far; another node fills them.
-            let Ok(blocks) = self
-                .allocator
-                .allocate(blocks_for_tokens(seq.tokens.len(), bs))
-            else {
-                return Admitted::NoRoom;
-            };
-            let reserved = blocks.clone();
-            if let Some(seq) = self.seqs.get_mut(&id) {
-                seq.blocks = blocks;
-                seq.first_scheduled = Some(std::time::Instant::now());
+        let remote = matches!(seq.state, SeqState::Waiting(Placement::Remote(_)));
+        // Blocks the prefix cache holds are not computed (or fetched) again.
+        let hit = self.match_prefix(id);
+        if remote {
+            let usable = self.seqs.get(&id).map_or(0, |s| (s.tokens.len() - 1) / bs);
+            if hit.is_empty() || hit.len() < usable {
+                return self.admit_remote(id, hit);
             }
-            let told = match self.set_state(id, SeqState::AwaitingKv) {
-                Ok(SeqState::Waiting(Placement::Remote(reply))) => reply.send(reserved).is_ok(),
+            // Every block but the last is here already: nothing to fetch, and the rest is
+            // computed below like a local prompt's.
+            let told = match self.set_state(id, SeqState::Waiting(Placement::Local)) {
+                Ok(SeqState::Waiting(Placement::Remote(reply))) => {
+                    reply.send(Reservation::Local).is_ok()
+                }
                 _ => false,
             };
             if !told {
-                // Whoever asked is gone: nothing will ever fill these blocks.
+                self.release(id, &hit);
                 self.finish(id, FinishReason::Cancelled);
+                return Admitted::Awaits;
             }
-            return Admitted::Awaits;
         }
-        // Blocks the prefix cache holds are not computed again.
-        let hit = self.match_prefix(id);
         let Some(seq) = self.seqs.get_mut(&id) else {
+            self.release(id, &hit);
             return Admitted::Awaits;
         };
         let (asked, computed) = (seq.tokens.len(), hit.len() * bs);
         let tokens = (asked - computed).min(budget);
         let more = blocks_for_tokens(computed + tokens, bs) - hit.len();
         let Ok(blocks) = self.allocator.allocate(more) else {
-            if let Err(e) = self.allocator.free(&hit) {
-                tracing::error!(seq = id, error = %e, "returning cached KV blocks failed");
-            }
+            self.release(id, &hit);
             return Admitted::NoRoom;
         };
         let found = hit.len();
         seq.num_computed = computed;
+        seq.cached_prompt_tokens = computed.min(seq.prompt_len);
         seq.cached_blocks = found;
         seq.blocks = hit;
         seq.blocks.extend(blocks);
@@ -134,6 +131,52 @@ impl EngineCore {
         }
     }
 
+    /// Admits a sequence another node fills: keeps the blocks the prefix cache found (`hit`),
+    /// reserves the rest and tells the caller which to fill.
+    fn admit_remote(&mut self, id: SeqId, hit: Vec<BlockId>) -> Admitted {
+        let bs = self.cache.spec().block_size;
+        let Some(asked) = self.seqs.get(&id).map(|s| s.tokens.len()) else {
+            self.release(id, &hit);
+            return Admitted::Awaits;
+        };
+        let Ok(blocks) = self
+            .allocator
+            .allocate(blocks_for_tokens(asked, bs) - hit.len())
+        else {
+            self.release(id, &hit);
+            return Admitted::NoRoom;
+        };
+        let found = hit.len();
+        let reservation = Reservation::Fill {
+            first_block: found,
+            blocks: blocks.clone(),
+        };
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.cached_blocks = found;
+            seq.cached_prompt_tokens = (found * bs).min(seq.prompt_len);
+            seq.blocks = hit;
+            seq.blocks.extend(blocks);
+            seq.first_scheduled = Some(std::time::Instant::now());
+        }
+        self.count_prefix_lookup(asked, found);
+        let told = match self.set_state(id, SeqState::AwaitingKv) {
+            Ok(SeqState::Waiting(Placement::Remote(reply))) => reply.send(reservation).is_ok(),
+            _ => false,
+        };
+        if !told {
+            // Whoever asked is gone: nothing will ever fill these blocks.
+            self.finish(id, FinishReason::Cancelled);
+        }
+        Admitted::Awaits
+    }
+
+    /// Gives back the references a prefix lookup took.
+    fn release(&mut self, id: SeqId, hit: &[BlockId]) {
+        if let Err(e) = self.allocator.free(hit) {
+            tracing::error!(seq = id, error = %e, "returning cached KV blocks failed");
+        }
+    }
+
     /// Frees a running sequence's blocks and queues it to recompute its KV from scratch.
     pub(super) fn preempt(&mut self, id: SeqId) {
         tracing::debug!(seq = id, "preempted for KV blocks");
@@ -144,7 +187,10 @@ impl EngineCore {
         seq.num_computed = 0;
         seq.cached_blocks = 0;
         let placement = match seq.state.export_sink() {
-            Some(sink) => Placement::Export(sink.clone()),
+            Some(sink) => Placement::Export {
+                sink: sink.clone(),
+                from_block: seq.export_from,
+            },
             None => Placement::Local,
         };
         if let Err(e) = self.allocator.free(&blocks) {

@@ -28,14 +28,30 @@ pub struct GenerateRequest {
 pub enum Placement {
     /// Computed here, then decoded here (aggregated serving).
     Local,
-    /// Filled by another node. Once admitted, the engine reserves blocks for every token of the
-    /// request so far and sends their ids; the sequence then waits for
+    /// Filled by another node. Once admitted, the engine takes what its prefix cache holds of
+    /// the request's tokens, reserves blocks for the rest and says which ones (a
+    /// [`Reservation`]); the sequence then waits for
     /// [`EngineHandle::activate`](super::EngineHandle::activate) (its KV has arrived, with the
     /// first token) or [`EngineHandle::prefill_locally`](super::EngineHandle::prefill_locally).
-    Remote(oneshot::Sender<Vec<BlockId>>),
+    Remote(oneshot::Sender<Reservation>),
     /// Prefill only: every layer's KV of every computed chunk goes to the sink as soon as the
-    /// layer is done; the request ends after its first token.
-    Export(KvSink),
+    /// layer is done, from block `from_block` on (the receiver holds the blocks before it); the
+    /// request ends after its first token.
+    Export { sink: KvSink, from_block: usize },
+}
+
+/// What admitting a [`Placement::Remote`] sequence decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    /// Another node is to fill `blocks`: the sequence's blocks from `first_block` on. The
+    /// blocks before it came from this engine's prefix cache.
+    Fill {
+        first_block: usize,
+        blocks: Vec<BlockId>,
+    },
+    /// The prefix cache holds every block of the prompt but the one its last token is in:
+    /// nothing is fetched, the rest is computed here as for a local request.
+    Local,
 }
 
 /// Receives the KV a prefill computes, layer by layer.
@@ -45,7 +61,8 @@ pub type KvSink = mpsc::UnboundedSender<ExportedKv>;
 #[derive(Debug)]
 pub struct ExportedKv {
     pub layer: usize,
-    /// Index of the run's first block among the sequence's blocks.
+    /// Index of the run's first block among the blocks the receiver reserved: the sequence's
+    /// blocks from the export's `from_block` on.
     pub first_block: usize,
     pub num_blocks: usize,
     pub data: KvData,
@@ -186,6 +203,8 @@ pub struct Completion {
     /// Text still held back when the sequence ended (released now).
     pub text: String,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache instead of being computed.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub timings: Timings,
 }
@@ -204,7 +223,8 @@ pub enum SeqEvent {
 /// A finished sequence leaves the engine at once (its last event carries the reason).
 #[derive(Debug)]
 pub(crate) enum SeqState {
-    /// Arrived and not yet admitted; how its prompt KV will come about.
+    /// Arrived and not yet admitted; how its prompt KV will come about. (A remote sequence
+    /// whose prompt the prefix cache holds becomes a local one before admission.)
     Waiting(Placement),
     /// Its blocks were taken back for others; it recomputes from the start when readmitted,
     /// ahead of new arrivals. (Only locally computed sequences are preempted, so this is never
@@ -251,6 +271,7 @@ impl SeqState {
         matches!(
             (self, to),
             (Waiting(_), Prefilling | Exporting(_) | AwaitingKv)
+                | (Waiting(Placement::Remote(_)), Waiting(Placement::Local))
                 | (Preempted(_), Prefilling | Exporting(_))
                 | (AwaitingKv, Decoding | Prefilling)
                 | (Prefilling, Decoding | Preempted(_))
@@ -263,8 +284,8 @@ impl SeqState {
     pub fn export_sink(&self) -> Option<&KvSink> {
         match self {
             SeqState::Exporting(sink)
-            | SeqState::Waiting(Placement::Export(sink))
-            | SeqState::Preempted(Placement::Export(sink)) => Some(sink),
+            | SeqState::Waiting(Placement::Export { sink, .. })
+            | SeqState::Preempted(Placement::Export { sink, .. }) => Some(sink),
             _ => None,
         }
     }
@@ -289,6 +310,10 @@ pub(crate) struct Sequence {
     /// when its last token is computed (or the prompt ends in it), and not again when a
     /// preempted sequence recomputes it: the receiver has it already.
     pub exported_blocks: usize,
+    /// A prefill-only sequence: the first block it ships (the receiver holds those before).
+    pub export_from: usize,
+    /// Prompt tokens the prefix cache held at the admission that computed the prompt.
+    pub cached_prompt_tokens: usize,
     pub params: SamplingParams,
     pub seed: u64,
     pub state: SeqState,

@@ -31,6 +31,13 @@ pub(super) enum Appended {
 impl EngineCore {
     /// Runs one scheduling round and forward pass. Returns the number of tokens processed.
     pub fn step(&mut self) -> Result<usize> {
+        let done = self.run_step();
+        // What the step stored in the prefix cache and evicted from it, for the routers.
+        self.publish_kv_events();
+        done
+    }
+
+    fn run_step(&mut self) -> Result<usize> {
         let started = Instant::now();
         self.drop_abandoned();
         let plan = self.schedule();
@@ -117,7 +124,7 @@ impl EngineCore {
                 if end > first {
                     let sink = sink.clone();
                     let run = self.cache.block_run(&seq.blocks[first..end])?;
-                    exports.push((sink, first, run));
+                    exports.push((sink, first - seq.export_from, run));
                     seq.exported_blocks = end;
                 }
             }
@@ -263,6 +270,7 @@ impl EngineCore {
             reason,
             text,
             prompt_tokens: seq.prompt_len,
+            cached_tokens: seq.cached_prompt_tokens,
             completion_tokens: seq.generated().len(),
             timings: seq.timings(Instant::now()),
         };

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use super::events::KvEvent;
 use super::prefix::BlockHash;
 use crate::{Error, Result};
 
@@ -29,6 +30,8 @@ pub struct KvBlockAllocator {
     /// When each evictable block was released.
     released: Vec<u64>,
     clock: u64,
+    /// Changes to the cache's content since the last [`Self::take_events`], in order.
+    events: Vec<KvEvent>,
 }
 
 impl KvBlockAllocator {
@@ -42,6 +45,7 @@ impl KvBlockAllocator {
             evictable: BTreeSet::new(),
             released: vec![0; num_blocks],
             clock: 0,
+            events: Vec::new(),
         }
     }
 
@@ -79,6 +83,7 @@ impl KvBlockAllocator {
             let (_, block) = self.evictable.pop_first().expect("counted above");
             if let Some(hash) = self.hash_of[block as usize].take() {
                 self.cached.remove(&hash);
+                self.events.push(KvEvent::Removed(hash));
             }
             blocks.push(block);
         }
@@ -179,7 +184,18 @@ impl KvBlockAllocator {
         }
         self.cached.insert(hash, block);
         self.hash_of[block as usize] = Some(hash);
+        self.events.push(KvEvent::Stored(hash));
         Ok(true)
+    }
+
+    /// The blocks that joined and left the cache since the last call, in order.
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// The names of every cached block.
+    pub fn cached_hashes(&self) -> impl Iterator<Item = &BlockHash> {
+        self.cached.keys()
     }
 }
 
@@ -325,6 +341,8 @@ mod tests {
             // Each owner holds a list of blocks (one reference each).
             let mut owners: Vec<Vec<BlockId>> = Vec::new();
             let mut names: HashMap<u8, BlockId> = HashMap::new();
+            // What a follower of the allocator's events believes is cached.
+            let mut followed: std::collections::HashSet<BlockHash> = Default::default();
             for op in ops {
                 match op {
                     Op::Allocate(n) => {
@@ -377,6 +395,14 @@ mod tests {
                 }
                 prop_assert_eq!(alloc.num_free(), N - refs.len());
                 prop_assert_eq!(alloc.num_cached(), names.len());
+                for event in alloc.take_events() {
+                    match event {
+                        KvEvent::Stored(h) => prop_assert!(followed.insert(h), "stored twice"),
+                        KvEvent::Removed(h) => prop_assert!(followed.remove(&h), "removed unstored"),
+                    }
+                }
+                let cached: std::collections::HashSet<BlockHash> = alloc.cached_hashes().copied().collect();
+                prop_assert_eq!(&followed, &cached);
                 for (b, r) in refs {
                     prop_assert_eq!(alloc.ref_count(b).unwrap(), r);
                 }
