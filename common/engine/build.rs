@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNELS: &[&str] = &["paged_attention", "kv_cache", "sampling"];
+const KERNELS: &[&str] = &["paged_attention", "kv_cache", "sampling", "activation"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -42,6 +42,25 @@ device_test!(kv_blocks_read_back_what_was_written);
 device_test!(greedy_tokens_equal_the_cpu_engines);
 device_test!(batch_sampling_agrees_with_the_host_sampler);
 device_test!(seeded_draws_follow_the_softmax);
+device_test!(silu_and_mul_equals_silu_then_mul);
+
+/// The fused MLP activation against candle's silu and multiply on the same device, for widths
+/// the vector kernel takes and one it does not, in each float type.
+fn silu_and_mul_equals_silu_then_mul(dev: &Device) -> TestResult {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for width in [8, 12, 4096] {
+            let y = (Tensor::randn(0f32, 3., (7, 2 * width), &Device::Cpu)?.to_dtype(dtype)?)
+                .to_device(dev)?;
+            let got = pd_engine::model::mlp::silu_and_mul(&y)?;
+            let want =
+                (candle_nn::ops::silu(&y.narrow(1, 0, width)?)? * y.narrow(1, width, width)?)?;
+            assert_eq!(got.dims(), want.dims());
+            let e = rel_err(&got, &want)?;
+            assert!(e < 1e-3, "{dev:?} {dtype:?} width {width}: rel err {e:.2e}");
+        }
+    }
+    Ok(())
+}
 
 /// Relative error ‖a − b‖ / ‖b‖ on the CPU in f64; NaN never passes.
 fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {

@@ -1,6 +1,7 @@
 //! Loading the project's CUDA kernels (`kernels/*.cu`, compiled to PTX by the build script) and
 //! the helpers their launches share. The launches live with what they compute: paged attention
-//! in `model::attention::cuda`, the KV cache's scatter and gather in `kv::cuda`, token sampling in `sampling::device`.
+//! in `model::attention::cuda`, the KV cache's scatter and gather in `kv::cuda`, token sampling in `sampling::device`,
+//! the MLP's activation in `model::mlp`.
 
 use std::sync::Arc;
 
@@ -14,12 +15,14 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout};
 const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 const KV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kv_cache.ptx"));
 const SAMPLING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
+const ACTIVATION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/activation.ptx"));
 
 #[derive(Clone, Copy)]
 pub(crate) enum Module {
     Attention,
     Kv,
     Sampling,
+    Activation,
 }
 
 /// A kernel of ours, ready to launch on the device's stream.
@@ -43,6 +46,7 @@ pub(crate) fn function(
         Module::Attention => ("pd_paged_attention", ATTENTION_PTX),
         Module::Kv => ("pd_kv_cache", KV_PTX),
         Module::Sampling => ("pd_sampling", SAMPLING_PTX),
+        Module::Activation => ("pd_activation", ACTIVATION_PTX),
     };
     let func = dev
         .get_or_load_custom_func(name, module_name, ptx)?

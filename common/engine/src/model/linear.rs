@@ -103,6 +103,14 @@ impl FusedLinear {
         })
     }
 
+    /// The parts' outputs side by side (`[rows, sum of widths]`), when the weights are stacked.
+    pub fn forward_stacked(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        match &self.stacked {
+            Some((linear, _)) => Ok(Some(linear.forward(x)?)),
+            None => Ok(None),
+        }
+    }
+
     /// One output per part, in order.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match &self.stacked {

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use super::attention::{paged_attention, AttentionMeta, SeqAttention};
 use super::config::{ModelConfig, RopeStyle};
 use super::linear::{FusedLinear, Linear};
+use super::mlp::silu_and_mul;
 use crate::kv::KvCache;
 use crate::{Error, Result};
 
@@ -190,8 +191,13 @@ impl LlamaModel {
             x = (x + layer.o.forward(&attn)?)?;
 
             let hidden = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gate_up = layer.gate_up.forward(&hidden)?;
-            let act = (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?;
+            let act = match layer.gate_up.forward_stacked(&hidden)? {
+                Some(gate_up) => silu_and_mul(&gate_up)?,
+                None => {
+                    let gate_up = layer.gate_up.forward(&hidden)?;
+                    (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?
+                }
+            };
             x = (x + layer.down.forward(&act)?)?;
         }
         if batch.logit_rows.is_empty() {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod linear;
 pub mod llama;
 pub mod load;
+pub mod mlp;
 pub mod quant_cpu;
 
 use std::path::{Path, PathBuf};
