@@ -145,7 +145,7 @@ impl Pool {
     }
 
     /// The least loaded decode node not in `exclude` for a request of `tokens`: fewest waiting
-    /// + open streams, then the most of `tokens` in its prefix cache, then the most free KV
+    /// and open streams, then the most of `tokens` in its prefix cache, then the most free KV
     /// blocks.
     pub fn pick_decode(
         &self,
