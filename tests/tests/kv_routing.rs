@@ -2,7 +2,8 @@
 //! which node caches which blocks equals what every node reports of its own cache after a
 //! workload that evicts, a node that dies is dropped from it at once and a new one joins it, and
 //! a prompt that shares its beginning with an earlier one goes to the prefill node that holds
-//! that beginning.
+//! that beginning. Greedy output equals the single engine's throughout, and each node's
+//! `/metrics` counts its prefix-cache lookups and blocks.
 
 mod common;
 
@@ -120,19 +121,38 @@ fn prompts(seed: u64, count: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// Runs `prompts` four at a time; each one's greedy tokens equal the single engine's, however
+/// much of it came from which cache (and whatever was evicted meanwhile).
 async fn run_all(cluster: &Cluster, prompts: &[Vec<u32>]) {
+    let work: Vec<_> = prompts.iter().map(|p| (p.clone(), greedy(4))).collect();
+    let want = references(&work);
     let client = grpc_client(cluster).await;
-    for batch in prompts.chunks(4) {
-        let calls = batch.iter().map(|p| {
+    for (batch, want) in prompts.chunks(4).zip(want.chunks(4)) {
+        let calls = batch.iter().zip(want).map(|(p, want)| {
             let mut client = client.clone();
             async move {
-                grpc_generate(&mut client, p, &greedy(4))
+                let got = grpc_generate(&mut client, p, &greedy(4))
                     .await
-                    .unwrap_or_else(|s| panic!("{s}"))
+                    .unwrap_or_else(|s| panic!("{s}"));
+                assert_eq!(got.ids, want.ids, "a prompt of {} tokens", p.len());
             }
         });
         futures::future::join_all(calls).await;
     }
+}
+
+/// A counter or gauge without labels from a node's `/metrics`.
+async fn metric(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(url)
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,6 +191,36 @@ async fn the_routers_index_follows_the_nodes_caches_through_evictions_and_a_rest
         n["next_seq"].as_u64().unwrap_or(0) > held
     });
     assert!(evicted, "no node evicted anything: {dump}");
+    // Each node's /metrics counts the prompt tokens it looked up and found, and its cached
+    // blocks are the ones its snapshot lists.
+    let mut hits = 0.0;
+    for node in cluster.nodes() {
+        let url = node.metrics_url();
+        let queries = metric(&url, "pd_prefix_cache_queries_total").await;
+        let found = metric(&url, "pd_prefix_cache_hits_total").await;
+        assert!(
+            queries > 0.0 && found <= queries,
+            "{}: {found} of {queries}",
+            node.id
+        );
+        hits += found;
+        // A gauge the node refreshes every few hundred milliseconds.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let blocks = metric(&url, "pd_prefix_cache_blocks").await as usize;
+            if blocks == nodes[&node.id].1.len() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: pd_prefix_cache_blocks {blocks}, its snapshot {}",
+                node.id,
+                nodes[&node.id].1.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(hits > 0.0, "no prompt found anything in a cache");
 
     // A prefill node dies: out of the index at once (well before its lease would lapse).
     let prefill: Vec<String> = cluster
