@@ -70,9 +70,9 @@ impl Dispatcher {
 
     /// Opens `Decode.Generate` on the best decode node not yet tried, moving on while nodes fail.
     async fn open(&self, job: &Job, sent: &[u32], excluded: &mut Vec<String>) -> Result<Attempt> {
+        let held = self.pool.held(&[job.prompt_ids.as_slice(), sent].concat());
         loop {
-            let tokens = [job.prompt_ids.as_slice(), sent].concat();
-            let Some((node, active)) = self.pool.pick_decode(excluded, &tokens) else {
+            let Some((node, active)) = self.pool.pick_decode(excluded, &held) else {
                 return Err(Error::Unavailable(if excluded.is_empty() {
                     "no decode node is available".into()
                 } else {
@@ -85,7 +85,7 @@ impl Dispatcher {
                 sampling: Some(job.params.to_wire()),
                 seed: job.params.seed.unwrap_or_default(),
                 resume_ids: sent.to_vec(),
-                prefill_candidates: self.pool.prefill_candidates(&node.node_id, &tokens),
+                prefill_candidates: self.pool.prefill_candidates(&node.node_id, &held),
             };
             let call = async {
                 let mut client = self.pool.decode_client(&node.address)?;

@@ -68,6 +68,12 @@ impl Default for Routing {
     }
 }
 
+/// How many tokens of one request each node's prefix cache holds.
+pub struct Held {
+    tokens: usize,
+    cached: HashMap<String, usize>,
+}
+
 #[derive(Default)]
 struct Load {
     stats: Option<NodeStats>,
@@ -132,11 +138,16 @@ impl Pool {
         &self.kv
     }
 
-    /// Prompt tokens of `tokens` each node's cache holds, when routing looks at it.
-    fn cached_tokens(&self, tokens: &[u32]) -> HashMap<String, usize> {
-        match self.routing.mode {
-            RouterMode::Kv => self.kv.cached_tokens(tokens),
-            RouterMode::Load => HashMap::new(),
+    /// What each node's cache holds of a request's `tokens`, when routing looks at it: computed
+    /// once per request and weighed by both [`Self::pick_decode`] and
+    /// [`Self::prefill_candidates`].
+    pub fn held(&self, tokens: &[u32]) -> Held {
+        Held {
+            tokens: tokens.len(),
+            cached: match self.routing.mode {
+                RouterMode::Kv => self.kv.cached_tokens(tokens),
+                RouterMode::Load => HashMap::new(),
+            },
         }
     }
 
@@ -144,16 +155,11 @@ impl Pool {
         self.view.borrow().clone()
     }
 
-    /// The least loaded decode node not in `exclude` for a request of `tokens`: fewest waiting
-    /// and open streams, then the most of `tokens` in its prefix cache, then the most free KV
-    /// blocks.
-    pub fn pick_decode(
-        &self,
-        exclude: &[String],
-        tokens: &[u32],
-    ) -> Option<(Candidate, ActiveGuard)> {
+    /// The least loaded decode node not in `exclude` for a request: fewest waiting and open
+    /// streams, then the most of the request in its prefix cache, then the most free KV blocks.
+    pub fn pick_decode(&self, exclude: &[String], held: &Held) -> Option<(Candidate, ActiveGuard)> {
         let snapshot = self.snapshot();
-        let cached = self.cached_tokens(tokens);
+        let cached = &held.cached;
         let mut loads = lock(&self.loads);
         let best = snapshot
             .decode
@@ -193,15 +199,15 @@ impl Pool {
         ))
     }
 
-    /// Prefill nodes whose KV fits `decode`'s cache for a prompt of `tokens`, cheapest first
-    /// (see the module documentation), each with the KV transfer backend to use: NCCL where
-    /// both ends offer it, else gRPC.
-    pub fn prefill_candidates(&self, decode_node: &str, tokens: &[u32]) -> Vec<PrefillCandidate> {
+    /// Prefill nodes whose KV fits `decode`'s cache for a request, cheapest first (see the
+    /// module documentation), each with the KV transfer backend to use: NCCL where both ends
+    /// offer it, else gRPC.
+    pub fn prefill_candidates(&self, decode_node: &str, held: &Held) -> Vec<PrefillCandidate> {
         let snapshot = self.snapshot();
         let Some(decode) = snapshot.decode.get(decode_node) else {
             return Vec::new();
         };
-        let cached = self.cached_tokens(tokens);
+        let (cached, held_tokens) = (&held.cached, held.tokens);
         let loads = lock(&self.loads);
         let mut nodes: Vec<(f64, u32, usize, &NodeInfo)> = snapshot
             .prefill
@@ -215,7 +221,7 @@ impl Pool {
                 let held = cached.get(&p.node_id).copied().unwrap_or(0);
                 let cost = match self.routing.mode {
                     RouterMode::Kv => {
-                        let compute = tokens.len().saturating_sub(held);
+                        let compute = held_tokens.saturating_sub(held);
                         self.routing.kv_overlap_score_weight * compute as f64 + queued as f64
                     }
                     RouterMode::Load => queued as f64,
