@@ -23,6 +23,8 @@ fn main() {
         .map(|c| c.trim().trim_start_matches("sm_").replace('.', ""))
         .filter(|c| !c.is_empty())
         .unwrap_or_else(|| "80".to_string());
+    // Shared by the kernels through #include.
+    println!("cargo:rerun-if-changed=kernels/dtype.cuh");
     for name in KERNELS {
         let src = Path::new("kernels").join(format!("{name}.cu"));
         println!("cargo:rerun-if-changed={}", src.display());

@@ -18,17 +18,10 @@
 #include <mma.h>
 #include <stdint.h>
 
+#include "dtype.cuh"
+
 #define WARP 32
 #define MAX_HEAD_DIM 256
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
 // Rounds to the cache element's precision (identity for f32).
 template <typename C> __device__ __forceinline__ float round_to(float x) { return to_f(from_f<C>(x)); }
