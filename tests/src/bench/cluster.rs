@@ -95,15 +95,7 @@ async fn run_async(args: ClusterArgs) -> anyhow::Result<()> {
         }
         None => golden_cases().into_iter().map(|c| c.prompt_ids).collect(),
     };
-    let mut json_out = match &args.json {
-        Some(path) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)?,
-        ),
-        None => None,
-    };
+    let mut json_out = super::JsonLines::open(args.json.as_deref())?;
     // Greedy outputs of the first prompts in each mode: they must not depend on the mode.
     let mut reference: Option<(String, Vec<Vec<u32>>)> = None;
     println!(
@@ -163,14 +155,7 @@ async fn run_async(args: ClusterArgs) -> anyhow::Result<()> {
                     want.len(),
                     if same { "identical" } else { "DIFFERENT" }
                 );
-                if let Some(f) = json_out.as_mut() {
-                    use std::io::Write;
-                    writeln!(
-                        f,
-                        "{}",
-                        serde_json::json!({"check": "greedy_equal", "mode": mode, "against": first, "identical": same})
-                    )?;
-                }
+                json_out.write(&serde_json::json!({"check": "greedy_equal", "mode": mode, "against": first, "identical": same}))?;
             }
         }
         let engines: Vec<String> = cluster.nodes().iter().map(|n| n.metrics_url()).collect();
@@ -218,24 +203,17 @@ async fn run_async(args: ClusterArgs) -> anyhow::Result<()> {
                 "",
                 phases.summary()
             );
-            if let Some(f) = json_out.as_mut() {
-                use std::io::Write;
-                writeln!(
-                    f,
-                    "{}",
-                    serde_json::json!({
-                        "mode": mode,
-                        "clients": clients,
-                        "requests": samples.len(),
-                        "output_tokens_per_s": tokens as f64 / wall,
-                        "ttft_p50_ms": 1e3 * percentile(&ttft, 0.5),
-                        "ttft_p95_ms": 1e3 * percentile(&ttft, 0.95),
-                        "itl_p50_ms": 1e3 * percentile(&gaps, 0.5),
-                        "itl_p95_ms": 1e3 * percentile(&gaps, 0.95),
-                        "step_phases_ms": phases.mean_ms(),
-                    })
-                )?;
-            }
+            json_out.write(&serde_json::json!({
+                "mode": mode,
+                "clients": clients,
+                "requests": samples.len(),
+                "output_tokens_per_s": tokens as f64 / wall,
+                "ttft_p50_ms": 1e3 * percentile(&ttft, 0.5),
+                "ttft_p95_ms": 1e3 * percentile(&ttft, 0.95),
+                "itl_p50_ms": 1e3 * percentile(&gaps, 0.5),
+                "itl_p95_ms": 1e3 * percentile(&gaps, 0.95),
+                "step_phases_ms": phases.mean_ms(),
+            }))?;
         }
         cluster.shutdown().await?;
     }

@@ -16,6 +16,33 @@ pub fn load_average() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// Where a benchmark appends its results (`--json`), one JSON object a line; nowhere if no
+/// path was given.
+pub struct JsonLines(Option<std::fs::File>);
+
+impl JsonLines {
+    pub fn open(path: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let file = match path {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            ),
+            None => None,
+        };
+        Ok(Self(file))
+    }
+
+    pub fn write(&mut self, value: &serde_json::Value) -> anyhow::Result<()> {
+        if let Some(f) = &mut self.0 {
+            use std::io::Write;
+            writeln!(f, "{value}")?;
+        }
+        Ok(())
+    }
+}
+
 /// The median of some measurements.
 pub fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);

@@ -108,15 +108,7 @@ async fn run_async(args: PrefixArgs) -> anyhow::Result<()> {
         "cached/request",
         "KV MB/request"
     );
-    let mut json_out = match &args.json {
-        Some(path) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)?,
-        ),
-        None => None,
-    };
+    let mut json_out = super::JsonLines::open(args.json.as_deref())?;
     let mut baseline = None;
     for (name, cache, mode) in [
         ("cache off", false, "load"),
@@ -179,26 +171,19 @@ async fn run_async(args: PrefixArgs) -> anyhow::Result<()> {
             sent / n / 1e6,
             ratio
         );
-        if let Some(f) = json_out.as_mut() {
-            use std::io::Write;
-            writeln!(
-                f,
-                "{}",
-                serde_json::json!({
-                    "configuration": name,
-                    "requests": samples.len(),
-                    "concurrency": args.concurrency,
-                    "ttft_p50_ms": 1e3 * p50,
-                    "ttft_p90_ms": 1e3 * p90,
-                    "ttft_p50_vs_cache_off": ratio,
-                    "prompt_tokens": tokens,
-                    "tokens_computed": computed,
-                    "cached_tokens_per_request": cached,
-                    "kv_bytes_per_request": sent / n,
-                    "seconds": wall,
-                })
-            )?;
-        }
+        json_out.write(&serde_json::json!({
+            "configuration": name,
+            "requests": samples.len(),
+            "concurrency": args.concurrency,
+            "ttft_p50_ms": 1e3 * p50,
+            "ttft_p90_ms": 1e3 * p90,
+            "ttft_p50_vs_cache_off": ratio,
+            "prompt_tokens": tokens,
+            "tokens_computed": computed,
+            "cached_tokens_per_request": cached,
+            "kv_bytes_per_request": sent / n,
+            "seconds": wall,
+        }))?;
     }
     Ok(())
 }
