@@ -194,7 +194,8 @@ impl KvBlockAllocator {
     }
 
     /// The names of every cached block.
-    pub fn cached_hashes(&self) -> impl Iterator<Item = &BlockHash> {
+    #[cfg(test)]
+    fn cached_hashes(&self) -> impl Iterator<Item = &BlockHash> {
         self.cached.keys()
     }
 }
