@@ -75,22 +75,38 @@ async fn router_index(cluster: &Cluster) -> BTreeMap<String, (u64, Vec<String>)>
         .collect()
 }
 
+/// Asks `check` again until it holds, failing with its last answer after `timeout`. Neither the
+/// nodes nor the router announce the changes these tests wait for (an index catching up, a
+/// gauge refreshed), so the only way to see them is to look again.
+async fn eventually<F, Fut>(timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(why) => assert!(Instant::now() < deadline, "after {timeout:?}: {why}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until the router's index equals every node's own account of its cache.
 async fn assert_index_matches(cluster: &Cluster) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually(Duration::from_secs(20), move || async move {
         let (nodes, index) = (node_caches(cluster).await, router_index(cluster).await);
         if nodes == index {
-            return;
+            return Ok(());
         }
-        assert!(
-            Instant::now() < deadline,
+        Err(format!(
             "the router's index does not match the nodes' caches:\nnodes: {:?}\nindex: {:?}",
             summary(&nodes),
             summary(&index)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        ))
+    })
+    .await;
 }
 
 fn summary(m: &BTreeMap<String, (u64, Vec<String>)>) -> Vec<(String, u64, usize)> {
@@ -205,20 +221,17 @@ async fn the_routers_index_follows_the_nodes_caches_through_evictions_and_a_rest
         );
         hits += found;
         // A gauge the node refreshes every few hundred milliseconds.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let blocks = metric(&url, "pd_prefix_cache_blocks").await as usize;
-            if blocks == nodes[&node.id].1.len() {
-                break;
+        let (url, id, want) = (&url, &node.id, nodes[&node.id].1.len());
+        eventually(Duration::from_secs(10), move || async move {
+            let blocks = metric(url, "pd_prefix_cache_blocks").await as usize;
+            match blocks == want {
+                true => Ok(()),
+                false => Err(format!(
+                    "{id}: pd_prefix_cache_blocks {blocks}, its snapshot {want}"
+                )),
             }
-            assert!(
-                Instant::now() < deadline,
-                "{}: pd_prefix_cache_blocks {blocks}, its snapshot {}",
-                node.id,
-                nodes[&node.id].1.len()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
     assert!(hits > 0.0, "no prompt found anything in a cache");
 
@@ -229,18 +242,15 @@ async fn the_routers_index_follows_the_nodes_caches_through_evictions_and_a_rest
         .filter(|n| n.role == Role::Prefill)
         .map(|n| n.id.clone())
         .collect();
-    let killed = Instant::now();
     cluster.kill_node(&prefill[0]).expect("kill");
-    loop {
-        if !router_index(&cluster).await.contains_key(&prefill[0]) {
-            break;
+    let (c, dead) = (&cluster, &prefill[0]);
+    eventually(Duration::from_secs(5), move || async move {
+        match router_index(c).await.contains_key(dead) {
+            false => Ok(()),
+            true => Err(format!("the dead node {dead} stayed in the index")),
         }
-        assert!(
-            killed.elapsed() < Duration::from_secs(5),
-            "the dead node stayed in the index"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 
     // Another joins, and the index follows it from its first snapshot on.
     cluster.add_node(Role::Prefill).await.expect("a new node");
