@@ -1,12 +1,17 @@
-//! The cluster-level benchmarks of `pd-bench` (`transfer`, `cluster`, `prefix-cache`); the engine and kernel
-//! ones live in the binary itself.
+//! The cluster-level benchmarks of `pd-bench` (`transfer`, `cluster`, `prefix-cache`), the load
+//! generator for any OpenAI-compatible server (`serve`, `sweep`, `compare`) and the simulator
+//! (`profile`, `simulate`, `plan`); the engine and kernel ones live in the binary itself.
 
 pub mod cluster;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 #[cfg(feature = "nccl")]
 pub mod gpu_transfer;
+pub mod plot;
 pub mod prefix;
+pub mod serve;
+pub mod sim;
+pub mod sweep;
 pub mod transfer;
 
 /// The machine's 1/5/15-minute load averages: figures taken on a busy machine mean little.

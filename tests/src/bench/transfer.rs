@@ -90,6 +90,35 @@ async fn run_async(args: TransferArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Bytes and seconds of shipping one `tokens`-long prompt's KV of `model` over gRPC into a
+/// receiver on loopback (the median of `repeats` after a warm-up), as a prefill node ships it.
+pub async fn grpc_seconds(
+    model: &ModelConfig,
+    tokens: usize,
+    repeats: usize,
+) -> anyhow::Result<(usize, f64)> {
+    let num_blocks = blocks_for_tokens(tokens, 16);
+    let spec = KvCacheSpec {
+        num_layers: model.num_layers,
+        num_kv_heads: model.num_kv_heads,
+        head_dim: model.head_dim,
+        block_size: 16,
+        num_blocks,
+        dtype: DType::F16,
+    };
+    let source = source_cache(&spec)?;
+    let receiver = Receiver::serve(&spec, model).await?;
+    let mut times = Vec::new();
+    for rep in 0..=repeats {
+        let t = receiver.push(&spec, &source).await?;
+        if rep > 0 {
+            times.push(t);
+        }
+    }
+    receiver.server.abort();
+    Ok((num_blocks * spec.bytes_per_block(), super::median(times)))
+}
+
 /// A prefill node's cache holding the whole prompt's KV (random values).
 fn source_cache(spec: &KvCacheSpec) -> anyhow::Result<KvCache> {
     let cache = KvCache::new(spec.clone(), &Device::Cpu)?;

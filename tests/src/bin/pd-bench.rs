@@ -8,6 +8,10 @@
 //! against raw TCP on loopback. `pd-bench cluster`: a local cluster under closed-loop load.
 //! `pd-bench prefix-cache`: what the prefix cache and KV-aware routing do for prompts that share
 //! a long instruction.
+//!
+//! `pd-bench serve` / `sweep` / `compare`: load against any OpenAI-compatible server, as
+//! `vllm bench serve` sends it. `pd-bench profile` / `simulate` / `plan`: the cluster simulator
+//! and the layout planner.
 
 use std::time::Instant;
 
@@ -39,6 +43,24 @@ enum Command {
     Transfer(pd_tests::bench::transfer::TransferArgs),
     /// A local cluster under closed-loop load, aggregated and disaggregated.
     Cluster(pd_tests::bench::cluster::ClusterArgs),
+    /// A load generator for any OpenAI-compatible server, with `vllm bench serve`'s flags and
+    /// result keys.
+    Serve(pd_tests::bench::serve::ServeArgs),
+    /// `serve` at several request rates or concurrencies, with charts of the results.
+    Sweep(pd_tests::bench::sweep::SweepArgs),
+    /// Two `serve` results side by side, with ratios.
+    Compare {
+        a: std::path::PathBuf,
+        b: std::path::PathBuf,
+    },
+    /// Measures this machine's engine into a device profile for the simulator (or reads a GPU
+    /// profile from a GPU results file).
+    Profile(pd_tests::bench::sim::profile::ProfileArgs),
+    /// The cluster simulator: predicted `serve` results for layouts and rates, from a profile
+    /// (`--validate`: measured on a local cluster beside them).
+    Simulate(pd_tests::bench::sim::SimulateArgs),
+    /// The P:D layout and node counts that serve a workload within its SLOs on the fewest devices.
+    Plan(pd_tests::bench::sim::plan::PlanArgs),
     /// A shared-instruction workload on a local cluster: prefix cache off, on with routing by
     /// load, and on with KV-aware routing.
     PrefixCache(pd_tests::bench::prefix::PrefixArgs),
@@ -89,6 +111,15 @@ fn main() -> anyhow::Result<()> {
         Command::Transfer(args) => pd_tests::bench::transfer::run(args),
         Command::Cluster(args) => pd_tests::bench::cluster::run(args),
         Command::PrefixCache(args) => pd_tests::bench::prefix::run(args),
+        Command::Serve(args) => pd_tests::bench::serve::run(args),
+        Command::Sweep(args) => pd_tests::bench::sweep::run(args),
+        Command::Compare { a, b } => {
+            print!("{}", pd_tests::bench::sweep::compare(&a, &b)?);
+            Ok(())
+        }
+        Command::Profile(args) => pd_tests::bench::sim::profile::run(args),
+        Command::Simulate(args) => pd_tests::bench::sim::run(args),
+        Command::Plan(args) => pd_tests::bench::sim::plan::run(args),
         #[cfg(feature = "cuda")]
         Command::Gpu(args) => pd_tests::bench::gpu::run(args),
         #[cfg(feature = "nccl")]

@@ -1,0 +1,296 @@
+//! `pd-bench plan`: the layout that serves a workload within its SLOs on the fewest devices.
+//!
+//! A large cluster is planned as copies of one unit (P prefill and D decode nodes, one device
+//! each, or one aggregated node): the router spreads requests evenly, so a unit serves its
+//! share of the arrival rate as it would alone. For every unit of up to `--max-unit` nodes the
+//! planner finds, by bisection over simulated runs, the highest rate at which at least
+//! `--slo-attainment` of requests meet every SLO, and ranks units by that rate per device.
+//! Then it sizes the cluster: as many units as fit in `--gpus` devices, and the rate they
+//! carry; or, with `--request-rate`, the devices that rate needs.
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+use super::des::{self, Layout};
+use super::profile::Profile;
+use super::{layout_name, workload};
+use crate::bench::plot::{self, Chart, Series};
+use crate::bench::serve::metrics::Goodput;
+use crate::bench::serve::ServeArgs;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct PlanArgs {
+    /// The device profile (`pd-bench profile --from-gpu-results ...` for a GPU).
+    #[arg(long)]
+    pub profile: PathBuf,
+
+    /// Devices available.
+    #[arg(long, default_value_t = 1000)]
+    pub gpus: usize,
+
+    /// Largest unit searched (prefill + decode nodes).
+    #[arg(long, default_value_t = 8)]
+    pub max_unit: usize,
+
+    /// Share of requests that must meet every SLO.
+    #[arg(long, default_value_t = 0.9)]
+    pub slo_attainment: f64,
+
+    /// KV backend between prefill and decode nodes.
+    #[arg(long, default_value = "nccl")]
+    pub kv_transfer: String,
+
+    /// Where the plan (JSON) and its charts go.
+    #[arg(long = "plan-dir", default_value = "plan-results")]
+    pub dir: PathBuf,
+
+    /// The workload (lengths, --num-prompts per simulated run, --burstiness, --goodput SLOs;
+    /// --request-rate: the cluster's total rate to size for, or `inf` to fill --gpus).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// What one unit sustains.
+#[derive(Debug, Clone)]
+pub struct UnitCapacity {
+    pub layout: Layout,
+    /// Highest rate (req/s) within the SLOs.
+    pub rate: f64,
+    /// Simulated (rate, share of requests within SLO) points of the search.
+    pub curve: Vec<(f64, f64)>,
+}
+
+impl UnitCapacity {
+    pub fn devices(&self) -> usize {
+        self.layout.prefill + self.layout.decode
+    }
+    pub fn rate_per_device(&self) -> f64 {
+        self.rate / self.devices() as f64
+    }
+}
+
+/// The share of a simulated run's requests that completed within every SLO.
+fn attainment(
+    profile: &Profile,
+    layout: Layout,
+    backend: &str,
+    args: &ServeArgs,
+    rate: f64,
+    slo: &Goodput,
+) -> anyhow::Result<f64> {
+    let requests = workload(args, rate)?;
+    let link = if layout.prefill > 0 {
+        Some(profile.link(backend)?)
+    } else {
+        None
+    };
+    let outputs = des::simulate(profile, layout, link, &requests, None)?;
+    let good = outputs
+        .iter()
+        .filter(|o| {
+            let n = o.output_tokens.unwrap_or(0);
+            let tpot = if n > 1 {
+                (o.latency - o.ttft) / (n - 1) as f64
+            } else {
+                0.0
+            };
+            let within = |ms: Option<f64>, v: f64| ms.is_none_or(|ms| v * 1e3 <= ms);
+            o.success
+                && within(slo.ttft_ms, o.ttft)
+                && within(slo.tpot_ms, tpot)
+                && within(slo.e2el_ms, o.latency)
+        })
+        .count();
+    Ok(good as f64 / outputs.len().max(1) as f64)
+}
+
+/// The highest rate a unit sustains within the SLOs, by doubling then bisection.
+pub fn capacity(
+    profile: &Profile,
+    layout: Layout,
+    backend: &str,
+    args: &ServeArgs,
+    slo: &Goodput,
+    target: f64,
+) -> anyhow::Result<UnitCapacity> {
+    let mut curve = Vec::new();
+    let mut probe = |rate: f64| -> anyhow::Result<bool> {
+        let a = attainment(profile, layout, backend, args, rate, slo)?;
+        curve.push((rate, a));
+        Ok(a >= target)
+    };
+    let (mut lo, mut hi) = (0.0, 0.25);
+    while probe(hi)? {
+        lo = hi;
+        hi *= 2.0;
+        if hi > 1e6 {
+            break;
+        }
+    }
+    for _ in 0..10 {
+        let mid = 0.5 * (lo + hi);
+        if probe(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    curve.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(UnitCapacity {
+        layout,
+        rate: lo,
+        curve,
+    })
+}
+
+pub fn run(args: PlanArgs) -> anyhow::Result<()> {
+    let profile = Profile::read(&args.profile)?;
+    let slo = Goodput::parse(&args.serve.goodput)?.ok_or_else(|| {
+        anyhow::anyhow!("give the SLOs with --goodput, e.g. --goodput ttft:500 tpot:50")
+    })?;
+    let mut units = vec![Layout {
+        prefill: 0,
+        decode: 1,
+        nodes_per_host: 1,
+    }];
+    for p in 1..args.max_unit {
+        for d in 1..=(args.max_unit - p) {
+            units.push(Layout {
+                prefill: p,
+                decode: d,
+                nodes_per_host: 1,
+            });
+        }
+    }
+    println!(
+        "planning for {} x {} ({}), {} SLOs {:?} met by {:.0}% of requests",
+        args.gpus,
+        profile.device,
+        profile.model,
+        args.serve.dataset.dataset_name,
+        args.serve.goodput,
+        100.0 * args.slo_attainment
+    );
+    let mut caps = Vec::new();
+    for layout in units {
+        caps.push(capacity(
+            &profile,
+            layout,
+            &args.kv_transfer,
+            &args.serve,
+            &slo,
+            args.slo_attainment,
+        )?);
+    }
+    caps.sort_by(|a, b| b.rate_per_device().total_cmp(&a.rate_per_device()));
+    println!(
+        "{:<11} {:>8} {:>14} {:>16}",
+        "unit", "devices", "req/s in SLO", "req/s per device"
+    );
+    for c in &caps {
+        println!(
+            "{:<11} {:>8} {:>14.2} {:>16.3}",
+            layout_name(&c.layout),
+            c.devices(),
+            c.rate,
+            c.rate_per_device()
+        );
+    }
+    let best = caps
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no unit fits"))?;
+    anyhow::ensure!(
+        best.rate > 0.0,
+        "no layout meets the SLOs at any rate: loosen --goodput"
+    );
+    let aggregated = caps.iter().find(|c| c.layout.prefill == 0);
+    let (units_n, total_rate) = if args.serve.request_rate.is_finite() {
+        let n = (args.serve.request_rate / best.rate).ceil() as usize;
+        anyhow::ensure!(
+            n * best.devices() <= args.gpus,
+            "{} req/s needs {} devices of the best layout, more than --gpus {}",
+            args.serve.request_rate,
+            n * best.devices(),
+            args.gpus
+        );
+        (n, args.serve.request_rate)
+    } else {
+        let n = args.gpus / best.devices();
+        (n, n as f64 * best.rate)
+    };
+    let devices = units_n * best.devices();
+    println!(
+        "\nrecommendation: {} units of {} ({} prefill + {} decode GPUs of {}), {} GPUs in all, {:.1} req/s within the SLOs ({:.3} per GPU{})",
+        units_n,
+        layout_name(&best.layout),
+        units_n * best.layout.prefill,
+        units_n * best.layout.decode,
+        args.gpus,
+        devices,
+        total_rate,
+        best.rate_per_device(),
+        aggregated.map_or(String::new(), |a| format!(
+            "; aggregated nodes would carry {:.3} per GPU, {:.2}x less",
+            a.rate_per_device(),
+            best.rate_per_device() / a.rate_per_device().max(f64::MIN_POSITIVE)
+        ))
+    );
+    std::fs::create_dir_all(&args.dir)?;
+    let plan = json!({
+        "profile": profile.device, "model": profile.model, "gpus": args.gpus,
+        "slo": args.serve.goodput, "slo_attainment": args.slo_attainment,
+        "recommendation": {"unit": layout_name(&best.layout), "units": units_n, "prefill_gpus": units_n * best.layout.prefill,
+            "decode_gpus": units_n * best.layout.decode, "gpus": devices, "request_rate": total_rate,
+            "request_rate_per_gpu": best.rate_per_device()},
+        "units": caps.iter().map(|c| json!({"unit": layout_name(&c.layout), "devices": c.devices(),
+            "request_rate": c.rate, "request_rate_per_device": c.rate_per_device(),
+            "curve": c.curve})).collect::<Vec<Value>>(),
+    });
+    std::fs::write(
+        args.dir.join("plan.json"),
+        serde_json::to_string_pretty(&plan)?,
+    )?;
+    let top: Vec<&UnitCapacity> = caps
+        .iter()
+        .take(5)
+        .chain(aggregated.filter(|a| !caps.iter().take(5).any(|c| c.layout == a.layout)))
+        .collect();
+    plot::write(
+        &Chart {
+            title: "Requests within SLO, per unit, against the unit's request rate",
+            x_label: "request rate per GPU (req/s)",
+            y_label: "share of requests within SLO",
+            series: top
+                .iter()
+                .map(|c| Series {
+                    name: layout_name(&c.layout),
+                    points: c
+                        .curve
+                        .iter()
+                        .map(|&(r, a)| (r / c.devices() as f64, a))
+                        .collect(),
+                })
+                .collect(),
+        },
+        &args.dir.join("attainment"),
+    )?;
+    plot::write(
+        &Chart {
+            title: "Goodput per GPU by unit (ranked)",
+            x_label: "rank",
+            y_label: "req/s within SLO per GPU",
+            series: vec![Series {
+                name: "units, best first".into(),
+                points: caps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (i as f64 + 1.0, c.rate_per_device()))
+                    .collect(),
+            }],
+        },
+        &args.dir.join("per_gpu"),
+    )?;
+    println!("plan and charts written to {}", args.dir.display());
+    Ok(())
+}

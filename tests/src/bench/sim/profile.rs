@@ -1,0 +1,573 @@
+//! Device profiles: what one engine on one device costs, measured on a real engine and fitted
+//! to the few shapes the simulator needs.
+//!
+//! - a prefill step of `n` new tokens whose prompt already had `s` tokens computed costs
+//!   `a + b·n + c·((s+n)² − s²)` seconds (the matmuls grow with `n`, attention with the pairs of
+//!   positions it relates);
+//! - a decode step of `batch` sequences holding `ctx` tokens in all costs
+//!   `a + b·batch + c·ctx` seconds (weights read once per step, KV read per token held);
+//! - shipping `bytes` of KV over a backend costs `latency + bytes / bytes_per_s`.
+//!
+//! `pd-bench profile` measures the CPU engine of this machine; [`Profile::from_gpu_results`]
+//! reads a GPU profile out of a `deploy/gpu/results/*.json` file.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+/// `a + b·n + c·n²`-style coefficients, seconds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Fit {
+    pub a: f64,
+    pub b: f64,
+    pub c: f64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Link {
+    pub latency_s: f64,
+    pub bytes_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Profile {
+    pub device: String,
+    pub model: String,
+    pub date: String,
+    /// Prefill: see the module's text. Measured points are (prompt tokens, seconds).
+    pub prefill: Fit,
+    pub prefill_points: Vec<[f64; 2]>,
+    /// Decode: see the module's text. Measured points are (batch, context tokens, seconds).
+    pub decode: Fit,
+    pub decode_points: Vec<[f64; 3]>,
+    /// KV bytes one token occupies (all layers, K and V).
+    pub kv_bytes_per_token: f64,
+    /// Per backend (`grpc`, `nccl`).
+    pub transfer: BTreeMap<String, Link>,
+    /// True where every node of a host shares one compute resource (a CPU's cores): nodes
+    /// busy at once each run at 1/k of their speed. False where each node has a device.
+    pub shared_host: bool,
+    /// The engine limits the profile was taken with.
+    pub max_batch_tokens: usize,
+    pub max_num_seqs: usize,
+}
+
+impl Profile {
+    /// Seconds of a step computing the prefill chunks `(start, len)`.
+    pub fn prefill_work(&self, chunks: &[(usize, usize)]) -> f64 {
+        let f = self.prefill;
+        let tokens: usize = chunks.iter().map(|c| c.1).sum();
+        let pairs: f64 = chunks
+            .iter()
+            .map(|&(s, n)| ((s + n) as f64).powi(2) - (s as f64).powi(2))
+            .sum();
+        f.b * tokens as f64 + f.c * pairs
+    }
+
+    /// Seconds of a decode step of `batch` sequences holding `ctx` tokens in all.
+    pub fn decode_work(&self, batch: usize, ctx: usize) -> f64 {
+        self.decode.b * batch as f64 + self.decode.c * ctx as f64
+    }
+
+    /// The fixed cost of a step (the larger of the two fitted intercepts: a step that mixes
+    /// prefill and decode pays it once).
+    pub fn step_overhead(&self, prefill: bool, decode: bool) -> f64 {
+        match (prefill, decode) {
+            (true, true) => self.prefill.a.max(self.decode.a),
+            (true, false) => self.prefill.a,
+            (false, true) => self.decode.a,
+            (false, false) => 0.0,
+        }
+    }
+
+    pub fn link(&self, backend: &str) -> anyhow::Result<Link> {
+        self.transfer.get(backend).copied().ok_or_else(|| {
+            anyhow::anyhow!(
+                "the profile has no {backend:?} transfer figures (it has {:?})",
+                self.transfer.keys().collect::<Vec<_>>()
+            )
+        })
+    }
+
+    pub fn read(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading the profile {}: {e}", path.display()))?;
+        serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{} is not a profile: {e}", path.display()))
+    }
+
+    /// A GPU profile from the results file `pd-bench gpu` writes: decode step times at one
+    /// context for several batches, prefill times for several prompt lengths, the model's
+    /// shape for the KV size. Its decode figures all share one context per sequence, so the
+    /// batch and context terms cannot be told apart; decode on a GPU is bound by memory
+    /// reads, so the whole slope is put on the context held (`b = 0`).
+    pub fn from_gpu_results(results: &serde_json::Value, link: Link) -> anyhow::Result<Self> {
+        let num = |v: &serde_json::Value, k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .ok_or_else(|| anyhow::anyhow!("the GPU results lack {k}"))
+        };
+        let rows = |k: &str| {
+            results
+                .get(k)
+                .and_then(serde_json::Value::as_array)
+                .ok_or_else(|| anyhow::anyhow!("the GPU results lack {k}"))
+        };
+        let mut decode_points = Vec::new();
+        for d in rows("decode")? {
+            let batch = num(d, "batch")?;
+            decode_points.push([batch, batch * num(d, "context")?, num(d, "step_ms")? / 1e3]);
+        }
+        let mut prefill_points = Vec::new();
+        for p in rows("prefill")? {
+            prefill_points.push([num(p, "tokens")?, num(p, "ms")? / 1e3]);
+        }
+        let (a, c) = fit_line(
+            &decode_points
+                .iter()
+                .map(|p| (p[1], p[2]))
+                .collect::<Vec<_>>(),
+        );
+        let prefill = fit_prefill(&prefill_points);
+        let shape = results
+            .get("shape")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("llama3-8b");
+        let preset = shape.split_whitespace().next().unwrap_or(shape);
+        let config = pd_common::model::ModelConfig::preset(preset)?;
+        let served = rows("served")?.first().cloned().unwrap_or_default();
+        Ok(Self {
+            device: results
+                .get("device")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("GPU")
+                .to_string(),
+            model: shape.to_string(),
+            date: results
+                .get("date")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            prefill,
+            prefill_points,
+            decode: Fit { a, b: 0.0, c },
+            decode_points,
+            // bf16 K and V for every layer.
+            kv_bytes_per_token: (2 * 2 * config.num_layers * config.num_kv_heads * config.head_dim)
+                as f64,
+            transfer: BTreeMap::from([("nccl".to_string(), link)]),
+            shared_host: false,
+            max_batch_tokens: served
+                .get("max_batch_tokens")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(2048) as usize,
+            max_num_seqs: served
+                .get("max_num_seqs")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(64) as usize,
+        })
+    }
+}
+
+/// Least squares `y = a + c·x`.
+pub fn fit_line(points: &[(f64, f64)]) -> (f64, f64) {
+    let n = points.len() as f64;
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(sx, sy), &(x, y)| (sx + x, sy + y));
+    let (mx, my) = (sx / n, sy / n);
+    let sxx: f64 = points.iter().map(|&(x, _)| (x - mx) * (x - mx)).sum();
+    let sxy: f64 = points.iter().map(|&(x, y)| (x - mx) * (y - my)).sum();
+    let c = if sxx > 0.0 { sxy / sxx } else { 0.0 };
+    (my - c * mx, c)
+}
+
+/// Least squares over the columns `xs` (each row a point's regressors), by the normal
+/// equations; coefficients that come out negative are dropped and the rest fitted again, since
+/// a cost cannot shrink with size.
+pub fn least_squares(rows: &[Vec<f64>], ys: &[f64]) -> Vec<f64> {
+    let k = rows.first().map_or(0, Vec::len);
+    let mut active: Vec<bool> = vec![true; k];
+    loop {
+        let cols: Vec<usize> = (0..k).filter(|&j| active[j]).collect();
+        let m = cols.len();
+        let mut a = vec![vec![0.0; m + 1]; m];
+        for (row, &y) in rows.iter().zip(ys) {
+            for (i, &ci) in cols.iter().enumerate() {
+                for (j, &cj) in cols.iter().enumerate() {
+                    a[i][j] += row[ci] * row[cj];
+                }
+                a[i][m] += row[ci] * y;
+            }
+        }
+        let solved = gauss(a);
+        let mut coef = vec![0.0; k];
+        for (i, &ci) in cols.iter().enumerate() {
+            coef[ci] = solved.get(i).copied().unwrap_or(0.0);
+        }
+        match (0..k).find(|&j| active[j] && coef[j] < 0.0) {
+            Some(j) => active[j] = false,
+            None => return coef,
+        }
+    }
+}
+
+/// Solves an augmented system; singular directions get 0.
+fn gauss(mut a: Vec<Vec<f64>>) -> Vec<f64> {
+    let m = a.len();
+    for col in 0..m {
+        let Some(p) = (col..m).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs())) else {
+            break;
+        };
+        a.swap(col, p);
+        let pivot = a[col][col];
+        if pivot.abs() < 1e-300 {
+            continue;
+        }
+        let pivot_row = a[col].clone();
+        for (r, row) in a.iter_mut().enumerate() {
+            if r != col {
+                let f = row[col] / pivot;
+                for (x, p) in row[col..].iter_mut().zip(&pivot_row[col..]) {
+                    *x -= f * p;
+                }
+            }
+        }
+    }
+    (0..m)
+        .map(|i| {
+            if a[i][i].abs() < 1e-300 {
+                0.0
+            } else {
+                a[i][m] / a[i][i]
+            }
+        })
+        .collect()
+}
+
+/// Fits the prefill cost to (tokens, seconds) of whole prompts computed from nothing.
+pub fn fit_prefill(points: &[[f64; 2]]) -> Fit {
+    let rows: Vec<Vec<f64>> = points
+        .iter()
+        .map(|p| vec![1.0, p[0], p[0] * p[0]])
+        .collect();
+    let ys: Vec<f64> = points.iter().map(|p| p[1]).collect();
+    let c = least_squares(&rows, &ys);
+    Fit {
+        a: c[0],
+        b: c[1],
+        c: c[2],
+    }
+}
+
+/// Fits the decode cost to (batch, context, seconds).
+pub fn fit_decode(points: &[[f64; 3]]) -> Fit {
+    let rows: Vec<Vec<f64>> = points.iter().map(|p| vec![1.0, p[0], p[1]]).collect();
+    let ys: Vec<f64> = points.iter().map(|p| p[2]).collect();
+    let c = least_squares(&rows, &ys);
+    Fit {
+        a: c[0],
+        b: c[1],
+        c: c[2],
+    }
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ProfileArgs {
+    /// Where the profile is written.
+    #[arg(long, default_value = "profile-cpu.json")]
+    pub output: std::path::PathBuf,
+
+    /// Instead of measuring: turn a `pd-bench gpu` results file into a GPU profile.
+    #[arg(long)]
+    pub from_gpu_results: Option<std::path::PathBuf>,
+
+    /// KV link of a GPU profile, GB/s (NVLink through NCCL between two GPUs of one host).
+    #[arg(long, default_value_t = 150.0)]
+    pub gpu_link_gbps: f64,
+
+    /// Prompt lengths of the prefill measurements.
+    #[arg(long, value_delimiter = ',', default_value = "32,128,256,512")]
+    pub prefill_tokens: Vec<usize>,
+
+    /// Batch sizes of the decode measurements.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    pub batches: Vec<usize>,
+
+    /// Context per sequence of the decode measurements.
+    #[arg(long, value_delimiter = ',', default_value = "64,320")]
+    pub contexts: Vec<usize>,
+
+    /// The engine measured (defaults as every node's).
+    #[command(flatten)]
+    pub engine: pd_common::engine::EngineConfig,
+}
+
+pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
+    let profile = match &args.from_gpu_results {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)?;
+            let results: serde_json::Value = serde_json::from_str(&text)?;
+            Profile::from_gpu_results(
+                &results,
+                Link {
+                    latency_s: 50e-6,
+                    bytes_per_s: args.gpu_link_gbps * 1e9,
+                },
+            )?
+        }
+        None => measure_cpu(&args)?,
+    };
+    print_profile(&profile);
+    std::fs::write(&args.output, serde_json::to_string_pretty(&profile)?)?;
+    println!("profile written to {}", args.output.display());
+    Ok(())
+}
+
+pub fn print_profile(p: &Profile) {
+    println!("profile of {} on {} ({})", p.model, p.device, p.date);
+    println!(
+        "prefill step  = {:.3} ms + {:.4} ms/token + {:.3e} ms/token pair",
+        p.prefill.a * 1e3,
+        p.prefill.b * 1e3,
+        p.prefill.c * 1e3
+    );
+    for pt in &p.prefill_points {
+        println!(
+            "  {:>6} tokens: measured {:>8.2} ms, fitted {:>8.2} ms",
+            pt[0],
+            pt[1] * 1e3,
+            (p.prefill.a + p.prefill_work(&[(0, pt[0] as usize)])) * 1e3
+        );
+    }
+    println!(
+        "decode step   = {:.3} ms + {:.4} ms/sequence + {:.3e} ms/context token",
+        p.decode.a * 1e3,
+        p.decode.b * 1e3,
+        p.decode.c * 1e3
+    );
+    for pt in &p.decode_points {
+        println!(
+            "  batch {:>4}, context {:>7}: measured {:>7.2} ms, fitted {:>7.2} ms",
+            pt[0],
+            pt[1],
+            pt[2] * 1e3,
+            (p.decode.a + p.decode_work(pt[0] as usize, pt[1] as usize)) * 1e3
+        );
+    }
+    for (name, l) in &p.transfer {
+        println!(
+            "transfer {name}: {:.3} ms + {:.2} GB/s",
+            l.latency_s * 1e3,
+            l.bytes_per_s / 1e9
+        );
+    }
+}
+
+fn measure_cpu(args: &ProfileArgs) -> anyhow::Result<Profile> {
+    use pd_common::engine::{EngineConfig, GenerateRequest, SeqEvent};
+    use pd_common::sampling::SamplingParams;
+    let loaded = crate::real_model();
+    let config = loaded.model.config().clone();
+    let vocab = config.vocab_size as u64;
+    let prompt = |len: usize, salt: u64| -> Vec<u32> {
+        (0..len as u64)
+            .map(|i| {
+                (300 + pd_common::sampling::splitmix64(salt * 1_000_003 + i) % (vocab - 300)) as u32
+            })
+            .collect()
+    };
+    let params = |max_tokens| SamplingParams {
+        temperature: 0.0,
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    let new_core = |max_batch_tokens: usize| {
+        pd_common::engine::EngineCore::new(
+            loaded.model.clone(),
+            loaded.tokenizer.clone(),
+            EngineConfig {
+                max_batch_tokens,
+                enable_prefix_caching: false,
+                ..args.engine.clone()
+            },
+        )
+    };
+    println!(
+        "measuring prefill (load average {})",
+        super::super::load_average()
+    );
+    let mut prefill_points = Vec::new();
+    for &n in &args.prefill_tokens {
+        let mut times = Vec::new();
+        for rep in 0..4u64 {
+            let mut core = new_core(n.max(args.engine.max_batch_tokens))?;
+            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+            core.add_request(
+                GenerateRequest {
+                    prompt_ids: prompt(n, 100 + rep),
+                    params: params(1),
+                    ..Default::default()
+                },
+                tx,
+            )?;
+            let t = Instant::now();
+            while core.has_work() {
+                core.step()?;
+            }
+            if rep > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        prefill_points.push([n as f64, super::super::median(times)]);
+    }
+    println!("measuring decode");
+    let mut decode_points = Vec::new();
+    for &ctx in &args.contexts {
+        for &batch in &args.batches {
+            let mut core = new_core(args.engine.max_batch_tokens)?;
+            let steps = 12usize;
+            let mut streams = Vec::new();
+            for i in 0..batch {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                core.add_request(
+                    GenerateRequest {
+                        prompt_ids: prompt(ctx, 1000 + i as u64),
+                        params: params(steps as u32 + 4),
+                        ..Default::default()
+                    },
+                    tx,
+                )?;
+                streams.push(rx);
+            }
+            let mut first = vec![false; batch];
+            // Until every sequence has its first token: prefill is not what is timed.
+            while !first.iter().all(|&f| f) {
+                core.step()?;
+                for (i, rx) in streams.iter_mut().enumerate() {
+                    while let Ok(ev) = rx.try_recv() {
+                        match ev {
+                            SeqEvent::Token(_) => first[i] = true,
+                            SeqEvent::Failed(e) => return Err(e.into()),
+                            SeqEvent::Finished(_) => {}
+                        }
+                    }
+                }
+            }
+            let t = Instant::now();
+            for _ in 0..steps {
+                core.step()?;
+            }
+            let per_step = t.elapsed().as_secs_f64() / steps as f64;
+            // Context held during the timed steps, on average.
+            let held = batch * (ctx + 1 + steps / 2);
+            decode_points.push([batch as f64, held as f64, per_step]);
+        }
+    }
+    println!("measuring KV over gRPC");
+    let kv_spec_bytes = 2 * 2 * config.num_layers * config.num_kv_heads * config.head_dim;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let mut link_points = Vec::new();
+    for tokens in [128usize, 1024] {
+        let (bytes, secs) =
+            runtime.block_on(super::super::transfer::grpc_seconds(&config, tokens, 3))?;
+        link_points.push((bytes as f64, secs));
+    }
+    let (latency, per_byte) = fit_line(&link_points);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok(Profile {
+        device: format!("CPU, {threads} threads"),
+        model: pd_common::model::default_model_path()
+            .file_name()
+            .map_or_else(|| "model".into(), |n| n.to_string_lossy().to_string()),
+        date: chrono::Local::now().format("%Y-%m-%d").to_string(),
+        prefill: fit_prefill(&prefill_points),
+        prefill_points,
+        decode: fit_decode(&decode_points),
+        decode_points,
+        kv_bytes_per_token: kv_spec_bytes as f64,
+        transfer: BTreeMap::from([(
+            "grpc".to_string(),
+            Link {
+                latency_s: latency.max(0.0),
+                bytes_per_s: if per_byte > 0.0 {
+                    1.0 / per_byte
+                } else {
+                    f64::INFINITY
+                },
+            },
+        )]),
+        shared_host: true,
+        max_batch_tokens: args.engine.max_batch_tokens,
+        max_num_seqs: args.engine.max_num_seqs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fits_recover_known_costs() {
+        let pts: Vec<[f64; 2]> = [16.0, 64.0, 256.0, 1024.0]
+            .iter()
+            .map(|&n| [n, 0.002 + 1e-4 * n + 3e-8 * n * n])
+            .collect();
+        let f = fit_prefill(&pts);
+        assert!(
+            (f.a - 0.002).abs() < 1e-9 && (f.b - 1e-4).abs() < 1e-10 && (f.c - 3e-8).abs() < 1e-13,
+            "{f:?}"
+        );
+        let pts: Vec<[f64; 3]> = [(1.0, 100.0), (8.0, 800.0), (8.0, 4000.0), (32.0, 2000.0)]
+            .iter()
+            .map(|&(b, c)| [b, c, 0.01 + 0.001 * b + 2e-6 * c])
+            .collect();
+        let f = fit_decode(&pts);
+        assert!(
+            (f.a - 0.01).abs() < 1e-9 && (f.b - 0.001).abs() < 1e-9 && (f.c - 2e-6).abs() < 1e-12,
+            "{f:?}"
+        );
+        // A cost that would come out negative is dropped, not kept.
+        let f = fit_prefill(&[[10.0, 1.0], [20.0, 2.0], [30.0, 2.9]]);
+        assert!(f.a >= 0.0 && f.b >= 0.0 && f.c >= 0.0, "{f:?}");
+        assert_eq!(fit_line(&[(0.0, 1.0), (2.0, 5.0)]), (1.0, 2.0));
+    }
+
+    #[test]
+    fn a_gpu_profile_is_read_from_the_results_file() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/gpu/results/2026-12-03-h200.json"
+        );
+        let results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let p = Profile::from_gpu_results(
+            &results,
+            Link {
+                latency_s: 0.0,
+                bytes_per_s: 1e11,
+            },
+        )
+        .unwrap();
+        assert_eq!(p.device, "NVIDIA H200");
+        assert!(!p.shared_host);
+        // Llama-3-8B: 32 layers, 8 KV heads of 128, K and V in bf16.
+        assert_eq!(p.kv_bytes_per_token, 131072.0);
+        for pt in &p.decode_points {
+            let fitted = p.decode.a + p.decode_work(pt[0] as usize, pt[1] as usize);
+            assert!(
+                (fitted - pt[2]).abs() / pt[2] < 0.1,
+                "decode {pt:?}: fitted {fitted}"
+            );
+        }
+        for pt in &p.prefill_points {
+            let fitted = p.prefill.a + p.prefill_work(&[(0, pt[0] as usize)]);
+            assert!(
+                (fitted - pt[1]).abs() / pt[1] < 0.05,
+                "prefill {pt:?}: fitted {fitted}"
+            );
+        }
+    }
+}
