@@ -53,12 +53,26 @@ pids=()
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 threads=$(nproc)
+# It serves one request at a time; by default a new request cuts the stream of the one being
+# served short (--interrupt_requests), which would count as a fast, short answer.
 # shellcheck disable=SC2086
 "$venv/bin/python" -m llama_cpp.server --model "$model" --host 127.0.0.1 --port "$port" \
-    --n_ctx 4096 --n_threads "$threads" --model_alias smollm2 ${LLAMA_CPP_FLAGS:-} >"$out/llama-cpp.log" 2>&1 &
+    --n_ctx 4096 --n_threads "$threads" --model_alias smollm2 --interrupt_requests False \
+    ${LLAMA_CPP_FLAGS:-} >"$out/llama-cpp.log" 2>&1 &
 pids+=($!)
+# llama-cpp-python ignores `ignore_eos`: the end-of-text tokens are biased away instead, so both
+# servers generate every requested token.
+eos_bias=$("$venv/bin/python" -c '
+import json, sys, llama_cpp
+m = llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)
+ids = {m.token_eos(), m.token_bos()}
+for name in (b"<|endoftext|>", b"<|im_end|>", b"<|eot_id|>"):
+    t = m.tokenize(name, add_bos=False, special=True)
+    if len(t) == 1:
+        ids.add(t[0])
+print(json.dumps({"logit_bias": {str(i): -100 for i in sorted(ids)}}))' "$model" 2>/dev/null)
 bench_flags=(--base-url "http://127.0.0.1:$port" --label llama-cpp --result-filename llama-cpp.json
-    --ready-check-timeout-sec 300)
+    --ready-check-timeout-sec 300 --extra-body "$eos_bias")
 target/debug/pd-bench serve "${bench_flags[@]}" "${workload[@]}"
 
 echo

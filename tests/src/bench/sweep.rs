@@ -1,7 +1,9 @@
 //! `pd-bench sweep`: `pd-bench serve` at a list of request rates (or of concurrency caps), one
 //! result file per point, a `sweep.json` with every point's headline figures, and charts:
 //! throughput and goodput against the load, TTFT and TPOT percentiles against the load, and
-//! the latency CDF of each point. `pd-bench compare A B` puts two results side by side.
+//! the latency CDF of each point. Point k draws its prompts with `--seed` + k, so that a
+//! prefix cache does not serve a point from the prompts of the one before. `pd-bench compare A
+//! B` puts two results side by side.
 
 use std::path::{Path, PathBuf};
 
@@ -74,8 +76,11 @@ pub async fn run_async(args: SweepArgs) -> anyhow::Result<Vec<PathBuf>> {
         .with_context(|| format!("creating {}", args.dir.display()))?;
     let mut written = Vec::new();
     let mut results = Vec::new();
-    for &x in &points {
+    for (index, &x) in points.iter().enumerate() {
         let mut point = args.serve.clone();
+        // Each point draws prompts of its own: a server's prefix cache must not serve a point
+        // from the prompts of the one before.
+        point.seed = args.serve.seed + index as u64;
         let name = match axis {
             Axis::Rate => {
                 point.request_rate = x;

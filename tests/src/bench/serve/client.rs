@@ -51,6 +51,8 @@ pub struct RequestTemplate {
     pub ignore_eos: bool,
     pub api_key: Option<String>,
     pub timeout: Duration,
+    /// Merged into every body last (`--extra-body`).
+    pub extra_body: serde_json::Map<String, Value>,
 }
 
 /// What one request saw.
@@ -87,6 +89,9 @@ impl RequestTemplate {
         body["stream_options"] = json!({"include_usage": true});
         if self.ignore_eos {
             body["ignore_eos"] = json!(true);
+        }
+        for (k, v) in &self.extra_body {
+            body[k] = v.clone();
         }
         body
     }
@@ -258,6 +263,37 @@ mod tests {
                 "split at {split}"
             );
         }
+    }
+
+    #[test]
+    fn bodies_are_vllms_with_extra_fields_last() {
+        let mut t = RequestTemplate {
+            url: String::new(),
+            api: Api::Chat,
+            model: "m".into(),
+            temperature: 0.0,
+            ignore_eos: true,
+            api_key: None,
+            timeout: Duration::from_secs(1),
+            extra_body: serde_json::from_str(r#"{"top_k": 1, "temperature": 0.5}"#).unwrap(),
+        };
+        let b = t.body("hi", 7);
+        assert_eq!(b["messages"][0]["content"], "hi");
+        assert_eq!(b["max_completion_tokens"], 7);
+        assert_eq!(b["stream_options"]["include_usage"], true);
+        assert_eq!(b["ignore_eos"], true);
+        assert_eq!(
+            (b["top_k"].clone(), b["temperature"].clone()),
+            (json!(1), json!(0.5))
+        );
+        t.api = Api::Completions;
+        t.ignore_eos = false;
+        let b = t.body("hi", 7);
+        assert_eq!(
+            (b["prompt"].clone(), b["max_tokens"].clone()),
+            (json!("hi"), json!(7))
+        );
+        assert!(b.get("ignore_eos").is_none());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use rand_distr::Distribution;
 use serde_json::{json, Map, Value};
 
 use client::{Api, RequestOutput, RequestTemplate};
-use dataset::{DatasetArgs, SampleRequest};
+use dataset::DatasetArgs;
 use metrics::{Goodput, Selection};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -109,6 +109,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
 
+    /// A JSON object merged into every request's body (e.g. `{"top_k": 1}`).
+    #[arg(long)]
+    pub extra_body: Option<String>,
+
     /// Seconds a request may take before it counts as failed.
     #[arg(long, default_value_t = 600.0)]
     pub request_timeout: f64,
@@ -159,6 +163,8 @@ impl ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(run_async(&args))?;
+    let selection = Selection::parse(&args.percentile_metrics, &args.metric_percentiles)?;
+    metrics::print_table(&result, &selection);
     if args.save_result {
         let path = save(&args, &result)?;
         eprintln!("result written to {}", path.display());
@@ -189,7 +195,7 @@ pub fn load_tokenizer(path: Option<&std::path::Path>) -> anyhow::Result<Arc<Toke
     tokenizer.ok_or_else(|| anyhow::anyhow!("{} has no tokenizer", path.display()))
 }
 
-/// Runs the benchmark and returns its result (printed as vLLM prints it).
+/// Runs the benchmark and returns its result (`run` prints it as vLLM prints it).
 pub async fn run_async(args: &ServeArgs) -> anyhow::Result<Map<String, Value>> {
     let api = Api::resolve(args.backend.as_deref(), &args.endpoint)?;
     let selection = Selection::parse(&args.percentile_metrics, &args.metric_percentiles)?;
@@ -227,7 +233,15 @@ pub async fn run_async(args: &ServeArgs) -> anyhow::Result<Map<String, Value>> {
             }
         },
     };
+    let extra_body = match &args.extra_body {
+        None => serde_json::Map::new(),
+        Some(text) => match serde_json::from_str(text) {
+            Ok(Value::Object(m)) => m,
+            _ => anyhow::bail!("--extra-body must be a JSON object, got {text:?}"),
+        },
+    };
     let template = Arc::new(RequestTemplate {
+        extra_body,
         url: format!("{base}{}", args.endpoint),
         api,
         model: model.clone(),
@@ -238,7 +252,7 @@ pub async fn run_async(args: &ServeArgs) -> anyhow::Result<Map<String, Value>> {
             .filter(|k| !k.is_empty()),
         timeout: Duration::from_secs_f64(args.request_timeout),
     });
-    ready_check(&http, &template, &requests[0], ready_by).await?;
+    ready_check(&http, &template, ready_by).await?;
 
     eprintln!(
         "Traffic request rate: {}\nBurstiness factor: {}{}\nMaximum request concurrency: {}",
@@ -299,7 +313,6 @@ pub async fn run_async(args: &ServeArgs) -> anyhow::Result<Map<String, Value>> {
         dataset::count_tokens(&tokenizer, &o.generated_text).map_or(0, |ids| ids.len())
     };
     let mut result = metrics::summarize(&outputs, duration, &selection, goodput.as_ref(), count);
-    metrics::print_table(&result, &selection);
     if let Some(first) = outputs.iter().find(|o| !o.success) {
         eprintln!("first failure: {}", first.error);
     }
@@ -418,24 +431,18 @@ async fn first_model(http: &reqwest::Client, base: &str) -> anyhow::Result<Strin
         .ok_or_else(|| anyhow::anyhow!("{url} lists no model: give --model"))
 }
 
-/// One request alone before the run: a server that is down or answers badly stops the
-/// benchmark here, with its reason.
+/// One short request alone before the run: a server that is down or answers badly stops the
+/// benchmark here, with its reason. Its prompt is shorter than a KV block and in no dataset,
+/// so a prefix cache cannot serve the run's first prompt from it.
 async fn ready_check(
     http: &reqwest::Client,
     template: &RequestTemplate,
-    first: &SampleRequest,
     deadline: Instant,
 ) -> anyhow::Result<()> {
     eprintln!("Starting initial single prompt test run...");
     loop {
         let out = template
-            .send(
-                http,
-                &first.prompt,
-                first.prompt_len,
-                first.output_len.min(16),
-                Instant::now(),
-            )
+            .send(http, "Hello, are you there?", 6, 4, Instant::now())
             .await;
         if out.success {
             eprintln!("Initial test run completed. Starting main benchmark run...");

@@ -149,7 +149,7 @@ pub fn simulate(
                 node.step = plan_step(node, profile, budget, max_seqs, &seqs);
             }
         }
-        let rates = rates(&nodes);
+        let rates = rates(&nodes, profile.shared_slowdown);
         let next_step = nodes
             .iter()
             .zip(&rates)
@@ -343,8 +343,9 @@ fn plan_step(
     })
 }
 
-/// Each node's speed: 1 alone on its host, 1/k with k busy nodes sharing it.
-fn rates(nodes: &[Node]) -> Vec<f64> {
+/// Each node's speed: 1 alone on its host; with k busy nodes sharing it, each step takes
+/// `1 + (k−1)·(slowdown−1)` times as long.
+fn rates(nodes: &[Node], slowdown: f64) -> Vec<f64> {
     let hosts = nodes.iter().map(|n| n.host).max().map_or(0, |h| h + 1);
     let mut busy = vec![0usize; hosts];
     for n in nodes.iter().filter(|n| n.step.is_some()) {
@@ -352,7 +353,7 @@ fn rates(nodes: &[Node]) -> Vec<f64> {
     }
     nodes
         .iter()
-        .map(|n| 1.0 / busy[n.host].max(1) as f64)
+        .map(|n| 1.0 / (1.0 + (busy[n.host].max(1) - 1) as f64 * (slowdown - 1.0)))
         .collect()
 }
 
@@ -395,10 +396,12 @@ mod tests {
                 b: 0.0,
                 c: 0.0,
             },
+            decode_base: vec![],
             decode_points: vec![],
             kv_bytes_per_token: 1000.0,
             transfer: Default::default(),
             shared_host: shared,
+            shared_slowdown: 2.0,
             max_batch_tokens: 512,
             max_num_seqs: 64,
         }

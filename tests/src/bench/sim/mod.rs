@@ -86,20 +86,28 @@ pub fn layout_name(l: &Layout) -> String {
     }
 }
 
-/// The workload of `args` as the simulator takes it: lengths and arrival times.
-pub fn workload(args: &ServeArgs, rate: f64) -> anyhow::Result<Vec<SimRequest>> {
+/// The (prompt, output) lengths of the workload `args` defines, built as `serve` builds it.
+pub fn lengths(args: &ServeArgs) -> anyhow::Result<Vec<(usize, usize)>> {
     let tokenizer = serve::load_tokenizer(args.tokenizer.as_deref())?;
     let requests = dataset::build(&args.dataset, args.num_prompts, &tokenizer, args.seed)?;
-    let arrivals = serve::arrival_offsets(requests.len(), rate, args.burstiness, args.seed);
     Ok(requests
         .iter()
-        .zip(arrivals)
-        .map(|(r, at)| SimRequest {
-            send_at: at,
-            prompt_len: r.prompt_len,
-            output_len: r.output_len,
-        })
+        .map(|r| (r.prompt_len, r.output_len))
         .collect())
+}
+
+/// Those requests arriving at `rate` as `serve` sends them (same gaps for the same seed).
+pub fn at_rate(lengths: &[(usize, usize)], rate: f64, args: &ServeArgs) -> Vec<SimRequest> {
+    let arrivals = serve::arrival_offsets(lengths.len(), rate, args.burstiness, args.seed);
+    lengths
+        .iter()
+        .zip(arrivals)
+        .map(|(&(prompt_len, output_len), send_at)| SimRequest {
+            send_at,
+            prompt_len,
+            output_len,
+        })
+        .collect()
 }
 
 /// One simulated point: the result under `vllm bench serve`'s keys.
@@ -177,10 +185,11 @@ async fn run_async(mut args: SimulateArgs) -> anyhow::Result<()> {
     );
     println!("{header}");
     let mut worst: f64 = 0.0;
+    let lengths = lengths(&args.serve)?;
     for name in &args.layouts {
         let layout = parse_layout(name, args.nodes_per_host)?;
         for &rate in &rates {
-            let requests = workload(&args.serve, rate)?;
+            let requests = at_rate(&lengths, rate, &args.serve);
             let predicted = predict(&profile, layout, &args.kv_transfer, &requests, &args.serve)?;
             print_row(name, rate, "predicted", &predicted);
             let mut line =

@@ -7,6 +7,12 @@
 //! `--slo-attainment` of requests meet every SLO, and ranks units by that rate per device.
 //! Then it sizes the cluster: as many units as fit in `--gpus` devices, and the rate they
 //! carry; or, with `--request-rate`, the devices that rate needs.
+//!
+//! A simulated run is finite: past a unit's capacity its queues grow for as long as requests
+//! keep coming, and a short run ends before they hurt most requests. So a rate counts as
+//! within SLO only if the last quarter of the requests meets the SLO share too, and
+//! `--num-prompts` should span many request lifetimes; and it counts only if no kind of node is
+//! loaded past its capacity by the profile's own figures (a queue that grows forever).
 
 use std::path::PathBuf;
 
@@ -14,8 +20,9 @@ use serde_json::{json, Value};
 
 use super::des::{self, Layout};
 use super::profile::Profile;
-use super::{layout_name, workload};
+use super::{at_rate, layout_name, lengths};
 use crate::bench::plot::{self, Chart, Series};
+use crate::bench::serve::client::RequestOutput;
 use crate::bench::serve::metrics::Goodput;
 use crate::bench::serve::ServeArgs;
 
@@ -70,25 +77,56 @@ impl UnitCapacity {
     }
 }
 
-/// The share of a simulated run's requests that completed within every SLO.
-fn attainment(
-    profile: &Profile,
-    layout: Layout,
-    backend: &str,
-    args: &ServeArgs,
-    rate: f64,
-    slo: &Goodput,
-) -> anyhow::Result<f64> {
-    let requests = workload(args, rate)?;
-    let link = if layout.prefill > 0 {
-        Some(profile.link(backend)?)
-    } else {
-        None
-    };
-    let outputs = des::simulate(profile, layout, link, &requests, None)?;
-    let good = outputs
-        .iter()
-        .filter(|o| {
+/// What every simulated run of a plan shares: the workload, the device, the SLOs.
+pub struct Search<'a> {
+    pub lengths: &'a [(usize, usize)],
+    pub profile: &'a Profile,
+    pub backend: &'a str,
+    pub args: &'a ServeArgs,
+    pub slo: &'a Goodput,
+}
+
+impl Search<'_> {
+    /// The busiest kind of node's utilization at `rate`, from the profile alone: prefill
+    /// node-seconds per request (its prompt in chunks of the token budget), decode node-seconds
+    /// per output token at a full batch of average context. Above 1 the queues grow without
+    /// bound however well a finite run looks.
+    fn utilization(&self, layout: Layout, rate: f64) -> f64 {
+        let p = self.profile;
+        let n = self.lengths.len().max(1) as f64;
+        let mean_prompt = self.lengths.iter().map(|l| l.0 as f64).sum::<f64>() / n;
+        let mean_output = self.lengths.iter().map(|l| l.1 as f64).sum::<f64>() / n;
+        let budget = p.max_batch_tokens.max(1);
+        let prompt = mean_prompt.round() as usize;
+        let chunks: Vec<(usize, usize)> = (0..prompt)
+            .step_by(budget)
+            .map(|s| (s, budget.min(prompt - s)))
+            .collect();
+        let prefill_s =
+            chunks.len() as f64 * p.step_overhead(true, false) + p.prefill_work(&chunks);
+        let batch = p.max_num_seqs.max(1);
+        let ctx = batch as f64 * (mean_prompt + mean_output / 2.0);
+        let decode_s =
+            (p.step_overhead(false, true) + p.decode_work(batch, ctx as usize)) / batch as f64;
+        let (prefill_load, decode_load) = (rate * prefill_s, rate * mean_output * decode_s);
+        if layout.prefill == 0 {
+            (prefill_load + decode_load) / layout.decode as f64
+        } else {
+            (prefill_load / layout.prefill as f64).max(decode_load / layout.decode as f64)
+        }
+    }
+
+    /// The share of a simulated run's requests that completed within every SLO.
+    fn attainment(&self, layout: Layout, rate: f64) -> anyhow::Result<f64> {
+        let requests = at_rate(self.lengths, rate, self.args);
+        let link = if layout.prefill > 0 {
+            Some(self.profile.link(self.backend)?)
+        } else {
+            None
+        };
+        let outputs = des::simulate(self.profile, layout, link, &requests, None)?;
+        let slo = self.slo;
+        let within_slo = |o: &RequestOutput| {
             let n = o.output_tokens.unwrap_or(0);
             let tpot = if n > 1 {
                 (o.latency - o.ttft) / (n - 1) as f64
@@ -100,25 +138,28 @@ fn attainment(
                 && within(slo.ttft_ms, o.ttft)
                 && within(slo.tpot_ms, tpot)
                 && within(slo.e2el_ms, o.latency)
-        })
-        .count();
-    Ok(good as f64 / outputs.len().max(1) as f64)
+        };
+        let share = |os: &[&RequestOutput]| {
+            os.iter().filter(|o| within_slo(o)).count() as f64 / os.len().max(1) as f64
+        };
+        // A rate the unit cannot sustain shows as queues that grow: the last requests sent
+        // fare worse than the first. The run's share is the lower of all of them and its last
+        // quarter, so a short run cannot hide an overload in its tail.
+        let mut by_send: Vec<&RequestOutput> = outputs.iter().collect();
+        by_send.sort_by(|a, b| a.start_time.total_cmp(&b.start_time));
+        let tail = &by_send[by_send.len() * 3 / 4..];
+        Ok(share(&by_send).min(share(tail)))
+    }
 }
 
-/// The highest rate a unit sustains within the SLOs, by doubling then bisection.
-pub fn capacity(
-    profile: &Profile,
-    layout: Layout,
-    backend: &str,
-    args: &ServeArgs,
-    slo: &Goodput,
-    target: f64,
-) -> anyhow::Result<UnitCapacity> {
+/// The highest rate a unit sustains with `target` of its requests within the SLOs, by
+/// doubling then bisection.
+pub fn capacity(search: &Search, layout: Layout, target: f64) -> anyhow::Result<UnitCapacity> {
     let mut curve = Vec::new();
     let mut probe = |rate: f64| -> anyhow::Result<bool> {
-        let a = attainment(profile, layout, backend, args, rate, slo)?;
+        let a = search.attainment(layout, rate)?;
         curve.push((rate, a));
-        Ok(a >= target)
+        Ok(a >= target && search.utilization(layout, rate) <= 1.0)
     };
     let (mut lo, mut hi) = (0.0, 0.25);
     while probe(hi)? {
@@ -172,16 +213,17 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         args.serve.goodput,
         100.0 * args.slo_attainment
     );
+    let lengths = lengths(&args.serve)?;
+    let search = Search {
+        lengths: &lengths,
+        profile: &profile,
+        backend: &args.kv_transfer,
+        args: &args.serve,
+        slo: &slo,
+    };
     let mut caps = Vec::new();
     for layout in units {
-        caps.push(capacity(
-            &profile,
-            layout,
-            &args.kv_transfer,
-            &args.serve,
-            &slo,
-            args.slo_attainment,
-        )?);
+        caps.push(capacity(&search, layout, args.slo_attainment)?);
     }
     caps.sort_by(|a, b| b.rate_per_device().total_cmp(&a.rate_per_device()));
     println!(

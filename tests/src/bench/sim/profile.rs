@@ -40,14 +40,25 @@ pub struct Profile {
     pub prefill_points: Vec<[f64; 2]>,
     /// Decode: see the module's text. Measured points are (batch, context tokens, seconds).
     pub decode: Fit,
+    /// The decode step's cost without its context term at each measured batch size, (batch,
+    /// seconds): small batches on a CPU do not follow one line (threads idle at batch 1), so
+    /// where this is given the batch term is read off it, linearly between the points and
+    /// along the last two beyond them, instead of `a + b·batch`.
+    #[serde(default)]
+    pub decode_base: Vec<[f64; 2]>,
     pub decode_points: Vec<[f64; 3]>,
     /// KV bytes one token occupies (all layers, K and V).
     pub kv_bytes_per_token: f64,
     /// Per backend (`grpc`, `nccl`).
     pub transfer: BTreeMap<String, Link>,
-    /// True where every node of a host shares one compute resource (a CPU's cores): nodes
-    /// busy at once each run at 1/k of their speed. False where each node has a device.
+    /// True where every node of a host shares one compute resource (a CPU's cores). False
+    /// where each node has a device of its own.
     pub shared_host: bool,
+    /// On a shared host: how much longer a step takes while another node's engine is busy on
+    /// the same host (measured: a decode step beside a process that computes without pause).
+    /// With k nodes busy each runs at `1 / (1 + (k−1)·(slowdown−1))` of its speed.
+    #[serde(default = "one")]
+    pub shared_slowdown: f64,
     /// The engine limits the profile was taken with.
     pub max_batch_tokens: usize,
     pub max_num_seqs: usize,
@@ -65,9 +76,14 @@ impl Profile {
         f.b * tokens as f64 + f.c * pairs
     }
 
-    /// Seconds of a decode step of `batch` sequences holding `ctx` tokens in all.
+    /// Seconds of a decode step of `batch` sequences holding `ctx` tokens in all, less the
+    /// step's fixed cost ([`Profile::step_overhead`]).
     pub fn decode_work(&self, batch: usize, ctx: usize) -> f64 {
-        self.decode.b * batch as f64 + self.decode.c * ctx as f64
+        let base = match self.decode_base.as_slice() {
+            [] | [_] => self.decode.b * batch as f64,
+            points => interpolate(points, batch as f64) - self.decode.a,
+        };
+        base.max(0.0) + self.decode.c * ctx as f64
     }
 
     /// The fixed cost of a step (the larger of the two fitted intercepts: a step that mixes
@@ -99,7 +115,7 @@ impl Profile {
 
     /// A GPU profile from the results file `pd-bench gpu` writes: decode step times at one
     /// context for several batches, prefill times for several prompt lengths, the model's
-    /// shape for the KV size. Its decode figures all share one context per sequence, so the
+    /// shape for the KV size, the engine limits of its serving runs. Its decode figures all share one context per sequence, so the
     /// batch and context terms cannot be told apart; decode on a GPU is bound by memory
     /// reads, so the whole slope is put on the context held (`b = 0`).
     pub fn from_gpu_results(results: &serde_json::Value, link: Link) -> anyhow::Result<Self> {
@@ -129,7 +145,24 @@ impl Profile {
                 .map(|p| (p[1], p[2]))
                 .collect::<Vec<_>>(),
         );
-        let prefill = fit_prefill(&prefill_points);
+        // Two prefill lengths cannot fix three coefficients: the step's fixed cost is taken
+        // from decode (a step reads every weight once whatever it computes), and only the
+        // per-token and per-pair costs are fitted.
+        let prefill = if prefill_points.len() >= 3 {
+            fit_prefill(&prefill_points)
+        } else {
+            let rows: Vec<Vec<f64>> = prefill_points
+                .iter()
+                .map(|p| vec![p[0], p[0] * p[0]])
+                .collect();
+            let ys: Vec<f64> = prefill_points.iter().map(|p| p[1] - a).collect();
+            let bc = least_squares(&rows, &ys);
+            Fit {
+                a,
+                b: bc[0],
+                c: bc[1],
+            }
+        };
         let shape = results
             .get("shape")
             .and_then(serde_json::Value::as_str)
@@ -152,12 +185,14 @@ impl Profile {
             prefill,
             prefill_points,
             decode: Fit { a, b: 0.0, c },
+            decode_base: Vec::new(),
             decode_points,
             // bf16 K and V for every layer.
             kv_bytes_per_token: (2 * 2 * config.num_layers * config.num_kv_heads * config.head_dim)
                 as f64,
             transfer: BTreeMap::from([("nccl".to_string(), link)]),
             shared_host: false,
+            shared_slowdown: 1.0,
             max_batch_tokens: served
                 .get("max_batch_tokens")
                 .and_then(serde_json::Value::as_u64)
@@ -168,6 +203,38 @@ impl Profile {
                 .unwrap_or(64) as usize,
         })
     }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// `y` at `x` on the polyline through `points` (sorted by x), extended along its end segments.
+fn interpolate(points: &[[f64; 2]], x: f64) -> f64 {
+    let seg = points
+        .windows(2)
+        .position(|w| x <= w[1][0])
+        .unwrap_or(points.len() - 2);
+    let ([x0, y0], [x1, y1]) = (points[seg], points[seg + 1]);
+    if x1 == x0 {
+        return y0;
+    }
+    y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+}
+
+/// The context-free part of each measured decode step, averaged per batch size.
+pub fn decode_base(points: &[[f64; 3]], fit: &Fit) -> Vec<[f64; 2]> {
+    let mut by_batch: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+    for p in points {
+        by_batch
+            .entry(p[0] as u64)
+            .or_default()
+            .push(p[2] - fit.c * p[1]);
+    }
+    by_batch
+        .into_iter()
+        .map(|(b, v)| [b as f64, v.iter().sum::<f64>() / v.len() as f64])
+        .collect()
 }
 
 /// Least squares `y = a + c·x`.
@@ -283,9 +350,15 @@ pub struct ProfileArgs {
     #[arg(long)]
     pub from_gpu_results: Option<std::path::PathBuf>,
 
-    /// KV link of a GPU profile, GB/s (NVLink through NCCL between two GPUs of one host).
-    #[arg(long, default_value_t = 150.0)]
+    /// KV link of a GPU profile: bandwidth, GB/s. The default is the line through the two
+    /// NCCL transfers measured between two H200s of one host (67 MB in 3.22 ms, 537 MB in
+    /// 3.79 ms, `deploy/gpu/results/2026-11-22-h200x2.md`).
+    #[arg(long, default_value_t = 824.0)]
     pub gpu_link_gbps: f64,
+
+    /// KV link of a GPU profile: fixed cost per transfer, ms (see --gpu-link-gbps).
+    #[arg(long, default_value_t = 3.139)]
+    pub gpu_link_latency_ms: f64,
 
     /// Prompt lengths of the prefill measurements.
     #[arg(long, value_delimiter = ',', default_value = "32,128,256,512")]
@@ -312,7 +385,7 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
             Profile::from_gpu_results(
                 &results,
                 Link {
-                    latency_s: 50e-6,
+                    latency_s: args.gpu_link_latency_ms / 1e3,
                     bytes_per_s: args.gpu_link_gbps * 1e9,
                 },
             )?
@@ -339,6 +412,12 @@ pub fn print_profile(p: &Profile) {
             pt[0],
             pt[1] * 1e3,
             (p.prefill.a + p.prefill_work(&[(0, pt[0] as usize)])) * 1e3
+        );
+    }
+    if p.shared_host {
+        println!(
+            "a step beside another busy node on the host: {:.2}x as long",
+            p.shared_slowdown
         );
     }
     println!(
@@ -399,27 +478,32 @@ fn measure_cpu(args: &ProfileArgs) -> anyhow::Result<Profile> {
         "measuring prefill (load average {})",
         super::super::load_average()
     );
+    // One engine for every prefill measurement, warmed first, as a node's is: a fresh
+    // engine's first steps also pay for touching its cache's memory.
+    let longest = args.prefill_tokens.iter().copied().max().unwrap_or(1);
+    let mut core = new_core(longest.max(args.engine.max_batch_tokens))?;
+    let mut prefill_once = |n: usize, salt: u64| -> anyhow::Result<f64> {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        core.add_request(
+            GenerateRequest {
+                prompt_ids: prompt(n, salt),
+                params: params(1),
+                ..Default::default()
+            },
+            tx,
+        )?;
+        let t = Instant::now();
+        while core.has_work() {
+            core.step()?;
+        }
+        Ok(t.elapsed().as_secs_f64())
+    };
+    prefill_once(longest, 99)?;
     let mut prefill_points = Vec::new();
     for &n in &args.prefill_tokens {
         let mut times = Vec::new();
-        for rep in 0..4u64 {
-            let mut core = new_core(n.max(args.engine.max_batch_tokens))?;
-            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-            core.add_request(
-                GenerateRequest {
-                    prompt_ids: prompt(n, 100 + rep),
-                    params: params(1),
-                    ..Default::default()
-                },
-                tx,
-            )?;
-            let t = Instant::now();
-            while core.has_work() {
-                core.step()?;
-            }
-            if rep > 0 {
-                times.push(t.elapsed().as_secs_f64());
-            }
+        for rep in 0..5u64 {
+            times.push(prefill_once(n, 100 + rep)?);
         }
         prefill_points.push([n as f64, super::super::median(times)]);
     }
@@ -428,7 +512,7 @@ fn measure_cpu(args: &ProfileArgs) -> anyhow::Result<Profile> {
     for &ctx in &args.contexts {
         for &batch in &args.batches {
             let mut core = new_core(args.engine.max_batch_tokens)?;
-            let steps = 12usize;
+            let steps = 24usize;
             let mut streams = Vec::new();
             for i in 0..batch {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -456,16 +540,47 @@ fn measure_cpu(args: &ProfileArgs) -> anyhow::Result<Profile> {
                     }
                 }
             }
-            let t = Instant::now();
-            for _ in 0..steps {
-                core.step()?;
+            // The median of three windows of a third of the steps: one slow moment of a shared
+            // machine does not become the figure.
+            let mut windows = Vec::new();
+            for _ in 0..3 {
+                let t = Instant::now();
+                for _ in 0..steps / 3 {
+                    core.step()?;
+                }
+                windows.push(t.elapsed().as_secs_f64() / (steps / 3) as f64);
             }
-            let per_step = t.elapsed().as_secs_f64() / steps as f64;
+            let per_step = super::super::median(windows);
             // Context held during the timed steps, on average.
             let held = batch * (ctx + 1 + steps / 2);
             decode_points.push([batch as f64, held as f64, per_step]);
         }
     }
+    println!("measuring a decode step beside a busy engine on the same host");
+    let shared_slowdown = measure_contention(|| {
+        let mut core = new_core(args.engine.max_batch_tokens)?;
+        let mut streams = Vec::new();
+        for i in 0..4u64 {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            core.add_request(
+                GenerateRequest {
+                    prompt_ids: prompt(64, 5000 + i),
+                    params: params(40),
+                    ..Default::default()
+                },
+                tx,
+            )?;
+            streams.push(rx);
+        }
+        for _ in 0..4 {
+            core.step()?; // the prompts and the first decode steps
+        }
+        let t = Instant::now();
+        for _ in 0..24 {
+            core.step()?;
+        }
+        Ok(t.elapsed().as_secs_f64() / 24.0)
+    })?;
     println!("measuring KV over gRPC");
     let kv_spec_bytes = 2 * 2 * config.num_layers * config.num_kv_heads * config.head_dim;
     let runtime = tokio::runtime::Runtime::new()?;
@@ -485,6 +600,7 @@ fn measure_cpu(args: &ProfileArgs) -> anyhow::Result<Profile> {
         date: chrono::Local::now().format("%Y-%m-%d").to_string(),
         prefill: fit_prefill(&prefill_points),
         prefill_points,
+        decode_base: decode_base(&decode_points, &fit_decode(&decode_points)),
         decode: fit_decode(&decode_points),
         decode_points,
         kv_bytes_per_token: kv_spec_bytes as f64,
@@ -500,9 +616,31 @@ fn measure_cpu(args: &ProfileArgs) -> anyhow::Result<Profile> {
             },
         )]),
         shared_host: true,
+        shared_slowdown,
         max_batch_tokens: args.engine.max_batch_tokens,
         max_num_seqs: args.engine.max_num_seqs,
     })
+}
+
+/// `time_step()` while another engine process (`pd-bench engine`, prefilling and decoding
+/// without pause) runs on the same cores, over its time alone.
+fn measure_contention(time_step: impl Fn() -> anyhow::Result<f64>) -> anyhow::Result<f64> {
+    use std::io::BufRead;
+    let alone = time_step()?;
+    let mut busy = std::process::Command::new(std::env::current_exe()?)
+        .args(["engine", "--repeats", "1000", "--concurrency", "16"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    // Its first line comes once its model is loaded; from then on it computes.
+    let mut line = String::new();
+    if let Some(out) = busy.stdout.take() {
+        std::io::BufReader::new(out).read_line(&mut line)?;
+    }
+    let beside = time_step();
+    let _ = busy.kill();
+    let _ = busy.wait();
+    Ok((beside? / alone).max(1.0))
 }
 
 #[cfg(test)]
@@ -533,6 +671,39 @@ mod tests {
         let f = fit_prefill(&[[10.0, 1.0], [20.0, 2.0], [30.0, 2.9]]);
         assert!(f.a >= 0.0 && f.b >= 0.0 && f.c >= 0.0, "{f:?}");
         assert_eq!(fit_line(&[(0.0, 1.0), (2.0, 5.0)]), (1.0, 2.0));
+    }
+
+    #[test]
+    fn decode_base_points_shape_the_batch_term() {
+        let mut p = gpu_profile();
+        p.decode = Fit {
+            a: 0.010,
+            b: 0.0,
+            c: 0.0,
+        };
+        p.decode_base = vec![[1.0, 0.010], [4.0, 0.016], [8.0, 0.020]];
+        let step = |b| p.decode.a + p.decode_work(b, 0);
+        assert!((step(1) - 0.010).abs() < 1e-12);
+        assert!((step(2) - 0.012).abs() < 1e-12, "between points");
+        assert!((step(8) - 0.020).abs() < 1e-12);
+        assert!((step(16) - 0.028).abs() < 1e-12, "along the last segment");
+    }
+
+    fn gpu_profile() -> Profile {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/gpu/results/2026-12-03-h200.json"
+        );
+        let results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        Profile::from_gpu_results(
+            &results,
+            Link {
+                latency_s: 0.0,
+                bytes_per_s: 1e11,
+            },
+        )
+        .unwrap()
     }
 
     #[test]
