@@ -200,18 +200,8 @@ pub async fn run_async(args: &ServeArgs) -> anyhow::Result<Map<String, Value>> {
     let api = Api::resolve(args.backend.as_deref(), &args.endpoint)?;
     let selection = Selection::parse(&args.percentile_metrics, &args.metric_percentiles)?;
     let goodput = Goodput::parse(&args.goodput)?;
-    if args.request_rate.is_nan() || args.request_rate <= 0.0 {
-        anyhow::bail!(
-            "--request-rate must be above 0 (or inf), got {}",
-            args.request_rate
-        );
-    }
-    if !(args.burstiness > 0.0 && args.burstiness.is_finite()) {
-        anyhow::bail!(
-            "--burstiness must be a positive number, got {}",
-            args.burstiness
-        );
-    }
+    // Bad rates are refused before the server is asked anything.
+    arrival_offsets(1, args.request_rate, args.burstiness, args.seed)?;
     if args.max_concurrency == Some(0) {
         anyhow::bail!("--max-concurrency must be at least 1");
     }
@@ -271,7 +261,7 @@ pub async fn run_async(args: &ServeArgs) -> anyhow::Result<Map<String, Value>> {
         args.request_rate,
         args.burstiness,
         args.seed,
-    );
+    )?;
     let progress = progress_bar(requests.len(), args.disable_tqdm);
     let limit = args
         .max_concurrency
@@ -396,21 +386,32 @@ pub fn save(args: &ServeArgs, result: &Map<String, Value>) -> anyhow::Result<Pat
 /// Seconds from the start at which each request is sent: the cumulative sum of gamma-distributed
 /// gaps of mean `1/rate` (shape `burstiness`), as `vllm bench serve` draws them; all zero for an
 /// infinite rate.
-pub fn arrival_offsets(n: usize, rate: f64, burstiness: f64, seed: u64) -> Vec<f64> {
-    if !rate.is_finite() {
-        return vec![0.0; n];
+pub fn arrival_offsets(
+    n: usize,
+    rate: f64,
+    burstiness: f64,
+    seed: u64,
+) -> anyhow::Result<Vec<f64>> {
+    if rate.is_nan() || rate <= 0.0 {
+        anyhow::bail!("--request-rate must be above 0 (or inf), got {rate}");
+    }
+    if !(burstiness > 0.0 && burstiness.is_finite()) {
+        anyhow::bail!("--burstiness must be a positive number, got {burstiness}");
+    }
+    if rate.is_infinite() {
+        return Ok(vec![0.0; n]);
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_a11e);
     let gamma = rand_distr::Gamma::new(burstiness, 1.0 / (rate * burstiness))
-        .expect("shape and scale are positive");
+        .map_err(|e| anyhow::anyhow!("arrivals at rate {rate}, burstiness {burstiness}: {e}"))?;
     let mut t = 0.0;
-    (0..n)
+    Ok((0..n)
         .map(|_| {
             let at = t;
             t += gamma.sample(&mut rng);
             at
         })
-        .collect()
+        .collect())
 }
 
 async fn first_model(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
@@ -480,7 +481,7 @@ mod tests {
     fn arrivals_have_the_asked_rate_and_burstiness() {
         let n = 20_000;
         let gaps = |b: f64| {
-            let at = arrival_offsets(n, 4.0, b, 1);
+            let at = arrival_offsets(n, 4.0, b, 1).unwrap();
             at.windows(2).map(|w| w[1] - w[0]).collect::<Vec<f64>>()
         };
         let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
@@ -497,10 +498,25 @@ mod tests {
             (cv(&bursty) - 2.0).abs() < 0.15,
             "gamma(k) gaps: cv 1/sqrt(k)"
         );
-        assert_eq!(arrival_offsets(3, f64::INFINITY, 1.0, 0), [0.0, 0.0, 0.0]);
         assert_eq!(
-            arrival_offsets(5, 2.0, 1.0, 7),
-            arrival_offsets(5, 2.0, 1.0, 7)
+            arrival_offsets(3, f64::INFINITY, 1.0, 0).unwrap(),
+            [0.0, 0.0, 0.0]
+        );
+        for (rate, b) in [
+            (0.0, 1.0),
+            (-1.0, 1.0),
+            (f64::NAN, 1.0),
+            (1.0, 0.0),
+            (1.0, f64::INFINITY),
+        ] {
+            assert!(
+                arrival_offsets(3, rate, b, 0).is_err(),
+                "rate {rate}, burstiness {b}"
+            );
+        }
+        assert_eq!(
+            arrival_offsets(5, 2.0, 1.0, 7).unwrap(),
+            arrival_offsets(5, 2.0, 1.0, 7).unwrap()
         );
     }
 

@@ -97,9 +97,13 @@ pub fn lengths(args: &ServeArgs) -> anyhow::Result<Vec<(usize, usize)>> {
 }
 
 /// Those requests arriving at `rate` as `serve` sends them (same gaps for the same seed).
-pub fn at_rate(lengths: &[(usize, usize)], rate: f64, args: &ServeArgs) -> Vec<SimRequest> {
-    let arrivals = serve::arrival_offsets(lengths.len(), rate, args.burstiness, args.seed);
-    lengths
+pub fn at_rate(
+    lengths: &[(usize, usize)],
+    rate: f64,
+    args: &ServeArgs,
+) -> anyhow::Result<Vec<SimRequest>> {
+    let arrivals = serve::arrival_offsets(lengths.len(), rate, args.burstiness, args.seed)?;
+    Ok(lengths
         .iter()
         .zip(arrivals)
         .map(|(&(prompt_len, output_len), send_at)| SimRequest {
@@ -107,7 +111,7 @@ pub fn at_rate(lengths: &[(usize, usize)], rate: f64, args: &ServeArgs) -> Vec<S
             prompt_len,
             output_len,
         })
-        .collect()
+        .collect())
 }
 
 /// One simulated point: the result under `vllm bench serve`'s keys.
@@ -189,7 +193,7 @@ async fn run_async(mut args: SimulateArgs) -> anyhow::Result<()> {
     for name in &args.layouts {
         let layout = parse_layout(name, args.nodes_per_host)?;
         for &rate in &rates {
-            let requests = at_rate(&lengths, rate, &args.serve);
+            let requests = at_rate(&lengths, rate, &args.serve)?;
             let predicted = predict(&profile, layout, &args.kv_transfer, &requests, &args.serve)?;
             print_row(name, rate, "predicted", &predicted);
             let mut line =

@@ -118,7 +118,7 @@ impl Search<'_> {
 
     /// The share of a simulated run's requests that completed within every SLO.
     fn attainment(&self, layout: Layout, rate: f64) -> anyhow::Result<f64> {
-        let requests = at_rate(self.lengths, rate, self.args);
+        let requests = at_rate(self.lengths, rate, self.args)?;
         let link = if layout.prefill > 0 {
             Some(self.profile.link(self.backend)?)
         } else {
@@ -195,8 +195,11 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         decode: 1,
         nodes_per_host: 1,
     }];
-    for p in 1..args.max_unit {
-        for d in 1..=(args.max_unit - p) {
+    anyhow::ensure!(args.gpus > 0, "--gpus must be at least 1");
+    // A unit larger than the cluster cannot be built.
+    let max_unit = args.max_unit.min(args.gpus);
+    for p in 1..max_unit {
+        for d in 1..=(max_unit - p) {
             units.push(Layout {
                 prefill: p,
                 decode: d,
@@ -272,7 +275,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         devices,
         total_rate,
         best.rate_per_device(),
-        aggregated.map_or(String::new(), |a| format!(
+        aggregated.filter(|a| a.layout != best.layout).map_or(String::new(), |a| format!(
             "; aggregated nodes would carry {:.3} per GPU, {:.2}x less",
             a.rate_per_device(),
             best.rate_per_device() / a.rate_per_device().max(f64::MIN_POSITIVE)
