@@ -44,7 +44,8 @@ impl Goodput {
         Ok(Some(g))
     }
 
-    fn admits(&self, ttft: f64, tpot: f64, e2el: f64) -> bool {
+    /// Whether a request with these figures (seconds) meets every SLO.
+    pub fn admits(&self, ttft: f64, tpot: f64, e2el: f64) -> bool {
         let ok = |slo: Option<f64>, v: f64| slo.is_none_or(|ms| v * 1e3 <= ms);
         ok(self.ttft_ms, ttft) && ok(self.tpot_ms, tpot) && ok(self.e2el_ms, e2el)
     }
@@ -116,6 +117,15 @@ fn std(xs: &[f64]) -> f64 {
     (xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / xs.len() as f64).sqrt()
 }
 
+/// Time per output token after the first, as vLLM defines it: 0 for a single token.
+pub fn tpot(o: &RequestOutput, output_tokens: usize) -> f64 {
+    if output_tokens > 1 {
+        (o.latency - o.ttft) / (output_tokens - 1) as f64
+    } else {
+        0.0
+    }
+}
+
 /// How vLLM names a percentile in a key: `p99`, `p99.9`.
 pub fn percentile_word(p: f64) -> String {
     if p.fract() == 0.0 {
@@ -146,11 +156,7 @@ pub fn summarize(
         let n = o.output_tokens.unwrap_or_else(|| output_tokens(o));
         output_lens.push(n);
         total_input += o.prompt_len;
-        let tpot = if n > 1 {
-            (o.latency - o.ttft) / (n - 1) as f64
-        } else {
-            0.0
-        };
+        let tpot = tpot(o, n);
         if n > 1 {
             tpots.push(tpot);
         }

@@ -23,7 +23,7 @@ use super::profile::Profile;
 use super::{at_rate, layout_name, lengths};
 use crate::bench::plot::{self, Chart, Series};
 use crate::bench::serve::client::RequestOutput;
-use crate::bench::serve::metrics::Goodput;
+use crate::bench::serve::metrics::{self, Goodput};
 use crate::bench::serve::ServeArgs;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -128,16 +128,7 @@ impl Search<'_> {
         let slo = self.slo;
         let within_slo = |o: &RequestOutput| {
             let n = o.output_tokens.unwrap_or(0);
-            let tpot = if n > 1 {
-                (o.latency - o.ttft) / (n - 1) as f64
-            } else {
-                0.0
-            };
-            let within = |ms: Option<f64>, v: f64| ms.is_none_or(|ms| v * 1e3 <= ms);
-            o.success
-                && within(slo.ttft_ms, o.ttft)
-                && within(slo.tpot_ms, tpot)
-                && within(slo.e2el_ms, o.latency)
+            o.success && slo.admits(o.ttft, metrics::tpot(o, n), o.latency)
         };
         let share = |os: &[&RequestOutput]| {
             os.iter().filter(|o| within_slo(o)).count() as f64 / os.len().max(1) as f64
