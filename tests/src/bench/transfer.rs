@@ -50,17 +50,9 @@ async fn run_async(args: TransferArgs) -> anyhow::Result<()> {
     for shape in &args.shapes {
         let model = ModelConfig::preset(shape)?;
         for &tokens in &args.tokens {
-            let num_blocks = blocks_for_tokens(tokens, 16);
-            let spec = KvCacheSpec {
-                num_layers: model.num_layers,
-                num_kv_heads: model.num_kv_heads,
-                head_dim: model.head_dim,
-                block_size: 16,
-                num_blocks,
-                dtype: DType::F16,
-            };
+            let spec = prompt_spec(&model, tokens);
             let source = source_cache(&spec)?;
-            let bytes = num_blocks * spec.bytes_per_block();
+            let bytes = spec.num_blocks * spec.bytes_per_block();
             let mut grpc_rates = Vec::new();
             let mut tcp_rates = Vec::new();
             let receiver = Receiver::serve(&spec, &model).await?;
@@ -97,15 +89,7 @@ pub async fn grpc_seconds(
     tokens: usize,
     repeats: usize,
 ) -> anyhow::Result<(usize, f64)> {
-    let num_blocks = blocks_for_tokens(tokens, 16);
-    let spec = KvCacheSpec {
-        num_layers: model.num_layers,
-        num_kv_heads: model.num_kv_heads,
-        head_dim: model.head_dim,
-        block_size: 16,
-        num_blocks,
-        dtype: DType::F16,
-    };
+    let spec = prompt_spec(model, tokens);
     let source = source_cache(&spec)?;
     let receiver = Receiver::serve(&spec, model).await?;
     let mut times = Vec::new();
@@ -116,7 +100,22 @@ pub async fn grpc_seconds(
         }
     }
     receiver.server.abort();
-    Ok((num_blocks * spec.bytes_per_block(), super::median(times)))
+    Ok((
+        spec.num_blocks * spec.bytes_per_block(),
+        super::median(times),
+    ))
+}
+
+/// A cache of `model`'s KV layout (f16, blocks of 16) just large enough for one prompt.
+fn prompt_spec(model: &ModelConfig, tokens: usize) -> KvCacheSpec {
+    KvCacheSpec {
+        num_layers: model.num_layers,
+        num_kv_heads: model.num_kv_heads,
+        head_dim: model.head_dim,
+        block_size: 16,
+        num_blocks: blocks_for_tokens(tokens, 16),
+        dtype: DType::F16,
+    }
 }
 
 /// A prefill node's cache holding the whole prompt's KV (random values).

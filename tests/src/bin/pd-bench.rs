@@ -55,7 +55,7 @@ enum Command {
     },
     /// Measures this machine's engine into a device profile for the simulator (or reads a GPU
     /// profile from a GPU results file).
-    Profile(pd_tests::bench::sim::profile::ProfileArgs),
+    Profile(pd_tests::bench::sim::measure::ProfileArgs),
     /// The cluster simulator: predicted `serve` results for layouts and rates, from a profile
     /// (`--validate`: measured on a local cluster beside them).
     Simulate(pd_tests::bench::sim::SimulateArgs),
@@ -117,7 +117,7 @@ fn main() -> anyhow::Result<()> {
             print!("{}", pd_tests::bench::sweep::compare(&a, &b)?);
             Ok(())
         }
-        Command::Profile(args) => pd_tests::bench::sim::profile::run(args),
+        Command::Profile(args) => pd_tests::bench::sim::measure::run(args),
         Command::Simulate(args) => pd_tests::bench::sim::run(args),
         Command::Plan(args) => pd_tests::bench::sim::plan::run(args),
         #[cfg(feature = "cuda")]

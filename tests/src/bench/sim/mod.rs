@@ -8,6 +8,7 @@
 //! layouts for the one that serves a workload within its SLOs on the fewest devices.
 
 pub mod des;
+pub mod measure;
 pub mod plan;
 pub mod profile;
 
