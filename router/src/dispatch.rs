@@ -20,6 +20,8 @@ use tokio::sync::mpsc;
 use tonic::Streaming;
 use tracing::Instrument;
 
+use crate::admission::Ticket;
+use crate::outcome::Outcome;
 use crate::pool::{ActiveGuard, Pool};
 
 /// Messages buffered toward one client.
@@ -56,15 +58,27 @@ impl Dispatcher {
         Arc::new(Self { pool, tokenizer })
     }
 
-    /// Starts `job`. Returns once a decode node has accepted it, so that a refusal (bad input,
-    /// no capacity) reaches the caller as an error before any token; then the stream follows.
-    pub async fn start(self: &Arc<Self>, job: Job) -> Result<JobStream> {
+    /// Starts `job`, admitted with `ticket`. Returns once a decode node has accepted it, so
+    /// that a refusal (bad input, no capacity) reaches the caller as an error before any token;
+    /// then the stream follows.
+    pub async fn start(self: &Arc<Self>, job: Job, ticket: Ticket) -> Result<JobStream> {
+        // Dropped with this future if the caller leaves first: counted as cancelled.
+        let outcome = Outcome::new();
         let mut excluded = Vec::new();
-        let attempt = self.open(&job, &[], &mut excluded).await?;
+        let attempt = match self.open(&job, &[], &mut excluded).await {
+            Ok(a) => a,
+            Err(e) => {
+                outcome.rejected(&e);
+                return Err(e);
+            }
+        };
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
         let this = self.clone();
         let span = tracing::info_span!("request", request_id = %job.request_id);
-        tokio::spawn(async move { this.relay(job, attempt, excluded, tx).await }.instrument(span));
+        let clock = Clock::new(job.arrived, ticket, outcome);
+        tokio::spawn(
+            async move { this.relay(job, attempt, excluded, clock, tx).await }.instrument(span),
+        );
         Ok(rx)
     }
 
@@ -126,10 +140,10 @@ impl Dispatcher {
         job: Job,
         mut attempt: Attempt,
         mut excluded: Vec<String>,
+        mut clock: Clock,
         tx: mpsc::Sender<Result<pb::GenerateResponse>>,
     ) {
         let mut sent: Vec<u32> = Vec::new();
-        let mut clock = Clock::new(job.arrived);
         loop {
             let message = tokio::select! {
                 m = attempt.stream.message() => m,
@@ -158,6 +172,7 @@ impl Dispatcher {
                 return;
             }
             if let Some(done) = self.already_complete(&job, &sent) {
+                clock.message(&done);
                 let _ = tx.send(Ok(done)).await;
                 return;
             }
@@ -233,17 +248,22 @@ impl Dispatcher {
     }
 }
 
-/// Latency metrics of one request as its client sees them.
+/// Latency metrics of one request as its client sees them, its place in the admission queue,
+/// and how it ended.
 struct Clock {
     arrived: Instant,
     last_token: Option<Instant>,
+    ticket: Ticket,
+    outcome: Outcome,
 }
 
 impl Clock {
-    fn new(arrived: Instant) -> Self {
+    fn new(arrived: Instant, ticket: Ticket, outcome: Outcome) -> Self {
         Self {
             arrived,
             last_token: None,
+            ticket,
+            outcome,
         }
     }
 
@@ -251,8 +271,11 @@ impl Clock {
         let now = Instant::now();
         if !m.token_ids.is_empty() {
             match self.last_token {
-                None => metrics::histogram!(names::TIME_TO_FIRST_TOKEN_SECONDS)
-                    .record((now - self.arrived).as_secs_f64()),
+                None => {
+                    metrics::histogram!(names::TIME_TO_FIRST_TOKEN_SECONDS)
+                        .record((now - self.arrived).as_secs_f64());
+                    self.ticket.first_token(now - self.arrived);
+                }
                 Some(last) => metrics::histogram!(names::INTER_TOKEN_LATENCY_SECONDS)
                     .record((now - last).as_secs_f64() / m.token_ids.len() as f64),
             }
@@ -264,13 +287,13 @@ impl Clock {
                 pb::FinishReason::Cancelled => "cancelled",
                 _ => "stop",
             };
-            metrics::counter!(names::REQUESTS_TOTAL, "outcome" => outcome).increment(1);
+            self.outcome.finished(outcome);
             metrics::histogram!(names::REQUEST_DURATION_SECONDS)
                 .record((now - self.arrived).as_secs_f64());
         }
     }
 
-    fn failed(&self) {
-        metrics::counter!(names::REQUESTS_TOTAL, "outcome" => "error").increment(1);
+    fn failed(&mut self) {
+        self.outcome.finished("error");
     }
 }

@@ -3,11 +3,13 @@
 //! prefill nodes it may use) from the membership in etcd and the nodes' live load, relays the
 //! tokens, and resumes a request on another decode node when one fails mid-stream.
 
+mod admission;
 mod dispatch;
 mod frontend;
 mod grpc;
 mod http;
 mod kv_index;
+mod outcome;
 mod pool;
 
 use std::net::SocketAddr;
@@ -16,13 +18,14 @@ use std::time::Duration;
 use pd_common::membership::MembershipConfig;
 use pd_common::model;
 use pd_common::node::{self, ModelArgs, ReadyLine};
-use pd_common::rpc::RpcConfig;
+use pd_common::rpc::{ClientFaultCodes, RpcConfig};
 use pd_common::telemetry::{self, LogFormat};
 use pd_common::Result;
 use pd_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use admission::{Admission, AdmissionConfig};
 pub use dispatch::{Dispatcher, Job};
 pub use pool::{RouterMode, Routing};
 
@@ -83,6 +86,14 @@ pub struct RouterConfig {
     #[arg(long, env = "PD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// How long a client may take to send an HTTP request's headers, in seconds; slower
+    /// connections are closed.
+    #[arg(long, env = "PD_HTTP_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub http_header_read_timeout_secs: u64,
+
+    #[command(flatten)]
+    pub admission: AdmissionConfig,
+
     #[command(flatten)]
     pub model: ModelArgs,
 
@@ -102,6 +113,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let prometheus = telemetry::install_metrics()?;
+    let admission = Admission::new(&config.admission)?;
     let source = config.model.source()?;
     let text = model::load_text(&source)?;
     let model_name = config
@@ -130,17 +142,15 @@ pub async fn run(
         dispatcher: dispatcher.clone(),
         pool: pool.clone(),
         metrics: prometheus,
+        admission: admission.clone(),
         max_body_bytes: config.max_body_bytes,
     });
-    // Nagle off: streamed chunks leave as they are written, not after the client's delayed ACK.
-    let http_listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    let http_server =
-        axum::serve(http_listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let http_server = tokio::spawn(async move { http_server.await });
+    let http_server = tokio::spawn(http::serve(
+        http_listener,
+        app,
+        Duration::from_secs(config.http_header_read_timeout_secs.max(1)),
+        shutdown.clone(),
+    ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -149,12 +159,14 @@ pub async fn run(
     let generation = GenerationServer::new(grpc::GenerationService {
         frontend: frontend.clone(),
         dispatcher: dispatcher.clone(),
+        admission,
+        pool: pool.clone(),
     })
     .max_decoding_message_size(config.max_grpc_message_bytes);
     let grpc_server = config
         .rpc
         .server()
-        .layer(grpc_limits::TooLargeIsResourceExhausted)
+        .layer(ClientFaultCodes)
         .add_service(health_service)
         .add_service(generation)
         .serve_with_incoming_shutdown(
@@ -212,61 +224,4 @@ pub async fn main_with(config: RouterConfig) -> Result<()> {
     let shutdown = CancellationToken::new();
     node::cancel_on_signals(shutdown.clone());
     run(config, http, grpc, shutdown).await
-}
-
-mod grpc_limits {
-    //! tonic answers a request message over the size limit with OUT_OF_RANGE; the API promises
-    //! RESOURCE_EXHAUSTED, as gRPC's own implementations answer it.
-
-    use std::task::{Context, Poll};
-
-    use futures::future::BoxFuture;
-    use tonic::codegen::http::{HeaderValue, Request, Response};
-
-    #[derive(Clone, Copy)]
-    pub struct TooLargeIsResourceExhausted;
-
-    impl<S> tower_layer::Layer<S> for TooLargeIsResourceExhausted {
-        type Service = Service<S>;
-        fn layer(&self, inner: S) -> Service<S> {
-            Service(inner)
-        }
-    }
-
-    #[derive(Clone)]
-    pub struct Service<S>(S);
-
-    impl<S, B, R> tower_service::Service<Request<B>> for Service<S>
-    where
-        S: tower_service::Service<Request<B>, Response = Response<R>> + Send,
-        S::Future: Send + 'static,
-    {
-        type Response = Response<R>;
-        type Error = S::Error;
-        type Future = BoxFuture<'static, Result<Response<R>, S::Error>>;
-
-        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-            self.0.poll_ready(cx)
-        }
-
-        fn call(&mut self, request: Request<B>) -> Self::Future {
-            let future = self.0.call(request);
-            Box::pin(async move {
-                let mut response = future.await?;
-                let headers = response.headers_mut();
-                let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
-                    && headers
-                        .get("grpc-message")
-                        .and_then(|m| m.to_str().ok())
-                        .is_some_and(|m| {
-                            m.contains("message%20length%20too%20large")
-                                || m.contains("message length too large")
-                        });
-                if too_large {
-                    headers.insert("grpc-status", HeaderValue::from_static("8"));
-                }
-                Ok(response)
-            })
-        }
-    }
 }

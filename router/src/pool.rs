@@ -33,6 +33,9 @@ use crate::kv_index::{self, KvIndex};
 
 /// How often the poller asks every node for its load.
 const STATS_INTERVAL: Duration = Duration::from_millis(250);
+/// What a decode node that has not reported its `max_num_seqs` is taken to run at once (the
+/// engine's default).
+const UNREPORTED_CAPACITY: usize = 64;
 /// Prefill nodes a decode node may try for one request, best first.
 const PREFILL_CANDIDATES: usize = 3;
 
@@ -242,6 +245,25 @@ impl Pool {
                 backend: transfer_backend(p, decode).to_wire() as i32,
             })
             .collect()
+    }
+
+    /// How many sequences the decode nodes run at once: the sum of their `--max-num-seqs`
+    /// (a node that has not reported yet counts with the engine's default).
+    pub fn decode_capacity(&self) -> usize {
+        let snapshot = self.snapshot();
+        let loads = lock(&self.loads);
+        snapshot
+            .decode
+            .keys()
+            .map(|id| {
+                loads
+                    .get(id)
+                    .and_then(|l| l.stats.as_ref())
+                    .map(|s| s.max_num_seqs as usize)
+                    .filter(|&n| n > 0)
+                    .unwrap_or(UNREPORTED_CAPACITY)
+            })
+            .sum()
     }
 
     /// The longest request every decode node takes (their caches may hold less than the

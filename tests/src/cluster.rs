@@ -151,6 +151,9 @@ pub struct RouterHealth {
     pub etcd_connected: bool,
     #[serde(default)]
     pub nodes: NodeCounts,
+    /// Sequences the decode nodes run at once, as the router last polled them.
+    #[serde(default)]
+    pub decode_capacity: usize,
 }
 
 /// How many nodes of each role the router sees.

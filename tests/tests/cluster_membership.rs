@@ -11,16 +11,6 @@ use common::*;
 use pd_tests::cluster::{Cluster, ClusterSpec, Role};
 use pd_tests::golden_cases;
 
-/// A node's /metrics text.
-async fn scrape(metrics_url: &str) -> String {
-    reqwest::get(metrics_url)
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body")
-}
-
 /// `pd_decode_tokens_total` as a node's /metrics reports it.
 async fn decode_tokens(metrics_url: &str) -> f64 {
     scrape(metrics_url)
@@ -29,17 +19,6 @@ async fn decode_tokens(metrics_url: &str) -> f64 {
         .find_map(|l| l.strip_prefix("pd_decode_tokens_total "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
-}
-
-/// The sum of a metric's series whose labels include every one of `labels`.
-async fn metric_sum(metrics_url: &str, name: &str, labels: &[&str]) -> f64 {
-    scrape(metrics_url)
-        .await
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

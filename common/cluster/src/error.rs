@@ -2,6 +2,8 @@
 //! (gRPC, HTTP) map an [`ErrorKind`] to a status once, and callers decide whether to try another
 //! node with [`Error::retry`] instead of each deciding on its own.
 
+use std::time::Duration;
+
 pub use pd_engine::ErrorKind;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +55,40 @@ pub enum Error {
 
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+
+    /// Refused at the client edge before any work, with when to come back.
+    #[error("{message}")]
+    Refused {
+        refusal: Refusal,
+        message: String,
+        retry_after: Duration,
+    },
+
+    /// The caller did not prove who it is (no API key, or a wrong one).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
 }
+
+/// Why the edge refused a well-formed request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The cluster's waiting queue is full: HTTP 503, gRPC UNAVAILABLE.
+    Overloaded,
+    /// The caller's key is over its own limits: HTTP 429, gRPC RESOURCE_EXHAUSTED.
+    RateLimited,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Overloaded => "overloaded",
+            Refusal::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// The gRPC metadata key (and HTTP header) that says how many seconds to wait before retrying.
+pub const RETRY_AFTER: &str = "retry-after";
 
 /// What a caller should do after a call to a peer failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +113,16 @@ impl Error {
             Error::Cancelled(_) => ErrorKind::Cancelled,
             Error::Rpc(status) => kind_of_code(status.code()),
             Error::Internal(_) | Error::Io(_) => ErrorKind::Internal,
+            Error::Refused {
+                refusal: Refusal::Overloaded,
+                ..
+            } => ErrorKind::Unavailable,
+            Error::Refused {
+                refusal: Refusal::RateLimited,
+                ..
+            } => ErrorKind::ResourceExhausted,
+            // Never retried, never the server's fault; the edges give it its own status.
+            Error::Unauthenticated(_) => ErrorKind::InvalidArgument,
         }
     }
 
@@ -135,8 +180,26 @@ impl From<tonic::transport::Error> for Error {
 /// The gRPC status of an error: the one place where kinds become codes.
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        if let Error::Rpc(status) = e {
-            return *status;
+        match e {
+            Error::Rpc(status) => return *status,
+            Error::Unauthenticated(message) => return tonic::Status::unauthenticated(message),
+            Error::Refused {
+                refusal,
+                message,
+                retry_after,
+            } => {
+                let code = match refusal {
+                    Refusal::Overloaded => tonic::Code::Unavailable,
+                    Refusal::RateLimited => tonic::Code::ResourceExhausted,
+                };
+                let mut status = tonic::Status::new(code, message);
+                let seconds = retry_after_secs(retry_after).to_string();
+                if let Ok(v) = seconds.parse() {
+                    status.metadata_mut().insert(RETRY_AFTER, v);
+                }
+                return status;
+            }
+            _ => {}
         }
         let code = match e.kind() {
             ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
@@ -149,6 +212,11 @@ impl From<Error> for tonic::Status {
         };
         tonic::Status::new(code, e.to_string())
     }
+}
+
+/// Whole seconds for a `Retry-After`: at least one, so that clients do not retry at once.
+pub fn retry_after_secs(after: Duration) -> u64 {
+    after.as_secs_f64().ceil().max(1.0) as u64
 }
 
 /// The gRPC status of an engine error.
@@ -233,5 +301,23 @@ mod tests {
         let s = tonic::Status::from(Error::from(peer));
         assert_eq!(s.code(), tonic::Code::ResourceExhausted);
         assert_eq!(s.message(), "too big");
+    }
+
+    #[test]
+    fn refusals_carry_their_code_and_when_to_retry() {
+        let refused = |refusal| Error::Refused {
+            refusal,
+            message: "busy".into(),
+            retry_after: Duration::from_millis(2_300),
+        };
+        let s = tonic::Status::from(refused(Refusal::Overloaded));
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert_eq!(s.metadata().get(RETRY_AFTER).unwrap(), "3");
+        let s = tonic::Status::from(refused(Refusal::RateLimited));
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        let s = tonic::Status::from(Error::Unauthenticated("no key".into()));
+        assert_eq!(s.code(), tonic::Code::Unauthenticated);
+        assert_eq!(Error::Unauthenticated("x".into()).retry(), Retry::No);
     }
 }

@@ -107,6 +107,68 @@ impl RpcConfig {
     }
 }
 
+/// A tower layer for every gRPC server: tonic answers two client faults with codes that blame
+/// the server, and this gives them the codes gRPC's own implementations use for a bad request:
+/// a message over the size limit (tonic: OUT_OF_RANGE) becomes RESOURCE_EXHAUSTED, and a body
+/// that is not the protobuf message it should be (tonic: INTERNAL) becomes INVALID_ARGUMENT.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientFaultCodes;
+
+impl<S> tower_layer::Layer<S> for ClientFaultCodes {
+    type Service = ClientFaultCodesService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        ClientFaultCodesService(inner)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientFaultCodesService<S>(S);
+
+impl<S, B, R> tower_service::Service<http::Request<B>> for ClientFaultCodesService<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<R>> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<http::Response<R>, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let future = self.0.call(request);
+        Box::pin(async move {
+            let mut response = future.await?;
+            let headers = response.headers_mut();
+            let code = headers.get("grpc-status").and_then(|s| s.to_str().ok());
+            let message = headers
+                .get("grpc-message")
+                .and_then(|m| m.to_str().ok())
+                .unwrap_or("");
+            if let Some(fixed) = client_fault_code(code, message) {
+                headers.insert("grpc-status", http::HeaderValue::from_static(fixed));
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// The code a tonic status (its `grpc-status` and percent-encoded `grpc-message`) should
+/// have had, when it is a client fault tonic reported as the server's.
+fn client_fault_code(code: Option<&str>, message: &str) -> Option<&'static str> {
+    let has = |text: &str| message.contains(text) || message.contains(&text.replace(' ', "%20"));
+    match code {
+        Some("11") if has("message length too large") => Some("8"),
+        Some("13") if has("failed to decode Protobuf message") => Some("3"),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +178,26 @@ mod tests {
         let e = RpcConfig::default().channel("not a uri\u{7f}").unwrap_err();
         assert!(matches!(e, Error::BadPeerAddress { .. }), "{e:?}");
         assert_eq!(e.retry(), crate::error::Retry::Elsewhere);
+    }
+
+    #[test]
+    fn client_faults_get_client_codes_and_nothing_else_changes() {
+        use prost::Message;
+        let decode = pd_proto::v1::NodeStats::decode(&b"\xff\xff"[..])
+            .unwrap_err()
+            .to_string();
+        let encoded = decode.replace(' ', "%20");
+        assert_eq!(client_fault_code(Some("13"), &encoded), Some("3"));
+        assert_eq!(client_fault_code(Some("13"), &decode), Some("3"));
+        assert_eq!(
+            client_fault_code(
+                Some("11"),
+                "Error, decoded message length too large: 9 vs 4"
+            ),
+            Some("8")
+        );
+        assert_eq!(client_fault_code(Some("13"), "engine failed"), None);
+        assert_eq!(client_fault_code(Some("11"), "step out of range"), None);
+        assert_eq!(client_fault_code(None, &decode), None);
     }
 }

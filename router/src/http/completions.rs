@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -22,7 +22,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::openai::{max_tokens, ChatRequest, CommonParams, CompletionRequest, PromptInput};
 use super::{parse_body, ApiError, AppState};
+use crate::admission::Caller;
 use crate::dispatch::{Job, JobStream};
+use crate::outcome;
 
 /// Most completions (prompts times `n`) one request may ask for.
 const MAX_CHOICES: usize = 64;
@@ -71,7 +73,29 @@ impl Plan {
     }
 }
 
-pub async fn completions(State(state): State<AppState>, body: Body) -> Result<Response, ApiError> {
+pub async fn completions(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let plan = plan_completions(&state, body).await.inspect_err(|e| {
+        outcome::rejected(e.rejection_reason());
+    })?;
+    execute(state, caller, plan).await
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let plan = plan_chat(&state, body)
+        .await
+        .inspect_err(|e| outcome::rejected(e.rejection_reason()))?;
+    execute(state, caller, plan).await
+}
+
+async fn plan_completions(state: &AppState, body: Body) -> Result<Plan, ApiError> {
     let req: CompletionRequest = parse_body(body, state.max_body_bytes).await?;
     let fe = &state.frontend;
     fe.check_model(&req.common.model)?;
@@ -114,20 +138,16 @@ pub async fn completions(State(state): State<AppState>, body: Body) -> Result<Re
             jobs.push((p * n + j, p, job, prefix.clone()));
         }
     }
-    let plan = Plan::new(
+    Ok(Plan::new(
         Kind::Completion,
         fe.model_name(),
         jobs,
         &req.common,
         &params,
-    );
-    execute(state, plan).await
+    ))
 }
 
-pub async fn chat_completions(
-    State(state): State<AppState>,
-    body: Body,
-) -> Result<Response, ApiError> {
+async fn plan_chat(state: &AppState, body: Body) -> Result<Plan, ApiError> {
     let req: ChatRequest = parse_body(body, state.max_body_bytes).await?;
     let fe = &state.frontend;
     fe.check_model(&req.common.model)?;
@@ -145,8 +165,13 @@ pub async fn chat_completions(
             Ok((j, 0, job, String::new()))
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    let plan = Plan::new(Kind::Chat, fe.model_name(), jobs, &req.common, &params);
-    execute(state, plan).await
+    Ok(Plan::new(
+        Kind::Chat,
+        fe.model_name(),
+        jobs,
+        &req.common,
+        &params,
+    ))
 }
 
 /// Choice `j` of a request: the same parameters, its own seed (when seeded, `seed + j`).
@@ -164,14 +189,35 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-async fn execute(state: AppState, plan: Plan) -> Result<Response, ApiError> {
+/// Admits the plan's jobs as one request and starts them all.
+async fn execute(state: AppState, caller: Caller, plan: Plan) -> Result<Response, ApiError> {
+    let prompt_tokens: Vec<usize> = plan.jobs.iter().map(|j| j.2.prompt_ids.len()).collect();
+    let capacity = state.pool.decode_capacity();
+    let admitted = state
+        .admission
+        .admit(caller, &prompt_tokens, capacity)
+        .inspect_err(|e| {
+            for _ in &plan.jobs {
+                outcome::rejected(outcome::reason_of(e));
+            }
+        })?;
     let mut streams = Vec::with_capacity(plan.jobs.len());
     let mut usage = UsageCount::new(plan.jobs.iter().map(|j| j.1 + 1).max().unwrap_or(0));
-    for (index, prompt, job, echo) in &plan.jobs {
+    let mut tickets = admitted.tickets.into_iter();
+    for (k, ((index, prompt, job, echo), ticket)) in plan.jobs.iter().zip(&mut tickets).enumerate()
+    {
         usage.prompt_tokens[*prompt] = job.prompt_ids.len() as u32;
         // Dropping the streams started so far (on `?`) cancels them.
-        let stream = state.dispatcher.start(job.clone()).await?;
-        streams.push((*index, *prompt, echo.clone(), stream));
+        match state.dispatcher.start(job.clone(), ticket).await {
+            Ok(stream) => streams.push((*index, *prompt, echo.clone(), stream)),
+            Err(e) => {
+                // This job counted its own refusal; the ones never started are refused too.
+                for _ in k + 1..plan.jobs.len() {
+                    outcome::rejected(outcome::reason_of(&e));
+                }
+                return Err(e.into());
+            }
+        }
     }
     let tokenizer = state.frontend.tokenizer().ok().cloned();
     let presenter = Presenter {

@@ -5,27 +5,36 @@
 //!
 //! Every error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`:
 //! a body that is not JSON is 400, JSON of the wrong shape 422, a body over the limit 413,
-//! values out of range, an unknown model or a prompt over the context 400, and no capacity 503.
+//! values out of range, an unknown model or a prompt over the context 400, a missing or wrong
+//! API key 401, a key over its limits 429, and a full waiting queue or no capacity 503 (the
+//! last two with `Retry-After`).
 
 mod completions;
 mod openai;
+mod serve;
+
+pub use serve::serve;
 
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
+use pd_common::error::{retry_after_secs, Refusal};
 use pd_common::{EngineError, Error, ErrorKind};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::admission::Admission;
 use crate::dispatch::Dispatcher;
 use crate::frontend::Frontend;
+use crate::outcome;
 use crate::pool::Pool;
 
 #[derive(Clone)]
@@ -34,6 +43,7 @@ pub struct AppState {
     pub dispatcher: Arc<Dispatcher>,
     pub pool: Arc<Pool>,
     pub metrics: PrometheusHandle,
+    pub admission: Arc<Admission>,
     /// Largest request body; larger ones get 413.
     pub max_body_bytes: usize,
 }
@@ -44,19 +54,51 @@ pub struct AppState {
 const DRAIN_LIMIT: usize = 64 << 20;
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let keyed = middleware::from_fn_with_state(state.clone(), require_key);
+    let api = Router::new()
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/models", get(models))
+        .route_layer(keyed.clone());
+    let operator = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/debug/kv_index", get(kv_index));
+    let operator = if state.admission.metrics_require_key() {
+        operator.route_layer(keyed)
+    } else {
+        operator
+    };
+    Router::new()
+        .merge(api)
+        .merge(operator)
         .route("/health", get(health))
         .route("/live", get(|| async { "ok" }))
-        .route("/metrics", get(metrics))
-        .route("/debug/kv_index", get(kv_index))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such route", "not_found_error")
         })
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Lets a request through with its [`Caller`](crate::admission::Caller) when its
+/// `Authorization` names a key (or keys are off); else 401.
+async fn require_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match state.admission.authenticate(authorization) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(e) => {
+            if request.uri().path().ends_with("completions") {
+                outcome::rejected(outcome::reason_of(&e));
+            }
+            ApiError::from(e).into_response()
+        }
+    }
 }
 
 async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
@@ -81,6 +123,10 @@ async fn health(State(state): State<AppState>) -> Response {
         // Serving from the last view while etcd is unreachable.
         "stale": !view.etcd_connected && view.last_contact.is_some(),
         "nodes": { "prefill": view.prefill.len(), "decode": view.decode.len() },
+        // Sequences the decode nodes run at once, and requests admitted waiting for a first
+        // token (the admission queue; see --max-waiting-requests).
+        "decode_capacity": state.pool.decode_capacity(),
+        "waiting_requests": state.admission.waiting().0,
     });
     let status = if ready {
         StatusCode::OK
@@ -106,6 +152,8 @@ pub struct ApiError {
     message: String,
     kind: &'static str,
     code: Option<&'static str>,
+    /// Seconds for `Retry-After` (refusals under load).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -115,6 +163,7 @@ impl ApiError {
             message: message.into(),
             kind,
             code: None,
+            retry_after: None,
         }
     }
 }
@@ -127,7 +176,38 @@ impl From<EngineError> for ApiError {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
+        let retry_after = match &e {
+            Error::Refused { retry_after, .. } => Some(retry_after_secs(*retry_after)),
+            _ => None,
+        };
         let (status, kind, code) = match (&e, e.kind()) {
+            (Error::Unauthenticated(_), _) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ),
+            (
+                Error::Refused {
+                    refusal: Refusal::RateLimited,
+                    ..
+                },
+                _,
+            ) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+            ),
+            (
+                Error::Refused {
+                    refusal: Refusal::Overloaded,
+                    ..
+                },
+                _,
+            ) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Some("overloaded"),
+            ),
             (Error::Engine(EngineError::PromptTooLong { .. }), _) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -158,11 +238,24 @@ impl From<Error> for ApiError {
             message,
             kind,
             code,
+            retry_after,
         }
     }
 }
 
 impl ApiError {
+    /// The `reason` label when this error refuses a request before dispatch.
+    pub fn rejection_reason(&self) -> &'static str {
+        match (self.status, self.code) {
+            (StatusCode::UNAUTHORIZED, _) => "unauthenticated",
+            (StatusCode::TOO_MANY_REQUESTS, _) => "rate_limited",
+            (StatusCode::SERVICE_UNAVAILABLE, Some("overloaded")) => "overloaded",
+            (StatusCode::SERVICE_UNAVAILABLE, _) => "unavailable",
+            (s, _) if s.is_client_error() => "invalid",
+            _ => "other",
+        }
+    }
+
     fn body(&self) -> serde_json::Value {
         json!({
             "error": {
@@ -177,7 +270,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        let headers = response.headers_mut();
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
     }
 }
 

@@ -251,6 +251,27 @@ pub async fn assert_all_blocks_free(cluster: &Cluster) {
     }
 }
 
+/// A node's (or the router's) /metrics text.
+pub async fn scrape(metrics_url: &str) -> String {
+    reqwest::get(metrics_url)
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+/// The sum of a metric's series whose labels include every one of `labels`.
+pub async fn metric_sum(metrics_url: &str, name: &str, labels: &[&str]) -> f64 {
+    scrape(metrics_url)
+        .await
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// 16 requests: greedy and seeded sampling, over several prompts.
 pub fn workload(max_tokens: u32) -> Vec<(Vec<u32>, SamplingParams)> {
     let cases = golden_cases();

@@ -101,6 +101,7 @@ pub fn node_stats(node_id: &str, role: pb::NodeRole, s: &EngineStats) -> pb::Nod
         waiting_sequences: s.waiting as u32,
         free_kv_blocks: s.free_blocks as u32,
         total_kv_blocks: s.total_blocks as u32,
+        max_num_seqs: s.max_num_seqs as u32,
     }
 }
 
@@ -150,6 +151,7 @@ impl Worker {
         let server = self
             .rpc
             .server()
+            .layer(crate::rpc::ClientFaultCodes)
             .add_routes(routes.add_service(health_service))
             .serve_with_incoming_shutdown(
                 RpcConfig::incoming(listeners.grpc),

@@ -72,7 +72,22 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
 
 fn describe() {
     use names::*;
-    describe_counter!(REQUESTS_TOTAL, "Requests finished, by outcome.");
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Requests, each counted once by how it ended (stop, length, cancelled, rejected, error)."
+    );
+    describe_counter!(
+        PREFILLS_REFUSED_TOTAL,
+        "Prefills refused before starting because the node is too far behind, by reason."
+    );
+    describe_counter!(
+        REQUESTS_REJECTED_TOTAL,
+        "Requests refused before dispatch, by reason."
+    );
+    describe_gauge!(
+        ROUTER_WAITING_REQUESTS,
+        "Requests admitted by the router and waiting for their first token."
+    );
     describe_histogram!(
         TIME_TO_FIRST_TOKEN_SECONDS,
         Unit::Seconds,

@@ -1,8 +1,14 @@
 //! Every metric name in one place: `pd_` prefix, unit suffixes (`_seconds`, `_bytes`,
 //! `_total`), labels with a handful of values at most.
 
-/// Requests finished, by `outcome` (`stop`, `length`, `cancelled`, `error`).
+/// Requests that reached the router, each counted once by how it ended: `outcome` is `stop`,
+/// `length`, `cancelled`, `rejected` (refused before dispatch) or `error`.
 pub const REQUESTS_TOTAL: &str = "pd_requests_total";
+/// Requests refused before dispatch, by `reason` (`invalid`, `unauthenticated`,
+/// `rate_limited`, `overloaded`, `unavailable`, `other`).
+pub const REQUESTS_REJECTED_TOTAL: &str = "pd_requests_rejected_total";
+/// Requests admitted and waiting for their first token (the router's admission queue).
+pub const ROUTER_WAITING_REQUESTS: &str = "pd_router_waiting_requests";
 /// From a request's arrival to its first token.
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "pd_time_to_first_token_seconds";
 /// Between consecutive tokens of one request.
@@ -48,6 +54,9 @@ pub const DECODE_TOKENS_TOTAL: &str = "pd_decode_tokens_total";
 pub const PREEMPTIONS_TOTAL: &str = "pd_preemptions_total";
 /// Prompts a decode node computed itself instead of a prefill node, by `reason`.
 pub const LOCAL_PREFILLS_TOTAL: &str = "pd_local_prefills_total";
+/// Prefills a prefill node refused before starting, by `reason` (`behind`: its queue would
+/// not let it finish within the caller's deadline).
+pub const PREFILLS_REFUSED_TOTAL: &str = "pd_prefills_refused_total";
 /// Attempts moved to another node after a failure, by `stage` (`prefill`, `decode`).
 pub const RETRIES_TOTAL: &str = "pd_retries_total";
 /// Nodes in the router's view, by `role`.

@@ -35,6 +35,8 @@ pub struct EngineStats {
     pub prefix_cache_hits: u64,
     /// Blocks in the prefix cache (those nobody references count as free too).
     pub cached_blocks: usize,
+    /// Most sequences a step runs (`--max-num-seqs`): what the node can run at once.
+    pub max_num_seqs: usize,
 }
 
 pub struct EngineCore {
@@ -140,6 +142,10 @@ impl EngineCore {
         self.max_model_len
     }
 
+    pub fn vocab_size(&self) -> usize {
+        self.model.config().vocab_size
+    }
+
     /// The cache tensors (shared: a KV receiver writes into blocks reserved for it).
     pub fn cache(&self) -> &KvCache {
         &self.cache
@@ -153,6 +159,7 @@ impl EngineCore {
     pub fn stats(&self) -> EngineStats {
         let seq = |id: &SeqId| self.seqs.get(id);
         EngineStats {
+            max_num_seqs: self.config.max_num_seqs,
             waiting: self.queue.len(),
             running: self.running.len(),
             awaiting_kv: self.holding_blocks() - self.running.len(),
