@@ -23,7 +23,7 @@ use pd_common::sampling::{SampledToken, SamplingParams};
 use pd_common::telemetry::{self, names, with_request_id};
 use pd_common::transfer::{KvReceiver, TransferBackend, TransferStats};
 use pd_common::wire::{FromWire, ToWire};
-use pd_common::{node, Error, Result, Retry};
+use pd_common::{node, Error, ErrorKind, Result, Retry};
 use pd_proto::v1 as pb;
 use pd_proto::v1::prefill_client::PrefillClient;
 use tokio::sync::{mpsc, oneshot};
@@ -239,10 +239,18 @@ async fn drive(
                 o = prefill_remote(&inner, &request, &prefill, first_block, blocks) => o,
                 _ = tx.closed() => return,
             };
-            let handoff = match outcome {
-                Ok((first, t)) => {
+            let activated = match outcome {
+                Ok((first, t)) => match inner.engine.activate(stream.id, first).await {
+                    // The engine refused what the prefill node sent: compute it here instead.
+                    Err(e) if e.kind() == ErrorKind::InvalidArgument => Err(e.into()),
+                    done => Ok((done, t)),
+                },
+                Err(e) => Err(e),
+            };
+            let handoff = match activated {
+                Ok((done, t)) => {
                     timings = t;
-                    inner.engine.activate(stream.id, first).await
+                    done
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "remote prefill failed; prefilling locally");
@@ -415,11 +423,9 @@ async fn prefill_once(
         })??
         .into_inner();
     let stats: TransferStats = ticket.finish()?;
-    let first = response
-        .first_token
-        .as_ref()
-        .map(SampledToken::from_wire)
-        .ok_or_else(|| Error::Internal(format!("prefill node {address} sent no first token")))?;
+    let vocab = inner.engine.vocab_size();
+    let first = checked_reply(&response, vocab, request, &prefill.params)
+        .map_err(|what| Error::Internal(format!("prefill node {address} sent {what}")))?;
     metrics::histogram!(names::KV_TRANSFER_SECONDS, "direction" => "received")
         .record(stats.duration.as_secs_f64());
     tracing::info!(
@@ -438,6 +444,61 @@ async fn prefill_once(
             cached_tokens: Some(response.cached_tokens as usize),
         },
     ))
+}
+
+/// The first token of a prefill node's reply, once every field is checked as strictly as a
+/// client's request would be; else what is wrong with it.
+fn checked_reply(
+    response: &pb::PrefillResponse,
+    vocab: usize,
+    request: &GenerateRequest,
+    params: &SamplingParams,
+) -> std::result::Result<SampledToken, String> {
+    let first = response.first_token.as_ref().ok_or("no first token")?;
+    if first.token_id as usize >= vocab {
+        return Err(format!(
+            "first token {} outside the vocabulary of {vocab}",
+            first.token_id
+        ));
+    }
+    // A log-probability is at most 0 (a little over it from rounding).
+    let valid_logprob = |lp: f32| !lp.is_nan() && lp <= 1e-3;
+    if !valid_logprob(first.logprob) {
+        return Err(format!("a first-token logprob of {}", first.logprob));
+    }
+    let wanted = params.logprobs.unwrap_or(0) as usize;
+    if first.top.len() > wanted {
+        return Err(format!(
+            "{} top logprobs where {wanted} were asked for",
+            first.top.len()
+        ));
+    }
+    if let Some(t) = first
+        .top
+        .iter()
+        .find(|t| t.token_id as usize >= vocab || !valid_logprob(t.logprob))
+    {
+        return Err(format!(
+            "a top logprob ({}, {}) out of range",
+            t.token_id, t.logprob
+        ));
+    }
+    let prompt = request.prompt_ids.len() + request.resume_ids.len();
+    if response.cached_tokens as usize > prompt {
+        return Err(format!(
+            "{} cached tokens for a prompt of {prompt}",
+            response.cached_tokens
+        ));
+    }
+    let seconds = [
+        response.queue_seconds,
+        response.prefill_seconds,
+        response.transfer_seconds,
+    ];
+    if seconds.iter().any(|s| !s.is_finite() || *s < 0.0) {
+        return Err(format!("timings out of range: {seconds:?}"));
+    }
+    Ok(SampledToken::from_wire(first))
 }
 
 impl Inner {

@@ -2,6 +2,7 @@
 //! (batched under a token budget, long prompts in chunks), ships each layer into the decode
 //! worker's reserved blocks as soon as it is computed, and answers with the first token.
 
+mod backlog;
 mod service;
 
 use std::net::SocketAddr;

@@ -15,7 +15,7 @@ use pd_common::kv::blocks_for_tokens;
 use pd_common::node::RequestTasks;
 use pd_common::rpc::RpcConfig;
 use pd_common::sampling::{SampledToken, SamplingParams};
-use pd_common::telemetry;
+use pd_common::telemetry::{self, names};
 use pd_common::transfer::{self, grpc, push, TransferBackend};
 use pd_common::wire::{FromWire, ToWire};
 use pd_common::{node, EngineError, Error, Result};
@@ -23,6 +23,8 @@ use pd_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
+
+use crate::backlog::Backlog;
 
 /// What a prefill node is told at start-up.
 pub struct Options {
@@ -48,6 +50,8 @@ struct Inner {
     tasks: RequestTasks,
     /// Channels to decode nodes' `KvTransfer`, kept across transfers.
     clients: grpc::Clients,
+    /// How far behind the node is, to refuse prefills it cannot do in time.
+    backlog: Arc<Backlog>,
     /// NCCL links to decode nodes, opened on first use.
     #[cfg(feature = "nccl")]
     nccl: transfer::nccl::NcclSender,
@@ -62,6 +66,7 @@ impl PrefillService {
                 block_size,
                 tasks,
                 clients: grpc::Clients::default(),
+                backlog: Arc::default(),
                 #[cfg(feature = "nccl")]
                 nccl: transfer::nccl::NcclSender::new(options.nccl.clone()),
                 options,
@@ -93,7 +98,7 @@ impl pb::prefill_server::Prefill for PrefillService {
             let work = {
                 let (inner, request_id) = (inner.clone(), request_id.clone());
                 async move {
-                    tokio::time::timeout(deadline, prefill(&inner, &request_id, r))
+                    tokio::time::timeout(deadline, prefill(&inner, &request_id, r, deadline))
                         .await
                         .map_err(|_| {
                             Error::DeadlineExceeded(format!(
@@ -126,6 +131,7 @@ async fn prefill(
     inner: &Inner,
     request_id: &str,
     r: pb::PrefillRequest,
+    deadline: Duration,
 ) -> Result<pb::PrefillResponse> {
     let destination = r
         .destination
@@ -164,6 +170,18 @@ async fn prefill(
         prompt_ids,
         params,
         resume_ids,
+    };
+    let own = request.prompt_ids.len() + request.resume_ids.len();
+    let taken = match inner.backlog.take(own, deadline) {
+        Ok(taken) => taken,
+        Err((wait, ahead)) => {
+            metrics::counter!(names::PREFILLS_REFUSED_TOTAL, "reason" => "behind").increment(1);
+            return Err(Error::Unavailable(format!(
+                "this prefill node is about {:.1} s behind ({ahead} prompt tokens ahead), \
+                 past the {deadline:?} deadline",
+                wait.as_secs_f64()
+            )));
+        }
     };
     let (sink, exported) = mpsc::unbounded_channel();
     let mut stream = inner
@@ -254,6 +272,7 @@ async fn prefill(
     let ack = pushed?;
     let (first, completion, computed_at): (SampledToken, Completion, Instant) = computed?;
     let timings = completion.timings;
+    taken.finished(own.saturating_sub(completion.cached_tokens), computed_at);
     let transfer_seconds = computed_at.elapsed().as_secs_f64();
     tracing::info!(
         kv_bytes = ack.bytes,

@@ -26,6 +26,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use admission::{Admission, AdmissionConfig};
+
+/// Most gRPC streams one client connection may have open at once (more wait for a slot).
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 pub use dispatch::{Dispatcher, Job};
 pub use pool::{RouterMode, Routing};
 
@@ -166,6 +169,7 @@ pub async fn run(
     let grpc_server = config
         .rpc
         .server()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(ClientFaultCodes)
         .add_service(health_service)
         .add_service(generation)

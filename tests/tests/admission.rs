@@ -369,3 +369,83 @@ async fn overload_is_refused_at_once_and_the_admitted_are_served_exactly() {
     assert_all_blocks_free(&cluster).await;
     cluster.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_node_far_behind_refuses_at_once_and_the_prompt_is_computed_elsewhere() {
+    let _serial = SERIAL.lock().await;
+    // A short transfer deadline, and no prefix cache to make repeated prompts cheap.
+    let cluster = Cluster::start(ClusterSpec {
+        decode_args: [
+            "--transfer-timeout-ms",
+            "1500",
+            "--no-enable-prefix-caching",
+        ]
+        .map(String::from)
+        .to_vec(),
+        prefill_args: vec!["--no-enable-prefix-caching".into()],
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("cluster starts");
+    let prefill = cluster
+        .nodes()
+        .into_iter()
+        .find(|n| n.role == pd_tests::cluster::Role::Prefill)
+        .expect("a prefill node");
+    let cases = golden_cases();
+    // Prompts of about 600 tokens, each its own.
+    let prompts: Vec<Vec<u32>> = (0..12)
+        .map(|i| {
+            let mut ids = Vec::new();
+            for k in 0.. {
+                let case = &cases[(i + k) % cases.len()];
+                ids.extend_from_slice(&case.prompt_ids);
+                if ids.len() >= 600 {
+                    break;
+                }
+            }
+            ids.truncate(600);
+            ids
+        })
+        .collect();
+    let params = greedy(4);
+    let expected = references(
+        &prompts
+            .iter()
+            .map(|p| (p.clone(), params.clone()))
+            .collect::<Vec<_>>(),
+    );
+    let mut client = grpc_client(&cluster).await;
+    // One prefill alone first: the node learns how fast it works.
+    let first = grpc_generate(&mut client, &prompts[0], &params)
+        .await
+        .expect("served");
+    assert_eq!(first.ids, expected[0].ids);
+    let refused_before = metric_sum(
+        &prefill.metrics_url(),
+        "pd_prefills_refused_total",
+        &["reason=\"behind\""],
+    )
+    .await;
+    // Then all at once: far more prompt tokens than it can do within the deadline.
+    let burst = prompts.iter().map(|prompt| {
+        let (mut client, params) = (client.clone(), &params);
+        async move { grpc_generate(&mut client, prompt, params).await }
+    });
+    let results = futures::future::join_all(burst).await;
+    for (i, got) in results.into_iter().enumerate() {
+        let got = got.unwrap_or_else(|s| panic!("request {i}: {s:?}"));
+        assert_eq!(got.ids, expected[i].ids, "request {i}");
+    }
+    let refused = metric_sum(
+        &prefill.metrics_url(),
+        "pd_prefills_refused_total",
+        &["reason=\"behind\""],
+    )
+    .await
+        - refused_before;
+    eprintln!("the prefill node refused {refused} of 12 prefills as too far behind");
+    assert!(refused >= 1.0, "nothing refused");
+    assert_all_blocks_free(&cluster).await;
+    cluster.shutdown().await.expect("clean shutdown");
+}

@@ -46,6 +46,7 @@ pub struct EngineHandle {
     cache: KvCache,
     kv_events: Arc<KvEventLog>,
     max_model_len: usize,
+    vocab_size: usize,
 }
 
 /// The events of one request. Dropping it cancels the request and frees its blocks.
@@ -87,6 +88,7 @@ impl EngineHandle {
         let cache = core.cache().clone();
         let kv_events = core.kv_events().clone();
         let max_model_len = core.max_model_len();
+        let vocab_size = core.vocab_size();
         let thread = std::thread::Builder::new()
             .name("pd-engine".into())
             .spawn(move || run(core, rx))?;
@@ -96,6 +98,7 @@ impl EngineHandle {
                 cache,
                 kv_events,
                 max_model_len,
+                vocab_size,
             },
             thread,
         ))
@@ -109,6 +112,11 @@ impl EngineHandle {
 
     pub fn max_model_len(&self) -> usize {
         self.max_model_len
+    }
+
+    /// Token ids run from 0 to this (exclusive).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
     }
 
     /// What the engine's prefix cache stores and evicts.

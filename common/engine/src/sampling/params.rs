@@ -8,6 +8,10 @@ use crate::{Error, Result};
 
 /// The most stop strings one request may carry; each one is searched for after every token.
 pub const MAX_STOP_STRINGS: usize = 16;
+/// The longest stop string, in bytes: the stop checker holds back up to this much text.
+pub const MAX_STOP_STRING_BYTES: usize = 1024;
+/// The most stop token ids one request may name.
+pub const MAX_STOP_TOKEN_IDS: usize = 1024;
 /// The most top-n logprobs one request may ask for (OpenAI's limit).
 pub const MAX_LOGPROBS: u32 = 20;
 /// Presence and frequency penalties are limited to `[-PENALTY_LIMIT, PENALTY_LIMIT]` (OpenAI).
@@ -99,6 +103,22 @@ impl SamplingParams {
         if let Some(i) = self.stop.iter().position(String::is_empty) {
             return Err(Error::invalid(format!(
                 "stop[{i}] is empty; stop strings must be non-empty"
+            )));
+        }
+        if let Some(i) = self
+            .stop
+            .iter()
+            .position(|s| s.len() > MAX_STOP_STRING_BYTES)
+        {
+            return Err(Error::invalid(format!(
+                "stop[{i}] has {} bytes; at most {MAX_STOP_STRING_BYTES} are allowed",
+                self.stop[i].len()
+            )));
+        }
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(Error::invalid(format!(
+                "stop_token_ids has {} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
+                self.stop_token_ids.len()
             )));
         }
         Ok(())
@@ -235,6 +255,8 @@ mod tests {
             ),
             (with(|p| p.max_tokens = 0), "max_tokens"),
             (with(|p| p.stop_token_ids = vec![3, 1000]), "stop_token_ids"),
+            (with(|p| p.stop = vec!["x".repeat(1025)]), "stop[0]"),
+            (with(|p| p.stop_token_ids = vec![1; 1025]), "stop_token_ids"),
             (
                 with(|p| p.stop = vec!["a".into(), String::new()]),
                 "stop[1]",
