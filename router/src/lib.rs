@@ -166,9 +166,11 @@ pub async fn run(
         pool: pool.clone(),
     })
     .max_decoding_message_size(config.max_grpc_message_bytes);
+    // The client API is not the cluster's own: its TLS is the client edge's, not mTLS.
     let grpc_server = config
         .rpc
-        .server()
+        .without_tls()
+        .server()?
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(ClientFaultCodes)
         .add_service(health_service)

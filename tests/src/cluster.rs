@@ -14,6 +14,7 @@ mod etcd;
 mod process;
 mod spawn;
 mod task;
+mod tls;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use tokio::time::Instant;
 use etcd::Etcd;
 pub use process::{bin_dir, binary};
 use spawn::{node_ready, Blueprint, Member};
+pub use tls::ClusterTls;
 
 /// How long a node or the router may take to print its ready line: loading the model is slow
 /// in debug builds.
@@ -57,6 +59,9 @@ pub struct ClusterSpec {
     /// a process either way). Such nodes cannot be killed or frozen, and share this process's
     /// metrics recorder.
     pub in_process: bool,
+    /// Mutual TLS between every process and to etcd, with a throwaway CA made for the cluster
+    /// (the router's client APIs stay plain).
+    pub tls: bool,
 }
 
 impl Default for ClusterSpec {
@@ -73,6 +78,7 @@ impl Default for ClusterSpec {
             router_http: None,
             router_grpc: None,
             in_process: false,
+            tls: false,
         }
     }
 }
@@ -194,8 +200,16 @@ impl Cluster {
             .tempdir()
             .context("creating the cluster's temporary directory")?;
         dir.disable_cleanup(keep_logs());
-        let etcd = Etcd::start(dir.path()).await?;
+        let tls = match spec.tls {
+            true => Some(ClusterTls::generate(dir.path(), "cluster")?),
+            false => None,
+        };
+        let etcd_tls = tls
+            .as_ref()
+            .map(|t| [t.ca.clone(), t.cert.clone(), t.key.clone()]);
+        let etcd = Etcd::start(dir.path(), etcd_tls).await?;
         let mut blueprint = Blueprint {
+            tls,
             name: format!("t{:016x}", rand::random::<u64>()),
             etcd_url: etcd.client_url(),
             dir: dir.path().to_path_buf(),
@@ -266,6 +280,19 @@ impl Cluster {
     /// `http://host:port` of the router's client-facing gRPC.
     pub fn grpc_url(&self) -> String {
         format!("http://{}", self.router_grpc)
+    }
+
+    /// Channel settings for reaching the cluster's nodes: with its TLS when it has any.
+    pub fn rpc(&self) -> pd_common::rpc::RpcConfig {
+        self.blueprint
+            .tls
+            .as_ref()
+            .map_or_else(Default::default, ClusterTls::rpc)
+    }
+
+    /// The cluster's CA, when it runs mutual TLS.
+    pub fn tls(&self) -> Option<&ClusterTls> {
+        self.blueprint.tls.as_ref()
     }
 
     pub fn etcd_url(&self) -> String {

@@ -13,6 +13,7 @@ pub mod membership;
 pub mod node;
 pub mod rpc;
 pub mod telemetry;
+pub mod tls;
 pub mod transfer;
 pub mod wire;
 

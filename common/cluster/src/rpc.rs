@@ -1,11 +1,14 @@
-//! gRPC plumbing every node shares: servers and channels with the cluster's connection settings,
-//! and the mapping of peer addresses to URIs.
+//! gRPC plumbing every node shares: servers and channels with the cluster's connection settings
+//! (mutual TLS when `--tls-ca/--tls-cert/--tls-key` are given), and the mapping of peer
+//! addresses to URIs.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, ServerTlsConfig};
 
+use crate::tls::TlsFiles;
 use crate::{Error, Result};
 
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
@@ -38,6 +41,26 @@ pub struct RpcConfig {
     /// milliseconds.
     #[arg(long, env = "PD_KEEPALIVE_TIMEOUT_MS", default_value_t = DEFAULT_KEEPALIVE_TIMEOUT_MS)]
     pub keepalive_timeout_ms: u64,
+
+    /// PEM file of the cluster's certificate authority. With --tls-cert and --tls-key, every
+    /// connection between the cluster's processes (router, decode and prefill nodes, KV
+    /// pushes) is mutual TLS: a peer must show a certificate this CA signed.
+    #[arg(long, env = "PD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM file of this process's certificate, signed by --tls-ca.
+    #[arg(long, env = "PD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM file of this process's private key.
+    #[arg(long, env = "PD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The name peers' certificates are checked against (default: the host of the address
+    /// dialled). One name in every node's certificate suits clusters whose addresses are not
+    /// known when certificates are made (containers, pods).
+    #[arg(long, env = "PD_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
 }
 
 impl Default for RpcConfig {
@@ -46,6 +69,10 @@ impl Default for RpcConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             keepalive_interval_ms: DEFAULT_KEEPALIVE_INTERVAL_MS,
             keepalive_timeout_ms: DEFAULT_KEEPALIVE_TIMEOUT_MS,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_server_name: None,
         }
     }
 }
@@ -58,16 +85,44 @@ impl RpcConfig {
         )
     }
 
-    /// A gRPC server with the cluster's connection settings.
-    pub fn server(&self) -> tonic::transport::Server {
+    /// The TLS files, when this process talks mutual TLS to its peers.
+    pub fn tls(&self) -> Result<Option<TlsFiles>> {
+        TlsFiles::from_flags("--tls", &self.tls_ca, &self.tls_cert, &self.tls_key)
+    }
+
+    /// These settings without TLS: for a server whose clients are not the cluster's own
+    /// processes (the router's client APIs).
+    pub fn without_tls(&self) -> RpcConfig {
+        RpcConfig {
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_server_name: None,
+            ..self.clone()
+        }
+    }
+
+    /// A gRPC server with the cluster's connection settings; with TLS on, it takes only
+    /// clients whose certificate the cluster's CA signed.
+    pub fn server(&self) -> Result<tonic::transport::Server> {
         let (interval, timeout) = self.keepalive();
-        tonic::transport::Server::builder()
+        let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .http2_keepalive_interval(Some(interval))
-            .http2_keepalive_timeout(Some(timeout))
+            .http2_keepalive_timeout(Some(timeout));
+        let Some(files) = self.tls()? else {
+            return Ok(server);
+        };
+        let tls = files.load()?;
+        let config = ServerTlsConfig::new()
+            .identity(tls.identity())
+            .client_ca_root(tls.ca_certificate());
+        server
+            .tls_config(config)
+            .map_err(|e| Error::invalid(format!("TLS server settings: {e}")))
     }
 
     /// The connections a server accepts on `listener`, with Nagle's algorithm off. (A server's
@@ -83,19 +138,32 @@ impl RpcConfig {
         Ok(self.endpoint(address)?.connect_lazy())
     }
 
-    /// The endpoint of `address` with the cluster's connection settings.
+    /// The endpoint of `address` with the cluster's connection settings (and its TLS).
     pub fn endpoint(&self, address: &str) -> Result<Endpoint> {
-        let uri = if address.contains("://") {
-            address.to_string()
-        } else {
-            format!("http://{address}")
+        let tls = self.tls()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let uri = match address.split_once("://") {
+            Some((_, rest)) if tls.is_some() => format!("https://{rest}"),
+            Some(_) => address.to_string(),
+            None => format!("{scheme}://{address}"),
         };
         let (interval, timeout) = self.keepalive();
-        Ok(Endpoint::from_shared(uri)
-            .map_err(|e| Error::BadPeerAddress {
-                address: address.to_string(),
-                reason: e.to_string(),
-            })?
+        let bad_address = |e: &dyn std::fmt::Display| Error::BadPeerAddress {
+            address: address.to_string(),
+            reason: e.to_string(),
+        };
+        let mut endpoint = Endpoint::from_shared(uri).map_err(|e| bad_address(&e))?;
+        if let Some(files) = tls {
+            let material = files.load()?;
+            let mut config = ClientTlsConfig::new()
+                .ca_certificate(material.ca_certificate())
+                .identity(material.identity());
+            if let Some(name) = &self.tls_server_name {
+                config = config.domain_name(name.clone());
+            }
+            endpoint = endpoint.tls_config(config).map_err(|e| bad_address(&e))?;
+        }
+        Ok(endpoint
             .connect_timeout(Duration::from_millis(self.connect_timeout_ms.max(1)))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(interval)

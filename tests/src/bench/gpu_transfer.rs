@@ -111,7 +111,7 @@ async fn run_async(args: GpuTransferArgs) -> anyhow::Result<()> {
     let address = listener.local_addr()?.to_string();
     tokio::spawn(
         RpcConfig::default()
-            .server()
+            .server()?
             .add_service(KvTransferService::new(receiver.clone()).into_server())
             .serve_with_incoming(RpcConfig::incoming(listener)),
     );

@@ -155,7 +155,7 @@ impl Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?.to_string();
         let server = tokio::spawn(
-            rpc.server()
+            rpc.server()?
                 .add_service(KvTransferService::new(receiver.clone()).into_server())
                 .serve_with_incoming(RpcConfig::incoming(listener)),
         );

@@ -51,6 +51,11 @@ struct Args {
     /// TTL of the nodes' etcd leases: how long a crashed node stays listed.
     #[arg(long, env = "PD_LEASE_TTL_SECS", default_value_t = 5)]
     lease_ttl_secs: u64,
+
+    /// Mutual TLS between every process and to etcd, with a throwaway CA made in the log
+    /// directory (for local use only; the router's client APIs stay plain).
+    #[arg(long, env = "PD_CLUSTER_TLS")]
+    tls: bool,
 }
 
 #[tokio::main]
@@ -76,6 +81,7 @@ async fn run(args: Args) -> Result<()> {
         lease_ttl_secs: args.lease_ttl_secs,
         router_http: Some(args.http_listen),
         router_grpc: Some(args.grpc_listen),
+        tls: args.tls,
         ..ClusterSpec::default()
     };
     eprintln!(
@@ -124,6 +130,9 @@ fn announce(cluster: &Cluster) {
     eprintln!("  HTTP API   {}", cluster.http_url());
     eprintln!("  gRPC       {}", cluster.grpc_url());
     eprintln!("  etcd       {}", cluster.etcd_url());
+    if let Some(tls) = cluster.tls() {
+        eprintln!("  TLS CA     {}", tls.ca.display());
+    }
     eprintln!("  metrics    {}/metrics", cluster.http_url());
     for node in &nodes {
         eprintln!(

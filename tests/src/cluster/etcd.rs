@@ -21,6 +21,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Etcd {
     process: Option<Process>,
+    /// CA, certificate and key when etcd serves TLS and asks clients for certificates.
+    tls: Option<[PathBuf; 3]>,
     client_port: u16,
     peer_port: u16,
     data_dir: PathBuf,
@@ -28,10 +30,13 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts etcd with its data and log under `dir` and waits until it serves with a leader.
-    pub async fn start(dir: &Path) -> Result<Etcd> {
+    /// Starts etcd with its data and log under `dir` and waits until it serves with a leader;
+    /// with `tls` (CA, certificate, key) it serves TLS and takes only clients with a
+    /// certificate of that CA.
+    pub async fn start(dir: &Path, tls: Option<[PathBuf; 3]>) -> Result<Etcd> {
         let mut etcd = Etcd {
             process: None,
+            tls,
             client_port: free_port()?,
             peer_port: free_port()?,
             data_dir: dir.join("etcd-data"),
@@ -42,7 +47,8 @@ impl Etcd {
     }
 
     pub fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     fn peer_url(&self) -> String {
@@ -65,6 +71,13 @@ impl Etcd {
             // than 1.5 election timeouts, and the default node lease (2 s) stays above that.
             .args(["--heartbeat-interval=50", "--election-timeout=500"])
             .args(["--logger=zap", "--log-outputs=stderr"]);
+        if let Some([ca, cert, key]) = &self.tls {
+            command
+                .arg(format!("--trusted-ca-file={}", ca.display()))
+                .arg(format!("--cert-file={}", cert.display()))
+                .arg(format!("--key-file={}", key.display()))
+                .arg("--client-cert-auth");
+        }
         let process = match Process::spawn(command, "etcd", self.log.clone()) {
             Ok(process) => process,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
@@ -106,7 +119,17 @@ impl Etcd {
             tokio::net::TcpStream::connect(("127.0.0.1", self.client_port))
                 .await
                 .ok()?;
-            let mut client = etcd_client::Client::connect([url.as_str()], None)
+            let options = match &self.tls {
+                None => None,
+                Some([ca, cert, key]) => {
+                    let pem = |p: &PathBuf| std::fs::read(p).ok();
+                    let tls = etcd_client::TlsOptions::new()
+                        .ca_certificate(etcd_client::Certificate::from_pem(pem(ca)?))
+                        .identity(etcd_client::Identity::from_pem(pem(cert)?, pem(key)?));
+                    Some(etcd_client::ConnectOptions::new().with_tls(tls))
+                }
+            };
+            let mut client = etcd_client::Client::connect([url.as_str()], options)
                 .await
                 .ok()?;
             let status = client.status().await.ok()?;

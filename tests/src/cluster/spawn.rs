@@ -89,6 +89,8 @@ pub(super) struct Blueprint {
     /// The next index of a node id, per role.
     pub(super) next_prefill: usize,
     pub(super) next_decode: usize,
+    /// The cluster's CA and certificate, when it runs mutual TLS.
+    pub(super) tls: Option<super::ClusterTls>,
 }
 
 /// A member started and not yet known to serve.
@@ -115,6 +117,9 @@ impl Blueprint {
         ];
         if let Some(model) = &self.spec.model {
             args.extend(["--model".to_string(), model.display().to_string()]);
+        }
+        if let Some(tls) = &self.tls {
+            args.extend(tls.args());
         }
         args
     }

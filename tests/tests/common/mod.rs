@@ -228,7 +228,7 @@ pub async fn assert_all_blocks_free(cluster: &Cluster) {
         let mut busy = Vec::new();
         for node in cluster.nodes() {
             let stats = async {
-                let mut client = NodeClient::connect(node.grpc_url()).await.ok()?;
+                let mut client = NodeClient::new(cluster.rpc().channel(&node.grpc).ok()?);
                 Some(client.stats(pb::StatsRequest {}).await.ok()?.into_inner())
             }
             .await;

@@ -17,6 +17,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use pd_common::rpc::RpcConfig;
 use pd_proto::v1::node_client::NodeClient;
 use pd_proto::v1::StatsRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -45,6 +46,11 @@ struct Args {
     /// How long the node may take to answer, in milliseconds.
     #[arg(long, default_value_t = 3000)]
     timeout_ms: u64,
+
+    /// Connection settings, read from the same `PD_*` variables as the node's: with the
+    /// node's TLS files (`PD_TLS_CA`, `PD_TLS_CERT`, `PD_TLS_KEY`) the probe speaks its TLS.
+    #[command(flatten)]
+    rpc: RpcConfig,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -130,9 +136,13 @@ async fn http_ok(address: &str, path: &str, timeout: Duration) -> Result<String,
     }
 }
 
-async fn channel(address: &str, timeout: Duration) -> Result<tonic::transport::Channel, String> {
-    let url = format!("http://{address}");
-    tonic::transport::Endpoint::from_shared(url.clone())
+async fn channel(
+    rpc: &RpcConfig,
+    address: &str,
+    timeout: Duration,
+) -> Result<tonic::transport::Channel, String> {
+    let url = address;
+    rpc.endpoint(address)
         .map_err(|e| format!("{url}: {e}"))?
         .connect_timeout(timeout)
         .timeout(timeout)
@@ -141,8 +151,13 @@ async fn channel(address: &str, timeout: Duration) -> Result<tonic::transport::C
         .map_err(|e| format!("connecting to {url}: {e}"))
 }
 
-async fn grpc_serving(address: &str, service: &str, timeout: Duration) -> Result<String, String> {
-    let mut client = HealthClient::new(channel(address, timeout).await?);
+async fn grpc_serving(
+    rpc: &RpcConfig,
+    address: &str,
+    service: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let mut client = HealthClient::new(channel(rpc, address, timeout).await?);
     let request = HealthCheckRequest {
         service: service.to_string(),
     };
@@ -164,8 +179,12 @@ async fn grpc_serving(address: &str, service: &str, timeout: Duration) -> Result
     }
 }
 
-async fn engine_answers(address: &str, timeout: Duration) -> Result<String, String> {
-    let mut client = NodeClient::new(channel(address, timeout).await?);
+async fn engine_answers(
+    rpc: &RpcConfig,
+    address: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let mut client = NodeClient::new(channel(rpc, address, timeout).await?);
     let stats = client
         .stats(StatsRequest {})
         .await
@@ -191,14 +210,21 @@ async fn probe(args: Args) -> Result<String, String> {
         None => local_address(role)?,
     };
     let timeout = Duration::from_millis(args.timeout_ms);
+    let rpc = &args.rpc;
     let work = async {
         match (role, args.check) {
             (Role::Router, Check::Ready) => http_ok(&address, "/health", timeout).await,
             (Role::Router, Check::Live) => http_ok(&address, "/live", timeout).await,
             (Role::Etcd, _) => http_ok(&address, "/health", timeout).await,
-            (Role::Prefill, Check::Ready) => grpc_serving(&address, "pd.v1.Prefill", timeout).await,
-            (Role::Decode, Check::Ready) => grpc_serving(&address, "pd.v1.Decode", timeout).await,
-            (Role::Prefill | Role::Decode, Check::Live) => engine_answers(&address, timeout).await,
+            (Role::Prefill, Check::Ready) => {
+                grpc_serving(rpc, &address, "pd.v1.Prefill", timeout).await
+            }
+            (Role::Decode, Check::Ready) => {
+                grpc_serving(rpc, &address, "pd.v1.Decode", timeout).await
+            }
+            (Role::Prefill | Role::Decode, Check::Live) => {
+                engine_answers(rpc, &address, timeout).await
+            }
         }
     };
     // One bound over connecting and asking together.

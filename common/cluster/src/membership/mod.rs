@@ -12,9 +12,10 @@
 mod registration;
 mod view;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use pd_proto::v1::{NodeInfo, NodeRole};
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +63,28 @@ pub struct MembershipConfig {
     /// would otherwise wait forever.
     #[arg(long, env = "PD_ETCD_REQUEST_TIMEOUT_MS", default_value_t = DEFAULT_REQUEST_TIMEOUT_MS)]
     pub etcd_request_timeout_ms: u64,
+
+    /// PEM file of the CA that signed etcd's certificate: etcd is then reached over TLS (give
+    /// https:// endpoints).
+    #[arg(long, env = "PD_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// PEM certificate this process shows etcd (for etcd's --client-cert-auth), with
+    /// --etcd-key.
+    #[arg(long, env = "PD_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// PEM private key of --etcd-cert.
+    #[arg(long, env = "PD_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// etcd user, for etcd's own authentication (with --etcd-password).
+    #[arg(long, env = "PD_ETCD_USER")]
+    pub etcd_user: Option<String>,
+
+    /// Password of --etcd-user.
+    #[arg(long, env = "PD_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
 }
 
 impl Default for MembershipConfig {
@@ -72,6 +95,11 @@ impl Default for MembershipConfig {
             lease_ttl_secs: DEFAULT_LEASE_TTL_SECS,
             etcd_connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             etcd_request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
+            etcd_user: None,
+            etcd_password: None,
         }
     }
 }
@@ -124,6 +152,46 @@ impl MembershipConfig {
         Ok(())
     }
 
+    /// Timeouts, and TLS and credentials where configured.
+    fn connect_options(&self) -> Result<ConnectOptions, MembershipError> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(self.etcd_connect_timeout_ms));
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| {
+                MembershipError::InvalidConfig(format!("cannot read {}: {e}", path.display()))
+            })
+        };
+        let identity = match (&self.etcd_cert, &self.etcd_key) {
+            (Some(cert), Some(key)) => Some(Identity::from_pem(read(cert)?, read(key)?)),
+            (None, None) => None,
+            _ => {
+                return Err(MembershipError::InvalidConfig(
+                    "--etcd-cert and --etcd-key go together".into(),
+                ))
+            }
+        };
+        if self.etcd_ca.is_some() || identity.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &self.etcd_ca {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let Some(identity) = identity {
+                tls = tls.identity(identity);
+            }
+            options = options.with_tls(tls);
+        }
+        match (&self.etcd_user, &self.etcd_password) {
+            (Some(user), Some(password)) => options = options.with_user(user, password),
+            (None, None) => {}
+            _ => {
+                return Err(MembershipError::InvalidConfig(
+                    "--etcd-user and --etcd-password go together".into(),
+                ))
+            }
+        }
+        Ok(options)
+    }
+
     fn lease_ttl(&self) -> Duration {
         Duration::from_secs(self.lease_ttl_secs)
     }
@@ -138,8 +206,7 @@ impl MembershipConfig {
             .map(|e| e.trim())
             .filter(|e| !e.is_empty())
             .collect();
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_millis(self.etcd_connect_timeout_ms));
+        let options = self.connect_options()?;
         Client::connect(endpoints, Some(options))
             .await
             .map_err(|source| match source {

@@ -150,7 +150,7 @@ impl Worker {
         let serving = CancellationToken::new();
         let server = self
             .rpc
-            .server()
+            .server()?
             .layer(crate::rpc::ClientFaultCodes)
             .add_routes(routes.add_service(health_service))
             .serve_with_incoming_shutdown(

@@ -72,12 +72,13 @@ async fn serve_framed_by(receiver: &Arc<KvReceiver>, ends: Ends) -> String {
     let address = listener.local_addr().unwrap().to_string();
     let service = KvTransferService::new(receiver.clone());
     let router = match ends {
-        Ends::TonicServer => RpcConfig::default().server().add_service(
+        Ends::TonicServer => RpcConfig::default().server().unwrap().add_service(
             pd_proto::v1::kv_transfer_server::KvTransferServer::new(service)
                 .max_decoding_message_size(super::grpc::MAX_MESSAGE_BYTES),
         ),
         _ => RpcConfig::default()
             .server()
+            .unwrap()
             .add_service(service.into_server()),
     };
     tokio::spawn(router.serve_with_incoming(RpcConfig::incoming(listener)));
