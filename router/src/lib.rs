@@ -5,6 +5,7 @@
 
 mod admission;
 mod dispatch;
+mod edge_tls;
 mod frontend;
 mod grpc;
 mod http;
@@ -30,6 +31,7 @@ pub use admission::{Admission, AdmissionConfig};
 /// Most gRPC streams one client connection may have open at once (more wait for a slot).
 const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 pub use dispatch::{Dispatcher, Job};
+pub use edge_tls::EdgeTlsConfig;
 pub use pool::{RouterMode, Routing};
 
 /// Everything a router can be told; every flag has a default.
@@ -98,6 +100,9 @@ pub struct RouterConfig {
     pub admission: AdmissionConfig,
 
     #[command(flatten)]
+    pub edge_tls: EdgeTlsConfig,
+
+    #[command(flatten)]
     pub model: ModelArgs,
 
     #[command(flatten)]
@@ -117,6 +122,7 @@ pub async fn run(
 ) -> Result<()> {
     let prometheus = telemetry::install_metrics()?;
     let admission = Admission::new(&config.admission)?;
+    let edge_tls = edge_tls::EdgeTls::load(&config.edge_tls)?;
     let source = config.model.source()?;
     let text = model::load_text(&source)?;
     let model_name = config
@@ -148,9 +154,11 @@ pub async fn run(
         admission: admission.clone(),
         max_body_bytes: config.max_body_bytes,
     });
+    let tls_acceptor = edge_tls.as_ref().map(|t| t.acceptor()).transpose()?;
     let http_server = tokio::spawn(http::serve(
         http_listener,
         app,
+        tls_acceptor,
         Duration::from_secs(config.http_header_read_timeout_secs.max(1)),
         shutdown.clone(),
     ));
@@ -167,10 +175,13 @@ pub async fn run(
     })
     .max_decoding_message_size(config.max_grpc_message_bytes);
     // The client API is not the cluster's own: its TLS is the client edge's, not mTLS.
-    let grpc_server = config
-        .rpc
-        .without_tls()
-        .server()?
+    let mut grpc_server = config.rpc.without_tls().server()?;
+    if let Some(tls) = &edge_tls {
+        grpc_server = grpc_server
+            .tls_config(tls.grpc())
+            .map_err(|e| pd_common::Error::invalid(format!("TLS of the gRPC API: {e}")))?;
+    }
+    let grpc_server = grpc_server
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(ClientFaultCodes)
         .add_service(health_service)

@@ -154,3 +154,169 @@ async fn only_certificates_of_the_clusters_ca_get_in() {
     assert_all_blocks_free(&cluster).await;
     cluster.shutdown().await.expect("clean shutdown");
 }
+
+/// A raw HTTP/1.1 exchange over TLS to `address`, trusting `ca`, with a client certificate
+/// when given; the whole answer as text.
+async fn https(
+    address: &str,
+    ca: &std::path::Path,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+    request: &str,
+) -> std::io::Result<String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = ClientConfig::builder().with_root_certificates(roots);
+    let config = match client {
+        None => config.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(key).unwrap();
+            config.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(address).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await?;
+    tls.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tls.read_to_end(&mut answer).await?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+fn post(path: &str, body: &serde_json::Value) -> String {
+    let body = body.to_string();
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_apis_serve_tls_and_ask_for_client_certificates() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start(ClusterSpec::default())
+        .await
+        .expect("cluster starts");
+    // A second router for the same cluster, its client APIs behind TLS with client
+    // certificates (vLLM's --ssl-* flags).
+    let dir = tempfile::tempdir().unwrap();
+    let edge = ClusterTls::generate(dir.path(), "edge").unwrap();
+    let (client_cert, client_key) = edge.issue("client").unwrap();
+    let path = |p: &std::path::PathBuf| p.display().to_string();
+    let mut router = tokio::process::Command::new(binary("pd-router").unwrap())
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--etcd-endpoints", &cluster.etcd_url()])
+        .args(["--cluster", cluster.cluster_name()])
+        .args(["--ssl-certfile", &path(&edge.cert)])
+        .args(["--ssl-keyfile", &path(&edge.key)])
+        .args(["--ssl-ca-certs", &path(&edge.ca)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("pd-router starts");
+    let stdout = router.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let ready = tokio::time::timeout(std::time::Duration::from_secs(120), lines.next_line())
+        .await
+        .expect("a ready line in time")
+        .unwrap()
+        .expect("a ready line");
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    let (http, grpc) = (
+        ready["http"].as_str().unwrap().to_string(),
+        ready["grpc"].as_str().unwrap().to_string(),
+    );
+    let client = Some((client_cert.as_path(), client_key.as_path()));
+    // Ready once it knows the decode node.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let health = "GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    loop {
+        let answer = https(&http, &edge.ca, client, health).await.unwrap();
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{answer}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let prompt = golden_cases()[0].prompt_ids.clone();
+    let params = greedy(6);
+    let expected = reference(&prompt, &params);
+    let body = serde_json::json!({"prompt": prompt, "max_tokens": 6, "temperature": 0});
+    let answer = https(&http, &edge.ca, client, &post("/v1/completions", &body))
+        .await
+        .expect("an HTTPS answer");
+    let (head, json) = answer.split_once("\r\n\r\n").expect("a body");
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    let json: serde_json::Value = serde_json::from_str(json).expect("JSON");
+    assert_eq!(json["choices"][0]["text"], expected.text.as_str());
+    // Without a client certificate, or in plaintext, there is no HTTP answer.
+    let without = https(&http, &edge.ca, None, &post("/v1/completions", &body)).await;
+    assert!(
+        !matches!(&without, Ok(a) if a.starts_with("HTTP/")),
+        "{without:?}"
+    );
+    let plain = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(&http).await?;
+        tcp.write_all(health.as_bytes()).await?;
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&answer).into_owned())
+    }
+    .await;
+    assert!(
+        !matches!(&plain, Ok(a) if a.starts_with("HTTP/")),
+        "{plain:?}"
+    );
+
+    // gRPC over TLS, with and without a client certificate.
+    let channel = |identity: bool| {
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                std::fs::read(&edge.ca).unwrap(),
+            ))
+            .domain_name("localhost");
+        if identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                std::fs::read(&client_cert).unwrap(),
+                std::fs::read(&client_key).unwrap(),
+            ));
+        }
+        tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_lazy()
+    };
+    let mut client = pb::generation_client::GenerationClient::new(channel(true));
+    let got = grpc_generate(&mut client, &prompt, &params)
+        .await
+        .expect("served over TLS");
+    assert_eq!(got.ids, expected.ids);
+    let mut stranger = pb::generation_client::GenerationClient::new(channel(false));
+    assert!(grpc_generate(&mut stranger, &prompt, &params)
+        .await
+        .is_err());
+
+    router.kill().await.unwrap();
+    assert_all_blocks_free(&cluster).await;
+    cluster.shutdown().await.expect("clean shutdown");
+}
