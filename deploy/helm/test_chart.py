@@ -99,6 +99,31 @@ class RendersAndValidates(unittest.TestCase):
         env = policy.env_of(container(objects, "decode"))
         self.assertTrue(env["PD_ETCD_ENDPOINTS"].startswith("http://etcd-0.etcd.infra.svc:2379,"))
 
+    def test_tls_mounts_the_secret_everywhere_and_etcd_asks_for_certificates(self):
+        objects = render(values_of(HERE / "values" / "tls.yaml"))
+        for role in ("router", "prefill", "decode"):
+            env = policy.env_of(container(objects, role))
+            self.assertTrue(env["PD_ETCD_ENDPOINTS"].startswith("https://"), role)
+            self.assertEqual(env["PD_TLS_CA"], "/etc/pd-cluster/tls/ca.crt", role)
+            self.assertEqual(env["PD_TLS_SERVER_NAME"], "pd-cluster", role)
+            mounts = {m["name"]: m for m in container(objects, role)["volumeMounts"]}
+            self.assertTrue(mounts["tls"]["readOnly"], role)
+        etcd = policy.pod_spec(next(o for o in objects if o["kind"] == "StatefulSet"))
+        command = etcd["containers"][0]["command"]
+        self.assertIn("--client-cert-auth", command)
+        self.assertIn("--peer-client-cert-auth", command)
+        self.assertTrue(all("http://" not in c for c in command if "urls=" in c and "metrics" not in c))
+        self.assertEqual(etcd["containers"][0]["readinessProbe"]["httpGet"]["port"], "health")
+        self.assertEqual(etcd["volumes"][0]["secret"]["secretName"], "pd-cluster-tls")
+        # Without TLS nothing of it is rendered.
+        env = policy.env_of(container(render({}), "decode"))
+        self.assertNotIn("PD_TLS_CA", env)
+        self.assertTrue(env["PD_ETCD_ENDPOINTS"].startswith("http://"))
+
+    def test_tls_without_a_secret_is_refused(self):
+        with self.assertRaises(helm.HelmError):
+            render({"tls": {"enabled": True, "secretName": "", "serverName": "pd-cluster"}})
+
     def test_nodes_reach_every_etcd_member(self):
         objects = render({})
         env = policy.env_of(container(objects, "router"))

@@ -26,7 +26,7 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(180);
 const POLL: Duration = Duration::from_millis(100);
 /// The workers' gRPC ports inside their containers (deploy/docker-compose.yml).
 const PREFILL_GRPC: u16 = 50061;
-const DECODE_GRPC: u16 = 50071;
+pub const DECODE_GRPC: u16 = 50071;
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -37,6 +37,9 @@ pub struct ComposeSpec {
     pub transfer_timeout_ms: u64,
     /// `PD_TEST_IMAGE`, else `pd-cluster:local`.
     pub image: String,
+    /// The TLS variant (deploy/docker-compose.tls.yml), with certificates from
+    /// deploy/docker/make-certs.sh.
+    pub tls: bool,
 }
 
 impl Default for ComposeSpec {
@@ -48,6 +51,7 @@ impl Default for ComposeSpec {
             lease_ttl_secs: 2,
             transfer_timeout_ms: 30_000,
             image: std::env::var("PD_TEST_IMAGE").unwrap_or_else(|_| "pd-cluster:local".into()),
+            tls: false,
         }
     }
 }
@@ -78,6 +82,8 @@ pub struct ComposeCluster {
     http: reqwest::Client,
     router_http: String,
     router_grpc: String,
+    /// How to reach the workers' gRPC ports (with the deployment's TLS, when it has it).
+    rpc: pd_common::rpc::RpcConfig,
     /// Holds the second compose file; dropped last.
     _dir: tempfile::TempDir,
 }
@@ -104,9 +110,11 @@ impl ComposeCluster {
                  decode:\n    ports: [\"127.0.0.1::{DECODE_GRPC}\"]\n"
             ),
         )?;
-        let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/docker-compose.yml");
+        let deploy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy");
         let project = format!("pdt{:012x}", rand::random::<u64>() >> 16);
-        let env = vec![
+        let mut files = vec![deploy.join("docker-compose.yml"), extra];
+        let mut rpc = pd_common::rpc::RpcConfig::default();
+        let mut env = vec![
             ("PD_IMAGE".to_string(), spec.image.clone()),
             // Empty: a free host port.
             ("PD_HTTP_PORT".to_string(), String::new()),
@@ -120,6 +128,29 @@ impl ComposeCluster {
                 spec.transfer_timeout_ms.to_string(),
             ),
         ];
+        if spec.tls {
+            let certs = dir.path().join("certs");
+            let made = tokio::process::Command::new(deploy.join("docker/make-certs.sh"))
+                .arg(&certs)
+                .output()
+                .await
+                .context("running deploy/docker/make-certs.sh")?;
+            if !made.status.success() {
+                bail!(
+                    "make-certs.sh failed: {}",
+                    String::from_utf8_lossy(&made.stderr)
+                );
+            }
+            files.push(deploy.join("docker-compose.tls.yml"));
+            env.push(("PD_CERTS_DIR".into(), certs.display().to_string()));
+            rpc = pd_common::rpc::RpcConfig {
+                tls_ca: Some(certs.join("ca.pem")),
+                tls_cert: Some(certs.join("node.pem")),
+                tls_key: Some(certs.join("node-key.pem")),
+                tls_server_name: Some("pd-cluster".into()),
+                ..Default::default()
+            };
+        }
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(3))
@@ -128,11 +159,12 @@ impl ComposeCluster {
             tool,
             network: format!("{project}_default"),
             project,
-            files: vec![base, extra],
+            files,
             env,
             http,
             router_http: String::new(),
             router_grpc: String::new(),
+            rpc,
             _dir: dir,
         };
         let (prefill, decode) = (spec.prefill.to_string(), spec.decode.to_string());
@@ -349,9 +381,9 @@ impl ComposeCluster {
         } else {
             DECODE_GRPC
         };
-        let address = format!("http://{}", self.published(container, port).await?);
+        let address = self.published(container, port).await?;
         let ask = async {
-            let mut client = NodeClient::connect(address.clone()).await?;
+            let mut client = NodeClient::new(self.rpc.endpoint(&address)?.connect().await?);
             anyhow::Ok(client.stats(pb::StatsRequest {}).await?.into_inner())
         };
         tokio::time::timeout(Duration::from_secs(3), ask)

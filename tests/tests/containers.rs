@@ -6,6 +6,9 @@
 //! empty one), the router crashed. Streams continue exactly as a fault-free run, or end with a
 //! clear error; after every scenario each node's `Node.Stats` shows all KV blocks free.
 //!
+//! The TLS variant (deploy/docker-compose.tls.yml) serves the same way, and its workers refuse
+//! plaintext.
+//!
 //! Skipped, saying why, only where no Docker engine answers; a missing image is a failure.
 
 mod common;
@@ -479,4 +482,48 @@ async fn a_crashed_router_fails_open_streams_clearly_and_serves_once_restarted()
         .wait_all_blocks_free(SETTLE)
         .await
         .expect("no KV block leaked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_variant_serves_and_its_workers_refuse_plaintext() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = start(ComposeSpec {
+        prefill: 1,
+        decode: 1,
+        tls: true,
+        ..ComposeSpec::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let case = &golden_cases()[0];
+    let want = reference(&case.prompt_ids, &greedy(8));
+    // Router to decode to prefill, the KV push and etcd: all over mutual TLS.
+    one_request_is_served(&cluster, &case.prompt_ids, &want).await;
+    let decode = cluster
+        .container("decode")
+        .await
+        .expect("a decode container");
+    let published = cluster
+        .published(&decode, containers::DECODE_GRPC)
+        .await
+        .expect("the decode port");
+    let plain = async {
+        let mut client =
+            pd_proto::v1::node_client::NodeClient::connect(format!("http://{published}")).await?;
+        anyhow::Ok(client.stats(pd_proto::v1::StatsRequest {}).await?)
+    };
+    let plain = tokio::time::timeout(Duration::from_secs(10), plain)
+        .await
+        .expect("a plaintext call ends");
+    assert!(
+        plain.is_err(),
+        "a plaintext client got the decode node's stats"
+    );
+    // With the deployment's certificate the same call is answered: every block is free.
+    cluster
+        .wait_all_blocks_free(SETTLE)
+        .await
+        .expect("nothing leaked");
 }

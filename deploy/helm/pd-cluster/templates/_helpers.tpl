@@ -44,11 +44,37 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- $root := . -}}
 {{- $urls := list -}}
 {{- range $i := until (int .Values.etcd.replicas) -}}
-{{- $urls = append $urls (printf "http://%s-%d.%s:2379" (include "pd.name" (dict "root" $root "component" "etcd")) $i (include "pd.name" (dict "root" $root "component" "etcd-peers"))) -}}
+{{- $urls = append $urls (printf "%s://%s-%d.%s:2379" (include "pd.etcdScheme" $root) (include "pd.name" (dict "root" $root "component" "etcd")) $i (include "pd.name" (dict "root" $root "component" "etcd-peers"))) -}}
 {{- end -}}
 {{- join "," $urls -}}
 {{- else -}}
 {{- join "," .Values.etcd.endpoints -}}
+{{- end -}}
+{{- end -}}
+
+{{/* https for the chart's etcd when the cluster runs TLS. */}}
+{{- define "pd.etcdScheme" -}}
+{{- if .Values.tls.enabled -}}https{{- else -}}http{{- end -}}
+{{- end -}}
+
+{{/* Where the TLS Secret's files are mounted. */}}
+{{- define "pd.tlsDir" -}}/etc/pd-cluster/tls{{- end -}}
+
+{{/* The TLS Secret as a volume and its mount, when the cluster runs TLS. */}}
+{{- define "pd.tlsVolume" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ required "tls.secretName names the Secret of ca.crt, tls.crt and tls.key" .Values.tls.secretName }}
+    defaultMode: 0440
+{{- end -}}
+{{- end -}}
+
+{{- define "pd.tlsVolumeMount" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: {{ include "pd.tlsDir" . }}
+  readOnly: true
 {{- end -}}
 {{- end -}}
 
@@ -64,6 +90,23 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
   value: {{ .Values.model | quote }}
 - name: PD_LOG_FORMAT
   value: {{ .Values.logFormat | quote }}
+{{- if .Values.tls.enabled }}
+{{- $dir := include "pd.tlsDir" . }}
+- name: PD_TLS_CA
+  value: {{ printf "%s/ca.crt" $dir | quote }}
+- name: PD_TLS_CERT
+  value: {{ printf "%s/tls.crt" $dir | quote }}
+- name: PD_TLS_KEY
+  value: {{ printf "%s/tls.key" $dir | quote }}
+- name: PD_TLS_SERVER_NAME
+  value: {{ .Values.tls.serverName | quote }}
+- name: PD_ETCD_CA
+  value: {{ printf "%s/ca.crt" $dir | quote }}
+- name: PD_ETCD_CERT
+  value: {{ printf "%s/tls.crt" $dir | quote }}
+- name: PD_ETCD_KEY
+  value: {{ printf "%s/tls.key" $dir | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* Pod and container hardening shared by every pod. */}}

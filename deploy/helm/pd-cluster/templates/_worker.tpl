@@ -106,6 +106,7 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
+            {{- include "pd.tlsVolumeMount" $root | nindent 12 }}
             {{- if gt (int $v.shmSizeMB) 0 }}
             - name: shm
               mountPath: /dev/shm
@@ -113,6 +114,7 @@ spec:
       volumes:
         - name: tmp
           emptyDir: {}
+        {{- include "pd.tlsVolume" $root | nindent 8 }}
         {{- if gt (int $v.shmSizeMB) 0 }}
         - name: shm
           emptyDir:
