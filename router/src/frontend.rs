@@ -17,11 +17,13 @@ use crate::pool::Pool;
 pub struct Frontend {
     model_name: String,
     text: ModelText,
-    pool: Arc<Pool>,
+    /// The cluster, whose decode nodes may take less than the model's context; `None` checks
+    /// requests against the model alone (the fuzz targets).
+    pool: Option<Arc<Pool>>,
 }
 
 impl Frontend {
-    pub fn new(model_name: String, text: ModelText, pool: Arc<Pool>) -> Arc<Self> {
+    pub fn new(model_name: String, text: ModelText, pool: Option<Arc<Pool>>) -> Arc<Self> {
         Arc::new(Self {
             model_name,
             text,
@@ -37,7 +39,8 @@ impl Frontend {
     /// decode nodes' KV caches hold less.
     pub fn max_model_len(&self) -> usize {
         let model = self.text.config.max_position_embeddings;
-        self.pool.max_model_len().map_or(model, |n| n.min(model))
+        let cluster = self.pool.as_ref().and_then(|p| p.max_model_len());
+        cluster.map_or(model, |n| n.min(model))
     }
 
     pub fn tokenizer(&self) -> Result<&Arc<Tokenizer>> {

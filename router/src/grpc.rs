@@ -38,37 +38,43 @@ impl GenerationService {
         self.admission.authenticate(authorization)
     }
 
-    /// The job of a `Generate` call, checked and tokenized.
     fn job(&self, request: Request<pb::GenerateRequest>) -> Result<Job, Error> {
-        let header_id = request
-            .metadata()
-            .get(REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let r = request.into_inner();
-        let frontend = &self.frontend;
-        frontend.check_model(&r.model)?;
-        let prompt_ids = match &r.prompt {
-            Some(Prompt::Text(text)) => frontend.encode_text(text)?,
-            Some(Prompt::Chat(chat)) => frontend.encode_chat(&chat_messages(chat))?,
-            Some(Prompt::TokenIds(ids)) => ids.ids.clone(),
-            None => {
-                return Err(Error::invalid(
-                    "a prompt is required: text, chat or token_ids",
-                ))
-            }
-        };
-        let wire = r.sampling.unwrap_or_default();
-        let params = SamplingParams::from_wire(&wire);
-        let max_tokens = match (wire.max_tokens, &r.prompt) {
-            (Some(n), _) => Some(n),
-            // Chats run to the end of the answer by default, as the HTTP chat API does.
-            (None, Some(Prompt::Chat(_))) => None,
-            (None, _) => Some(SamplingParams::default().max_tokens),
-        };
-        let request_id = Some(r.request_id).filter(|s| !s.is_empty()).or(header_id);
-        frontend.job(request_id, prompt_ids, params, max_tokens)
+        generate_job(&self.frontend, request)
     }
+}
+
+/// The job of a `Generate` call, checked and tokenized.
+pub(crate) fn generate_job(
+    frontend: &Frontend,
+    request: Request<pb::GenerateRequest>,
+) -> Result<Job, Error> {
+    let header_id = request
+        .metadata()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let r = request.into_inner();
+    frontend.check_model(&r.model)?;
+    let prompt_ids = match &r.prompt {
+        Some(Prompt::Text(text)) => frontend.encode_text(text)?,
+        Some(Prompt::Chat(chat)) => frontend.encode_chat(&chat_messages(chat))?,
+        Some(Prompt::TokenIds(ids)) => ids.ids.clone(),
+        None => {
+            return Err(Error::invalid(
+                "a prompt is required: text, chat or token_ids",
+            ))
+        }
+    };
+    let wire = r.sampling.unwrap_or_default();
+    let params = SamplingParams::from_wire(&wire);
+    let max_tokens = match (wire.max_tokens, &r.prompt) {
+        (Some(n), _) => Some(n),
+        // Chats run to the end of the answer by default, as the HTTP chat API does.
+        (None, Some(Prompt::Chat(_))) => None,
+        (None, _) => Some(SamplingParams::default().max_tokens),
+    };
+    let request_id = Some(r.request_id).filter(|s| !s.is_empty()).or(header_id);
+    frontend.job(request_id, prompt_ids, params, max_tokens)
 }
 
 type GenerateStream =

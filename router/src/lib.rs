@@ -7,6 +7,8 @@ mod admission;
 mod dispatch;
 mod edge_tls;
 mod frontend;
+#[doc(hidden)]
+pub mod fuzzing;
 mod grpc;
 mod http;
 mod kv_index;
@@ -141,7 +143,7 @@ pub async fn run(
         stop.clone(),
     );
     let tokenizer = text.tokenizer.clone();
-    let frontend = frontend::Frontend::new(model_name.clone(), text, pool.clone());
+    let frontend = frontend::Frontend::new(model_name.clone(), text, Some(pool.clone()));
     let dispatcher = Dispatcher::new(pool.clone(), tokenizer);
 
     let http_addr = node::advertised(http_listener.local_addr()?, None)?;

@@ -24,6 +24,7 @@ use super::openai::{max_tokens, ChatRequest, CommonParams, CompletionRequest, Pr
 use super::{parse_body, ApiError, AppState};
 use crate::admission::Caller;
 use crate::dispatch::{Job, JobStream};
+use crate::frontend::Frontend;
 use crate::outcome;
 
 /// Most completions (prompts times `n`) one request may ask for.
@@ -36,13 +37,13 @@ enum Kind {
 }
 
 /// A request, planned: its jobs and how to present their output.
-struct Plan {
+pub(crate) struct Plan {
     kind: Kind,
     id: String,
     created: u64,
     model: String,
     /// (choice index, prompt index, job, text to put before the output: `echo`).
-    jobs: Vec<(usize, usize, Job, String)>,
+    pub(crate) jobs: Vec<(usize, usize, Job, String)>,
     stream: bool,
     include_usage: bool,
     logprobs: bool,
@@ -97,7 +98,14 @@ pub async fn chat_completions(
 
 async fn plan_completions(state: &AppState, body: Body) -> Result<Plan, ApiError> {
     let req: CompletionRequest = parse_body(body, state.max_body_bytes).await?;
-    let fe = &state.frontend;
+    plan_completion_request(&state.frontend, &req)
+}
+
+/// Checks a `/v1/completions` request and makes its jobs.
+pub(crate) fn plan_completion_request(
+    fe: &Frontend,
+    req: &CompletionRequest,
+) -> Result<Plan, ApiError> {
     fe.check_model(&req.common.model)?;
     req.check_unsupported()?;
     let prompts: Vec<Vec<u32>> = match &req.prompt {
@@ -149,7 +157,11 @@ async fn plan_completions(state: &AppState, body: Body) -> Result<Plan, ApiError
 
 async fn plan_chat(state: &AppState, body: Body) -> Result<Plan, ApiError> {
     let req: ChatRequest = parse_body(body, state.max_body_bytes).await?;
-    let fe = &state.frontend;
+    plan_chat_request(&state.frontend, &req)
+}
+
+/// Checks a `/v1/chat/completions` request and makes its jobs.
+pub(crate) fn plan_chat_request(fe: &Frontend, req: &ChatRequest) -> Result<Plan, ApiError> {
     fe.check_model(&req.common.model)?;
     req.check_unsupported()?;
     let messages = req.messages()?;

@@ -9,8 +9,8 @@
 //! API key 401, a key over its limits 429, and a full waiting queue or no capacity 503 (the
 //! last two with `Retry-After`).
 
-mod completions;
-mod openai;
+pub(crate) mod completions;
+pub(crate) mod openai;
 mod serve;
 
 pub use serve::serve;
@@ -285,6 +285,11 @@ impl IntoResponse for ApiError {
 /// Reads a JSON body whatever its content type (clients and curl differ), classifying failures
 /// as OpenAI servers do.
 pub async fn parse_body<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
+    parse_json(&read_body(body, limit).await?)
+}
+
+/// A request body, up to `limit` bytes (413 past it).
+async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     let mut frames = body.into_data_stream();
     let mut bytes = Vec::new();
     let mut total = 0usize;
@@ -310,7 +315,12 @@ pub async fn parse_body<T: DeserializeOwned>(body: Body, limit: usize) -> Result
             "request_too_large",
         ));
     }
-    serde_json::from_slice(&bytes).map_err(|e| {
+    Ok(bytes)
+}
+
+/// A JSON body as `T`: not JSON is 400, JSON of the wrong shape 422.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
         use serde_json::error::Category;
         let status = match e.classify() {
             Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
