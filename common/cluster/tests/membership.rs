@@ -273,6 +273,46 @@ async fn nodes_join_the_view_and_deregistering_removes_them_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_auth_on_only_the_right_user_registers_and_watches() {
+    init_logs();
+    let etcd = Etcd::start().await;
+    let mut admin = etcd_client::Client::connect([etcd.client_url.as_str()], None)
+        .await
+        .unwrap();
+    // etcd's auth needs a root user in the root role; pd nodes use their own user here.
+    let _ = admin.role_add("root").await;
+    admin.user_add("root", "root-pw", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.user_add("pd", "pd-pw", None).await.unwrap();
+    admin.user_grant_role("pd", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let with = |user: Option<(&str, &str)>| MembershipConfig {
+        etcd_user: user.map(|u| u.0.to_string()),
+        etcd_password: user.map(|u| u.1.to_string()),
+        ..etcd.config(10)
+    };
+    let decode = node("d0", NodeRole::Decode);
+    for refused in [None, Some(("pd", "wrong")), Some(("nobody", "pd-pw"))] {
+        let answer = Registration::register(&with(refused), &decode).await;
+        assert!(answer.is_err(), "{refused:?} registered");
+    }
+    let registered = Registration::register(&with(Some(("pd", "pd-pw"))), &decode)
+        .await
+        .expect("the right user registers");
+    let membership = watch(&with(Some(("pd", "pd-pw")))).await.unwrap();
+    assert_eq!(membership.current().decode.get("d0"), Some(&decode));
+    registered.deregister().await.unwrap();
+    // Half a pair of credentials is a configuration error, not a silent anonymous login.
+    let half = MembershipConfig {
+        etcd_user: Some("pd".into()),
+        ..etcd.config(10)
+    };
+    let err = Registration::register(&half, &decode).await.err().unwrap();
+    assert!(matches!(err, MembershipError::InvalidConfig(_)), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_stops_renewing_leaves_after_its_ttl() {
     init_logs();
     let etcd = Etcd::start().await;
