@@ -8,7 +8,7 @@
 //! output position `i` from `(seed, i)` alone; the router fixes the seed before the first attempt.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pd_common::sampling::{SamplingParams, StopChecker};
 use pd_common::telemetry::{names, with_request_id};
@@ -26,6 +26,9 @@ use crate::pool::{ActiveGuard, Pool};
 
 /// Messages buffered toward one client.
 const CLIENT_QUEUE: usize = 64;
+/// How long a decode node may take to take a request (its answer comes once its engine has
+/// queued the request, before any prefill); past it the next node is tried.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A validated, tokenized request.
 #[derive(Debug, Clone)]
@@ -103,10 +106,15 @@ impl Dispatcher {
             };
             let call = async {
                 let mut client = self.pool.decode_client(&node.address)?;
-                client
-                    .generate(with_request_id(request, &job.request_id))
-                    .await
-                    .map_err(Error::from)
+                let accepted = client.generate(with_request_id(request, &job.request_id));
+                // A wedged node must not hold the request: it answers at once when it works.
+                match tokio::time::timeout(ACCEPT_TIMEOUT, accepted).await {
+                    Ok(answer) => answer.map_err(Error::from),
+                    Err(_) => Err(Error::DeadlineExceeded(format!(
+                        "decode node {} did not take the request within {ACCEPT_TIMEOUT:?}",
+                        node.node_id
+                    ))),
+                }
             };
             match call.await {
                 Ok(response) => {
