@@ -172,7 +172,7 @@ async fn prefill(
         resume_ids,
     };
     let own = request.prompt_ids.len() + request.resume_ids.len();
-    let taken = match inner.backlog.take(own, deadline) {
+    let mut taken = match inner.backlog.take(own, deadline) {
         Ok(taken) => taken,
         Err((wait, ahead)) => {
             metrics::counter!(names::PREFILLS_REFUSED_TOTAL, "reason" => "behind").increment(1);
