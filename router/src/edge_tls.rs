@@ -30,11 +30,12 @@ pub struct EdgeTlsConfig {
     pub ssl_ca_certs: Option<PathBuf>,
 }
 
-/// The loaded files of TLS on the client APIs.
+/// The loaded files of TLS on the client APIs, and the HTTPS acceptor made from them.
 pub struct EdgeTls {
     cert: Vec<u8>,
     key: Vec<u8>,
     client_ca: Option<Vec<u8>>,
+    acceptor: TlsAcceptor,
 }
 
 impl EdgeTls {
@@ -49,46 +50,19 @@ impl EdgeTls {
                 )),
             };
         let client_ca = config.ssl_ca_certs.as_deref().map(read).transpose()?;
-        let tls = EdgeTls {
+        // Made now, so that bad files fail at start, not at the first connection.
+        let acceptor = acceptor(&cert, &key, client_ca.as_deref())?;
+        Ok(Some(EdgeTls {
             cert,
             key,
             client_ca,
-        };
-        // Fail at start, not at the first connection.
-        tls.acceptor()?;
-        Ok(Some(tls))
+            acceptor,
+        }))
     }
 
     /// The HTTPS acceptor (HTTP/2 and HTTP/1.1 by ALPN).
-    pub fn acceptor(&self) -> Result<TlsAcceptor> {
-        let bad = |what: &str, e: &dyn std::fmt::Display| Error::invalid(format!("{what}: {e}"));
-        let chain = CertificateDer::pem_slice_iter(&self.cert)
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| bad("--ssl-certfile", &e))?;
-        if chain.is_empty() {
-            return Err(Error::invalid("--ssl-certfile holds no certificate"));
-        }
-        let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| bad("--ssl-keyfile", &e))?;
-        let builder = ServerConfig::builder();
-        let builder = match &self.client_ca {
-            None => builder.with_no_client_auth(),
-            Some(pem) => {
-                let mut roots = RootCertStore::empty();
-                for ca in CertificateDer::pem_slice_iter(pem) {
-                    let ca = ca.map_err(|e| bad("--ssl-ca-certs", &e))?;
-                    roots.add(ca).map_err(|e| bad("--ssl-ca-certs", &e))?;
-                }
-                let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-                    .build()
-                    .map_err(|e| bad("--ssl-ca-certs", &e))?;
-                builder.with_client_cert_verifier(verifier)
-            }
-        };
-        let mut config = builder
-            .with_single_cert(chain, key)
-            .map_err(|e| bad("--ssl-certfile/--ssl-keyfile", &e))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(TlsAcceptor::from(Arc::new(config)))
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor.clone()
     }
 
     /// The same for the gRPC API.
@@ -99,6 +73,39 @@ impl EdgeTls {
             None => config,
         }
     }
+}
+
+/// The HTTPS acceptor of a certificate chain, its key and, to ask clients for certificates,
+/// their CAs.
+fn acceptor(cert: &[u8], key: &[u8], client_ca: Option<&[u8]>) -> Result<TlsAcceptor> {
+    let bad = |what: &str, e: &dyn std::fmt::Display| Error::invalid(format!("{what}: {e}"));
+    let chain = CertificateDer::pem_slice_iter(cert)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad("--ssl-certfile", &e))?;
+    if chain.is_empty() {
+        return Err(Error::invalid("--ssl-certfile holds no certificate"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("--ssl-keyfile", &e))?;
+    let builder = ServerConfig::builder();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let mut roots = RootCertStore::empty();
+            for ca in CertificateDer::pem_slice_iter(pem) {
+                let ca = ca.map_err(|e| bad("--ssl-ca-certs", &e))?;
+                roots.add(ca).map_err(|e| bad("--ssl-ca-certs", &e))?;
+            }
+            let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .map_err(|e| bad("--ssl-ca-certs", &e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| bad("--ssl-certfile/--ssl-keyfile", &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {

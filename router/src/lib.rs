@@ -156,7 +156,7 @@ pub async fn run(
         admission: admission.clone(),
         max_body_bytes: config.max_body_bytes,
     });
-    let tls_acceptor = edge_tls.as_ref().map(|t| t.acceptor()).transpose()?;
+    let tls_acceptor = edge_tls.as_ref().map(|t| t.acceptor());
     let http_server = tokio::spawn(http::serve(
         http_listener,
         app,

@@ -322,6 +322,11 @@ impl Cluster {
         self.nodes.iter().map(|n| n.summary.clone()).collect()
     }
 
+    /// The first running node of `role`.
+    pub fn first_node(&self, role: Role) -> Option<NodeSummary> {
+        self.nodes().into_iter().find(|n| n.role == role)
+    }
+
     pub fn node(&self, id: &str) -> Option<&NodeSummary> {
         self.nodes.iter().map(|n| &n.summary).find(|s| s.id == id)
     }

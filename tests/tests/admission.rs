@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -79,6 +80,18 @@ fn token_request(prompt: &[u32], max_tokens: u32, ignore_eos: bool) -> pb::Gener
         }),
         ..Default::default()
     }
+}
+
+/// A refusal under load: `Retry-After` of at least a second and an OpenAI-style body of `code`.
+async fn assert_refusal(response: reqwest::Response, code: &str) {
+    let after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("Retry-After in seconds");
+    assert!(after >= 1);
+    let error = error_body(response).await;
+    assert_eq!(error["error"]["code"], code, "{error}");
 }
 
 async fn error_body(response: reqwest::Response) -> Value {
@@ -173,14 +186,7 @@ async fn api_keys_guard_both_apis_and_each_key_has_its_limit() {
     let response = complete(&cluster, Some("alpha"), &body).await;
     generation_requests += 1;
     assert_eq!(response.status(), 429);
-    let retry_after: u64 = response.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .expect("Retry-After in seconds");
-    assert!(retry_after >= 1);
-    let error = error_body(response).await;
-    assert_eq!(error["error"]["code"], "rate_limit_exceeded", "{error}");
+    assert_refusal(response, "rate_limit_exceeded").await;
     let status = generate(&mut client, Some("alpha"), token_request(&prompt, 4, false))
         .await
         .expect_err("over the key's limit");
@@ -192,18 +198,21 @@ async fn api_keys_guard_both_apis_and_each_key_has_its_limit() {
     assert_eq!(response.status(), 200);
     // Hanging up frees the key's slot (the router notices the reset stream).
     drop(open);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut limited_after_hangup = 0;
-    loop {
-        let response = complete(&cluster, Some("alpha"), &body).await;
-        generation_requests += 1;
-        match response.status().as_u16() {
-            200 => break,
-            429 if Instant::now() < deadline => limited_after_hangup += 1,
-            other => panic!("alpha still refused ({other}) after its stream was dropped"),
+    let limited = AtomicUsize::new(0);
+    let (c, b, l) = (&cluster, &body, &limited);
+    eventually(Duration::from_secs(20), move || async move {
+        match complete(c, Some("alpha"), b).await.status().as_u16() {
+            200 => Ok(()),
+            429 => {
+                l.fetch_add(1, Ordering::Relaxed);
+                Err("alpha still at its limit after its stream was dropped".into())
+            }
+            other => panic!("alpha refused with {other} after its stream was dropped"),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    let limited_after_hangup = limited.into_inner();
+    generation_requests += 1 + limited_after_hangup;
 
     // Every generation request ended in exactly one outcome.
     let after = outcomes(&cluster).await;
@@ -289,14 +298,7 @@ async fn overload_is_refused_at_once_and_the_admitted_are_served_exactly() {
                     }
                     503 => {
                         let at = Instant::now();
-                        let after: u64 = response.headers()["retry-after"]
-                            .to_str()
-                            .unwrap()
-                            .parse()
-                            .expect("Retry-After in seconds");
-                        assert!(after >= 1);
-                        let error = error_body(response).await;
-                        assert_eq!(error["error"]["code"], "overloaded", "{error}");
+                        assert_refusal(response, "overloaded").await;
                         (i, Err(()), at)
                     }
                     other => panic!("request {i}: HTTP {other}"),
@@ -388,9 +390,7 @@ async fn a_prefill_node_far_behind_refuses_at_once_and_the_prompt_is_computed_el
     .await
     .expect("cluster starts");
     let prefill = cluster
-        .nodes()
-        .into_iter()
-        .find(|n| n.role == pd_tests::cluster::Role::Prefill)
+        .first_node(pd_tests::cluster::Role::Prefill)
         .expect("a prefill node");
     let cases = golden_cases();
     // Prompts of about 600 tokens, each its own.

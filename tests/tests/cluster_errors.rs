@@ -249,11 +249,7 @@ async fn bad_input_gets_a_precise_error_and_leaks_nothing() {
     assert_all_blocks_free(&cluster).await;
 
     // A forged transfer straight to the decode node: wrong fingerprint, unknown transfer.
-    let decode = cluster
-        .nodes()
-        .into_iter()
-        .find(|n| n.role == Role::Decode)
-        .unwrap();
+    let decode = cluster.first_node(Role::Decode).unwrap();
     let mut kv = pb::kv_transfer_client::KvTransferClient::connect(decode.grpc_url())
         .await
         .expect("decode node reachable");

@@ -84,11 +84,7 @@ async fn killing_the_last_decode_node_ends_streams_with_a_clear_error() {
     let (tx, mut progress) = mpsc::unbounded_channel();
     let streams = start_streams(&cluster.grpc_url(), &work[..4], tx);
     wait_progress(&mut progress, 4, 2).await;
-    let decode = cluster
-        .nodes()
-        .into_iter()
-        .find(|n| n.role == Role::Decode)
-        .expect("a decode node");
+    let decode = cluster.first_node(Role::Decode).expect("a decode node");
     cluster.kill_node(&decode.id).expect("SIGKILL");
     for stream in streams {
         let status = tokio::time::timeout(REQUEST_TIMEOUT, stream)
@@ -186,11 +182,7 @@ async fn a_frozen_prefill_node_costs_one_deadline_not_a_hung_request() {
     })
     .await
     .expect("cluster starts");
-    let prefill = cluster
-        .nodes()
-        .into_iter()
-        .find(|n| n.role == Role::Prefill)
-        .expect("a prefill node");
+    let prefill = cluster.first_node(Role::Prefill).expect("a prefill node");
     // Frozen, not dead: its connections stay open and nothing answers.
     // SAFETY: kill(2) touches no memory of ours; the pid is a child the cluster has not reaped.
     assert_eq!(unsafe { libc::kill(prefill.pid as i32, libc::SIGSTOP) }, 0);

@@ -41,11 +41,7 @@ async fn nodes_join_and_leave_the_routers_view() {
         .await
         .expect("served");
     for (role, direction) in [(Role::Prefill, "sent"), (Role::Decode, "received")] {
-        let node = cluster
-            .nodes()
-            .into_iter()
-            .find(|n| n.role == role)
-            .expect("a node of the role");
+        let node = cluster.first_node(role).expect("a node of the role");
         let url = cluster.node(&node.id).expect("node").metrics_url();
         let labels = [
             r#"backend="grpc""#,
@@ -117,9 +113,7 @@ async fn a_killed_node_leaves_within_its_lease() {
     .await
     .expect("cluster starts");
     let prefill = cluster
-        .nodes()
-        .into_iter()
-        .find(|n| n.role == Role::Prefill)
+        .first_node(Role::Prefill)
         .expect("a prefill node")
         .id;
     let killed = Instant::now();

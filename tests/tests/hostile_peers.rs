@@ -172,13 +172,7 @@ async fn malformed_peers_and_clients_get_precise_errors_and_leave_nothing_behind
     })
     .await
     .expect("cluster starts");
-    let node = |role| {
-        cluster
-            .nodes()
-            .into_iter()
-            .find(|n| n.role == role)
-            .expect("a node of each role")
-    };
+    let node = |role| cluster.first_node(role).expect("a node of each role");
     let (prefill, decode) = (node(Role::Prefill), node(Role::Decode));
     let fault = Arc::new(Mutex::new(Fault::NoKv));
     let fake = serve_fake(&prefill, fault.clone()).await;
@@ -275,6 +269,7 @@ async fn malformed_peers_and_clients_get_precise_errors_and_leave_nothing_behind
             if to_server.write_all(&[*byte]).await.is_err() {
                 return;
             }
+            // The client's own pace (a byte every 200 ms), not a wait for the server.
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });

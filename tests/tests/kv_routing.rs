@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use pd_proto::v1 as pb;
@@ -73,24 +73,6 @@ async fn router_index(cluster: &Cluster) -> BTreeMap<String, (u64, Vec<String>)>
             )
         })
         .collect()
-}
-
-/// Asks `check` again until it holds, failing with its last answer after `timeout`. Neither the
-/// nodes nor the router announce the changes these tests wait for (an index catching up, a
-/// gauge refreshed), so the only way to see them is to look again.
-async fn eventually<F, Fut>(timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(why) => assert!(Instant::now() < deadline, "after {timeout:?}: {why}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Waits until the router's index equals every node's own account of its cache.

@@ -29,16 +29,8 @@ async fn only_certificates_of_the_clusters_ca_get_in() {
         .expect("served over mutual TLS inside");
     assert_eq!(got.ids, reference(&prompt, &params).ids);
     // The KV came from the prefill node over TLS, not from a local prefill.
-    let prefill = cluster
-        .nodes()
-        .into_iter()
-        .find(|n| n.role == Role::Prefill)
-        .unwrap();
-    let decode = cluster
-        .nodes()
-        .into_iter()
-        .find(|n| n.role == Role::Decode)
-        .unwrap();
+    let prefill = cluster.first_node(Role::Prefill).unwrap();
+    let decode = cluster.first_node(Role::Decode).unwrap();
     let sent = metric_sum(&prefill.metrics_url(), "pd_kv_link_bytes_total", &[]).await;
     assert!(sent > 0.0, "no KV crossed the TLS link");
 
@@ -245,16 +237,16 @@ async fn the_client_apis_serve_tls_and_ask_for_client_certificates() {
     );
     let client = Some((client_cert.as_path(), client_key.as_path()));
     // Ready once it knows the decode node.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let health = "GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-    loop {
-        let answer = https(&http, &edge.ca, client, health).await.unwrap();
-        if answer.starts_with("HTTP/1.1 200") {
-            break;
+    let (address, ca) = (&http, &edge.ca);
+    eventually(std::time::Duration::from_secs(30), move || async move {
+        let answer = https(address, ca, client, health).await.unwrap();
+        match answer.starts_with("HTTP/1.1 200") {
+            true => Ok(()),
+            false => Err(answer),
         }
-        assert!(std::time::Instant::now() < deadline, "{answer}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 
     let prompt = golden_cases()[0].prompt_ids.clone();
     let params = greedy(6);

@@ -79,9 +79,13 @@ pub async fn completions(
     Extension(caller): Extension<Caller>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let plan = plan_completions(&state, body).await.inspect_err(|e| {
-        outcome::rejected(e.rejection_reason());
-    })?;
+    let plan = async {
+        let req: CompletionRequest = parse_body(body, state.max_body_bytes).await?;
+        plan_completion_request(&state.frontend, &req)
+    };
+    let plan = plan
+        .await
+        .inspect_err(|e| outcome::rejected(e.rejection_reason()))?;
     execute(state, caller, plan).await
 }
 
@@ -90,15 +94,14 @@ pub async fn chat_completions(
     Extension(caller): Extension<Caller>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let plan = plan_chat(&state, body)
+    let plan = async {
+        let req: ChatRequest = parse_body(body, state.max_body_bytes).await?;
+        plan_chat_request(&state.frontend, &req)
+    };
+    let plan = plan
         .await
         .inspect_err(|e| outcome::rejected(e.rejection_reason()))?;
     execute(state, caller, plan).await
-}
-
-async fn plan_completions(state: &AppState, body: Body) -> Result<Plan, ApiError> {
-    let req: CompletionRequest = parse_body(body, state.max_body_bytes).await?;
-    plan_completion_request(&state.frontend, &req)
 }
 
 /// Checks a `/v1/completions` request and makes its jobs.
@@ -153,11 +156,6 @@ pub(crate) fn plan_completion_request(
         &req.common,
         &params,
     ))
-}
-
-async fn plan_chat(state: &AppState, body: Body) -> Result<Plan, ApiError> {
-    let req: ChatRequest = parse_body(body, state.max_body_bytes).await?;
-    plan_chat_request(&state.frontend, &req)
 }
 
 /// Checks a `/v1/chat/completions` request and makes its jobs.

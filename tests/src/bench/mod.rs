@@ -14,6 +14,27 @@ pub mod sim;
 pub mod sweep;
 pub mod transfer;
 
+/// Runs `request` alone through `core` until nothing is left; the seconds it took. A request
+/// the engine failed is an error, not a fast time.
+pub fn time_request(
+    core: &mut pd_common::engine::EngineCore,
+    request: pd_common::engine::GenerateRequest,
+) -> anyhow::Result<f64> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    core.add_request(request, tx)?;
+    let started = std::time::Instant::now();
+    while core.has_work() {
+        core.step()?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    while let Ok(event) = rx.try_recv() {
+        if let pd_common::engine::SeqEvent::Failed(e) = event {
+            return Err(e.into());
+        }
+    }
+    Ok(seconds)
+}
+
 /// The machine's 1/5/15-minute load averages: figures taken on a busy machine mean little.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")

@@ -176,25 +176,12 @@ fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
     let mut rates = Vec::new();
     for r in 0..args.repeats + 1 {
         let mut core = new_core(args.prefill_tokens.max(args.engine.max_batch_tokens))?;
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        core.add_request(
-            GenerateRequest {
-                prompt_ids: prompt(args.prefill_tokens, 7 + r, vocab),
-                params: greedy(1),
-                ..Default::default()
-            },
-            tx,
-        )?;
-        let t = Instant::now();
-        while core.has_work() {
-            core.step()?;
-        }
-        let secs = t.elapsed().as_secs_f64();
-        while let Ok(ev) = rx.try_recv() {
-            if let SeqEvent::Failed(e) = ev {
-                return Err(e.into());
-            }
-        }
+        let request = GenerateRequest {
+            prompt_ids: prompt(args.prefill_tokens, 7 + r, vocab),
+            params: greedy(1),
+            ..Default::default()
+        };
+        let secs = pd_tests::bench::time_request(&mut core, request)?;
         if r > 0 {
             rates.push(args.prefill_tokens as f64 / secs); // the first run warms up
         }

@@ -251,6 +251,24 @@ pub async fn assert_all_blocks_free(cluster: &Cluster) {
     }
 }
 
+/// Asks `check` again until it holds, failing with its last answer after `timeout`: for changes
+/// nothing announces (an index catching up, a gauge refreshed, a slot freed after a hang-up),
+/// so the only way to see them is to look again.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(why) => assert!(Instant::now() < deadline, "after {timeout:?}: {why}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A node's (or the router's) /metrics text.
 pub async fn scrape(metrics_url: &str) -> String {
     reqwest::get(metrics_url)

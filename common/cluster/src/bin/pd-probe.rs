@@ -141,14 +141,13 @@ async fn channel(
     address: &str,
     timeout: Duration,
 ) -> Result<tonic::transport::Channel, String> {
-    let url = address;
     rpc.endpoint(address)
-        .map_err(|e| format!("{url}: {e}"))?
+        .map_err(|e| format!("{address}: {e}"))?
         .connect_timeout(timeout)
         .timeout(timeout)
         .connect()
         .await
-        .map_err(|e| format!("connecting to {url}: {e}"))
+        .map_err(|e| format!("connecting to {address}: {e}"))
 }
 
 async fn grpc_serving(

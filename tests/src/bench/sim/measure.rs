@@ -150,20 +150,12 @@ fn measure_cpu(args: &ProfileArgs) -> anyhow::Result<Profile> {
     let longest = args.prefill_tokens.iter().copied().max().unwrap_or(1);
     let mut core = new_core(longest.max(args.engine.max_batch_tokens))?;
     let mut prefill_once = |n: usize, salt: u64| -> anyhow::Result<f64> {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        core.add_request(
-            GenerateRequest {
-                prompt_ids: prompt(n, salt),
-                params: params(1),
-                ..Default::default()
-            },
-            tx,
-        )?;
-        let t = Instant::now();
-        while core.has_work() {
-            core.step()?;
-        }
-        Ok(t.elapsed().as_secs_f64())
+        let request = GenerateRequest {
+            prompt_ids: prompt(n, salt),
+            params: params(1),
+            ..Default::default()
+        };
+        crate::bench::time_request(&mut core, request)
     };
     prefill_once(longest, 99)?;
     let mut prefill_points = Vec::new();
