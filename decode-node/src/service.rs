@@ -340,6 +340,10 @@ fn final_message(request_id: &str, c: Completion, remote: &PrefillTimings) -> pb
                 total_seconds: c.timings.total.as_secs_f64(),
                 computed_prompt_tokens: c.prompt_tokens.saturating_sub(cached) as u32,
             }),
+            speculative: c.speculative.map(|s| pb::SpeculativeCounts {
+                drafted: s.drafted,
+                accepted: s.accepted,
+            }),
         }),
     }
 }

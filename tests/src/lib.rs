@@ -8,7 +8,7 @@ pub mod containers;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use pd_common::engine::{EngineConfig, EngineCore, GenerateRequest, SeqEvent};
+use pd_common::engine::{EngineConfig, EngineCore, GenerateRequest, SeqEvent, SpeculativeCounts};
 use pd_common::model::{self, LoadedModel, ModelSource};
 use pd_common::sampling::FinishReason;
 use serde::Deserialize;
@@ -78,6 +78,10 @@ pub struct RunResult {
     pub reason: FinishReason,
     /// Prompt tokens the prefix cache supplied.
     pub cached_tokens: usize,
+    /// Each token's log-probability.
+    pub logprobs: Vec<f32>,
+    /// Drafted and accepted tokens, with speculative decoding on.
+    pub speculative: Option<SpeculativeCounts>,
 }
 
 /// One request's stream and what it has delivered so far.
@@ -87,6 +91,8 @@ struct Stream {
     text: String,
     reason: Option<FinishReason>,
     cached_tokens: usize,
+    logprobs: Vec<f32>,
+    speculative: Option<SpeculativeCounts>,
 }
 
 /// Streams of requests added to an engine.
@@ -112,6 +118,8 @@ impl Runs {
             text: String::new(),
             reason: None,
             cached_tokens: 0,
+            logprobs: Vec::new(),
+            speculative: None,
         });
         self.streams.len() - 1
     }
@@ -139,6 +147,8 @@ impl Runs {
                 ids: s.ids,
                 text: s.text,
                 cached_tokens: s.cached_tokens,
+                logprobs: s.logprobs,
+                speculative: s.speculative,
                 reason: s
                     .reason
                     .unwrap_or_else(|| panic!("a request never finished")),
@@ -153,18 +163,22 @@ impl Runs {
             text,
             reason,
             cached_tokens,
+            logprobs,
+            speculative,
         } in &mut self.streams
         {
             while let Ok(event) = events.try_recv() {
                 match event {
                     SeqEvent::Token(t) => {
                         ids.push(t.id);
+                        logprobs.push(t.logprob);
                         text.push_str(&t.text);
                     }
                     SeqEvent::Finished(c) => {
                         text.push_str(&c.text);
                         *reason = Some(c.reason);
                         *cached_tokens = c.cached_tokens;
+                        *speculative = c.speculative;
                     }
                     SeqEvent::Failed(e) => panic!("request failed: {e}"),
                 }

@@ -1,7 +1,8 @@
 //! Same answer everywhere: greedy output through a real cluster (etcd, router, prefill and
 //! decode processes) equals the single-process engine's, over gRPC and HTTP, streamed or not,
-//! one request at a time and 32 at once, disaggregated (1P1D, 2P2D) and aggregated. After each
-//! run every node's KV blocks are free.
+//! one request at a time and 32 at once, disaggregated (1P1D, 2P2D) and aggregated, with and
+//! without speculative decoding on the decode node. After each run every node's KV blocks are
+//! free.
 
 mod common;
 
@@ -28,6 +29,7 @@ async fn check_cluster(spec: ClusterSpec, concurrent: usize, http: bool) {
         in_process: true,
         ..spec
     };
+    let speculative = spec.decode_args.iter().any(|a| a == "--speculative-config");
     // With one node of each kind a prompt seen before finds every full block in the cache of the
     // node that computes it, but the one holding its last token (which is always computed).
     let one_cache = spec.prefill <= 1 && spec.decode <= 1;
@@ -36,11 +38,14 @@ async fn check_cluster(spec: ClusterSpec, concurrent: usize, http: bool) {
     let cluster = Cluster::start(spec).await.expect("cluster starts");
     let mut client = grpc_client(&cluster).await;
 
+    let mut accepted = 0;
     // One at a time over gRPC: token ids equal.
     for (name, prompt, want) in &refs {
         let got = grpc_generate(&mut client, prompt, &greedy(MAX_TOKENS))
             .await
             .unwrap_or_else(|s| panic!("{name}: {s}"));
+        assert_eq!(got.speculative.is_some(), speculative, "{name}");
+        accepted += got.speculative.map_or(0, |s| s.accepted);
         assert_eq!(got.ids, want.ids, "{name}");
         assert_eq!(got.text, want.text, "{name}");
         assert_eq!(got.finish_reason, want.finish_reason, "{name}");
@@ -51,6 +56,7 @@ async fn check_cluster(spec: ClusterSpec, concurrent: usize, http: bool) {
             got.cached_tokens
         );
     }
+    assert_eq!(accepted > 0, speculative, "accepted drafts: {accepted}");
     if one_cache {
         // The gRPC Usage reports the cache's part, and the output does not change with it.
         let (name, prompt, want) = &refs[0];
@@ -128,4 +134,21 @@ async fn aggregated_decode_node_equals_the_single_engine() {
         ..ClusterSpec::default()
     };
     check_cluster(spec, 8, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculative_decode_nodes_equal_the_single_engine() {
+    let _serial = SERIAL.lock().await;
+    let speculative = r#"{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}"#;
+    for aggregated in [false, true] {
+        let mut decode_args = vec!["--speculative-config".to_string(), speculative.into()];
+        if aggregated {
+            decode_args.push("--aggregated".into());
+        }
+        let spec = ClusterSpec {
+            decode_args,
+            ..ClusterSpec::default()
+        };
+        check_cluster(spec, 16, aggregated).await;
+    }
 }

@@ -1,4 +1,5 @@
-//! Faults injected into a real cluster: a decode node killed while streams run on it, the last
+//! Faults injected into a real cluster: a decode node killed while streams run on it (speculating
+//! or not), the last
 //! decode node killed, a prefill node killed or frozen mid-transfer, etcd restarted. Streams
 //! continue without a token lost or repeated, or end with a clear error; nothing hangs; every
 //! KV block comes back.
@@ -27,11 +28,28 @@ async fn running_on(node_grpc: &str) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_decode_node_mid_stream_resumes_every_stream_elsewhere() {
     let _serial = SERIAL.lock().await;
+    kill_a_decode_node_mid_stream(Vec::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_speculating_decode_node_mid_stream_keeps_the_output_exact() {
+    let _serial = SERIAL.lock().await;
+    kill_a_decode_node_mid_stream(vec![
+        "--speculative-config".into(),
+        r#"{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}"#.into(),
+    ])
+    .await;
+}
+
+/// Streams run on two decode nodes (started with `decode_args`); the busier one is killed;
+/// every stream ends with the single engine's output.
+async fn kill_a_decode_node_mid_stream(decode_args: Vec<String>) {
     let work = workload(40);
     let want: Vec<Generated> = work.iter().map(|(p, s)| reference(p, s)).collect();
     let mut cluster = Cluster::start(ClusterSpec {
         prefill: 1,
         decode: 2,
+        decode_args,
         ..ClusterSpec::default()
     })
     .await

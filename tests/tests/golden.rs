@@ -71,7 +71,7 @@ fn teacher_forced_logits(case: &pd_tests::GoldenCase) -> Vec<Vec<f32>> {
     let mut tokens = case.prompt_ids.clone();
     tokens.extend(&case.generated_ids);
     let mut batch = ForwardBatch::default();
-    batch.push_seq(&tokens, 0, &table, false);
+    batch.push_seq(&tokens, 0, &table, 0);
     let p = case.prompt_ids.len();
     batch.logit_rows = (p - 1..p - 1 + case.generated_ids.len()).collect();
     m.forward(&batch, &cache, &mut |_| Ok(()))
@@ -190,7 +190,7 @@ fn top_logits_match_llama_cpp() {
         let mut cached = 0;
         for expected in &case.top_logits {
             let mut batch = ForwardBatch::default();
-            batch.push_seq(&fed[cached..], cached, &table, true);
+            batch.push_seq(&fed[cached..], cached, &table, 1);
             let logits: Vec<f32> = m
                 .forward(&batch, &cache, &mut |_| Ok(()))
                 .unwrap()

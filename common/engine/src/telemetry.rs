@@ -15,6 +15,14 @@ pub mod names {
     pub const PREFIX_CACHE_QUERIES_TOTAL: &str = "pd_prefix_cache_queries_total";
     /// Of those, tokens whose KV the cache held (vLLM's `prefix_cache_hits`).
     pub const PREFIX_CACHE_HITS_TOTAL: &str = "pd_prefix_cache_hits_total";
+    /// Speculative steps of a sequence that had a draft (vLLM's `spec_decode_num_drafts`).
+    pub const SPEC_DECODE_NUM_DRAFTS_TOTAL: &str = "pd_spec_decode_num_drafts_total";
+    /// Tokens drafted (vLLM's `spec_decode_num_draft_tokens`).
+    pub const SPEC_DECODE_NUM_DRAFT_TOKENS_TOTAL: &str = "pd_spec_decode_num_draft_tokens_total";
+    /// Drafted tokens the target model accepted (vLLM's `spec_decode_num_accepted_tokens`).
+    /// Acceptance rate: accepted / draft tokens; mean accepted length: 1 + accepted / drafts.
+    pub const SPEC_DECODE_NUM_ACCEPTED_TOKENS_TOTAL: &str =
+        "pd_spec_decode_num_accepted_tokens_total";
     /// Time of each phase of an engine step (label `phase`: schedule, pack, forward, sample,
     /// emit; see `engine::phases`).
     pub const STEP_PHASE_SECONDS: &str = "pd_engine_step_phase_seconds";
@@ -39,6 +47,15 @@ pub fn describe() {
     describe_counter!(
         PREFIX_CACHE_HITS_TOTAL,
         "Prompt tokens whose KV the prefix cache held."
+    );
+    describe_counter!(
+        SPEC_DECODE_NUM_DRAFTS_TOTAL,
+        "Speculative steps of sequences that had a draft."
+    );
+    describe_counter!(SPEC_DECODE_NUM_DRAFT_TOKENS_TOTAL, "Tokens drafted.");
+    describe_counter!(
+        SPEC_DECODE_NUM_ACCEPTED_TOKENS_TOTAL,
+        "Drafted tokens the target model accepted."
     );
     describe_histogram!(
         STEP_PHASE_SECONDS,

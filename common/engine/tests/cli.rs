@@ -43,6 +43,59 @@ fn json_mode_prints_generated_ids_and_text() {
 }
 
 #[test]
+fn speculative_json_reports_drafted_and_accepted_tokens() {
+    let text = "Repeat this text exactly, word for word:\n\nTo install the package, open a \
+                terminal, change into the project folder and run the build script.";
+    let run = |speculative: Option<&str>| {
+        let mut cmd = pd_generate();
+        cmd.args([
+            "--prompt",
+            text,
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "0",
+            "--json",
+        ]);
+        if let Some(config) = speculative {
+            cmd.args(["--speculative-config", config]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let plain = run(None);
+    assert!(plain.get("speculative").is_none(), "{plain}");
+    let spec = run(Some(
+        r#"{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}"#,
+    ));
+    assert_eq!(spec["generated_ids"], plain["generated_ids"]);
+    let (drafted, accepted) = (
+        spec["speculative"]["drafted"].as_u64().unwrap(),
+        spec["speculative"]["accepted"].as_u64().unwrap(),
+    );
+    assert!(accepted > 0 && accepted <= drafted, "{spec}");
+
+    // A bad configuration is a clear error.
+    let out = pd_generate()
+        .args([
+            "--prompt-ids",
+            "1,2,3",
+            "--speculative-config",
+            r#"{"method": "ngram"}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("num_speculative_tokens"), "{stderr}");
+}
+
+#[test]
 fn chat_prompt_streams_text_and_reports_speed() {
     let out = pd_generate()
         .args([

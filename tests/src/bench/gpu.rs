@@ -230,7 +230,7 @@ fn measure_speed(dev: &Device, args: &GpuArgs, ceil: &Ceilings) -> anyhow::Resul
         let mut batch = ForwardBatch::default();
         for i in 0..b {
             let table = &all[i * per_seq..(i + 1) * per_seq];
-            batch.push_seq(&[rng.random_range(0..vocab)], args.context - 1, table, true);
+            batch.push_seq(&[rng.random_range(0..vocab)], args.context - 1, table, 1);
         }
         let step = time(dev, args.repeats, || {
             let logits = model.forward(&batch, &cache, &mut |_| Ok(()))?;
@@ -253,7 +253,7 @@ fn measure_speed(dev: &Device, args: &GpuArgs, ceil: &Ceilings) -> anyhow::Resul
     for &n in &args.prefill {
         let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
         let mut batch = ForwardBatch::default();
-        batch.push_seq(&ids, 0, &all[..n.div_ceil(bs)], true);
+        batch.push_seq(&ids, 0, &all[..n.div_ceil(bs)], 1);
         let secs = time(dev, args.repeats.min(5), || {
             let logits = model.forward(&batch, &cache, &mut |_| Ok(()))?;
             let _ = logits.argmax(1)?.to_vec1::<u32>()?;

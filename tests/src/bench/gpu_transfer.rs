@@ -187,7 +187,7 @@ async fn run_async(args: GpuTransferArgs) -> anyhow::Result<()> {
             .map(|_| rng.random_range(0..cfg.vocab_size as u32))
             .collect();
         let mut batch = ForwardBatch::default();
-        batch.push_seq(&ids, 0, &all[..n], true);
+        batch.push_seq(&ids, 0, &all[..n], 1);
         let alone = {
             let mut times = Vec::new();
             for _ in 0..args.repeats + 1 {

@@ -1,4 +1,5 @@
-//! The cluster-level benchmarks of `pd-bench` (`transfer`, `cluster`, `prefix-cache`), the load
+//! The cluster-level benchmarks of `pd-bench` (`transfer`, `cluster`, `prefix-cache`), speculative
+//! decoding against plain decoding (`speculative`), the load
 //! generator for any OpenAI-compatible server (`serve`, `sweep`, `compare`) and the simulator
 //! (`profile`, `simulate`, `plan`); the engine and kernel ones live in the binary itself.
 
@@ -11,6 +12,7 @@ pub mod plot;
 pub mod prefix;
 pub mod serve;
 pub mod sim;
+pub mod speculative;
 pub mod sweep;
 pub mod transfer;
 

@@ -64,6 +64,9 @@ enum Command {
     /// A shared-instruction workload on a local cluster: prefix cache off, on with routing by
     /// load, and on with KV-aware routing.
     PrefixCache(pd_tests::bench::prefix::PrefixArgs),
+    /// Decode speed with prompt-lookup speculation against plain decoding, on a copy-heavy
+    /// workload, with the acceptance rate.
+    Speculative(pd_tests::bench::speculative::SpeculativeArgs),
     /// The GPU path: kernel and model checks against the CPU, then speed against the device's
     /// measured ceilings (builds with the `cuda` feature).
     #[cfg(feature = "cuda")]
@@ -111,6 +114,7 @@ fn main() -> anyhow::Result<()> {
         Command::Transfer(args) => pd_tests::bench::transfer::run(args),
         Command::Cluster(args) => pd_tests::bench::cluster::run(args),
         Command::PrefixCache(args) => pd_tests::bench::prefix::run(args),
+        Command::Speculative(args) => pd_tests::bench::speculative::run(args),
         Command::Serve(args) => pd_tests::bench::serve::run(args),
         Command::Sweep(args) => pd_tests::bench::sweep::run(args),
         Command::Compare { a, b } => {

@@ -32,6 +32,8 @@ pub struct Generated {
     pub completion_tokens: u32,
     /// `usage.prompt_tokens_details.cached_tokens` (the engine's count for a reference).
     pub cached_tokens: u32,
+    /// The completion's speculative decoding counts (gRPC only).
+    pub speculative: Option<pb::SpeculativeCounts>,
 }
 
 /// The single-process engine's output for `prompt_ids` under `params`.
@@ -53,6 +55,7 @@ pub fn reference(prompt_ids: &[u32], params: &SamplingParams) -> Generated {
         ids: r.ids,
         text: r.text,
         finish_reason: r.reason.to_wire() as i32,
+        speculative: None,
     }
 }
 
@@ -79,6 +82,7 @@ pub fn references(work: &[(Vec<u32>, SamplingParams)]) -> Vec<Generated> {
             ids: r.ids,
             text: r.text,
             finish_reason: r.reason.to_wire() as i32,
+            speculative: None,
         })
         .collect()
 }
@@ -121,6 +125,7 @@ pub async fn grpc_generate(
                 let usage = c.usage.unwrap_or_default();
                 out.completion_tokens = usage.completion_tokens;
                 out.cached_tokens = usage.prompt_tokens_details.map_or(0, |d| d.cached_tokens);
+                out.speculative = c.speculative;
                 return Ok(out);
             }
         }

@@ -117,6 +117,15 @@ struct Output {
     time_to_first_token_s: f64,
     prompt_tokens_per_s: f64,
     generation_tokens_per_s: f64,
+    /// With --speculative-config: tokens drafted and accepted for this prompt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    speculative: Option<Speculative>,
+}
+
+#[derive(Serialize)]
+struct Speculative {
+    drafted: u32,
+    accepted: u32,
 }
 
 #[derive(Serialize)]
@@ -214,6 +223,10 @@ fn run(args: Args) -> pd_engine::Result<()> {
                         out.finish_reason = c.reason.to_string();
                         out.prompt_tokens = c.prompt_tokens;
                         out.completion_tokens = c.completion_tokens;
+                        out.speculative = c.speculative.map(|s| Speculative {
+                            drafted: s.drafted,
+                            accepted: s.accepted,
+                        });
                         let ttft = c.timings.time_to_first_token.as_secs_f64();
                         let prefill = c.timings.prefill.as_secs_f64();
                         let decode = c.timings.total.as_secs_f64() - ttft;

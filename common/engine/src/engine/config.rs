@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::speculative::SpeculativeConfig;
 use crate::kv::KvCacheSpec;
 use crate::model::ModelConfig;
 use crate::{Error, Result};
@@ -84,6 +85,12 @@ pub struct EngineConfig {
         action = clap::ArgAction::SetFalse
     )]
     pub enable_prefix_caching: bool,
+
+    /// Speculative decoding, as vLLM's flag: a JSON object such as
+    /// `{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}`.
+    /// Off when not given.
+    #[arg(long, env = "PD_SPECULATIVE_CONFIG")]
+    pub speculative_config: Option<SpeculativeConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -125,6 +132,7 @@ impl Default for EngineConfig {
             max_model_len: 0,
             kv_cache_dtype: KvCacheDtype::Auto,
             enable_prefix_caching: true,
+            speculative_config: None,
         }
     }
 }

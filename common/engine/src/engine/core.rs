@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use super::config::EngineConfig;
 use super::sequence::{GenerateRequest, Placement, SeqEvent, SeqId, SeqState, Sequence};
+use super::speculative::SpecDecodeStats;
 use crate::kv::{BlockHash, KvBlockAllocator, KvCache, KvEventLog, PrefixKey};
 use crate::model::LlamaModel;
 use crate::sampling::{FinishReason, SampledToken, StopChecker};
@@ -37,6 +38,8 @@ pub struct EngineStats {
     pub cached_blocks: usize,
     /// Most sequences a step runs (`--max-num-seqs`): what the node can run at once.
     pub max_num_seqs: usize,
+    /// Speculative decoding's totals (zero when it is off).
+    pub spec_decode: SpecDecodeStats,
 }
 
 pub struct EngineCore {
@@ -61,6 +64,7 @@ pub struct EngineCore {
     pub(super) prefix_queries: u64,
     pub(super) prefix_hits: u64,
     pub(super) kv_events: Arc<KvEventLog>,
+    pub(super) spec_decode: SpecDecodeStats,
 }
 
 impl EngineCore {
@@ -70,6 +74,9 @@ impl EngineCore {
         config: EngineConfig,
     ) -> Result<Self> {
         let spec = config.cache_spec(model.config(), model.device())?;
+        if let Some(speculative) = &config.speculative_config {
+            speculative.validate()?;
+        }
         let max_model_len = config.max_model_len(model.config(), &spec);
         let allocator = KvBlockAllocator::new(spec.num_blocks);
         tracing::info!(
@@ -118,6 +125,7 @@ impl EngineCore {
             prefix_queries: 0,
             prefix_hits: 0,
             kv_events,
+            spec_decode: SpecDecodeStats::default(),
         })
     }
 
@@ -183,6 +191,7 @@ impl EngineCore {
             prefix_cache_queries: self.prefix_queries,
             prefix_cache_hits: self.prefix_hits,
             cached_blocks: self.allocator.num_cached(),
+            spec_decode: self.spec_decode,
         }
     }
 
@@ -286,6 +295,9 @@ impl EngineCore {
                 arrived: Instant::now(),
                 first_scheduled: None,
                 first_token: None,
+                draft: Vec::new(),
+                draft_len: 0,
+                speculative: Default::default(),
             },
         );
         self.queue.push_back(id);

@@ -19,6 +19,7 @@ pub mod phases;
 mod prefix;
 mod scheduler;
 mod sequence;
+pub mod speculative;
 mod step;
 
 pub use self::config::{EngineConfig, KvCacheDtype};
@@ -27,4 +28,7 @@ pub use self::handle::{EngineHandle, RequestStream};
 pub use self::sequence::{
     Completion, ExportedKv, GenerateRequest, KvData, KvSink, Placement, Reservation, SeqEvent,
     SeqId, Timings, TokenEvent,
+};
+pub use self::speculative::{
+    SpecDecodeStats, SpeculativeConfig, SpeculativeCounts, SpeculativeMethod,
 };

@@ -31,9 +31,18 @@ impl EngineCore {
                 i += 1;
                 continue;
             };
-            let tokens = seq.pending().min(budget);
-            let needed =
-                blocks_for_tokens(seq.num_computed + tokens, bs).saturating_sub(seq.blocks.len());
+            let base = seq.pending().min(budget);
+            let needed_for = |drafts: usize| {
+                blocks_for_tokens(seq.num_computed + base + drafts, bs)
+                    .saturating_sub(seq.blocks.len())
+            };
+            let mut draft = self.draft_for(id, budget - base);
+            // Speculation takes only blocks that are free: it never preempts anyone.
+            if needed_for(draft.len()) > self.allocator.num_free() {
+                draft.clear();
+            }
+            let tokens = base + draft.len();
+            let needed = needed_for(draft.len());
             while needed > self.allocator.num_free() && self.running.len() > i + 1 {
                 if let Some(&victim) = self.running.last() {
                     self.preempt(victim);
@@ -48,6 +57,7 @@ impl EngineCore {
                 (self.allocator.allocate(needed), self.seqs.get_mut(&id))
             {
                 seq.blocks.extend(blocks);
+                seq.draft = draft;
                 plan.push(Scheduled { id, tokens });
                 budget -= tokens;
             }
@@ -67,6 +77,36 @@ impl EngineCore {
             }
         }
         plan
+    }
+
+    /// The tokens speculative decoding drafts for running sequence `id` this step (none when
+    /// it is off, the sequence is not decoding, or nothing is proposed), at most `room` (the
+    /// step's budget left), and never past `max_tokens` or the context.
+    fn draft_for(&self, id: SeqId, room: usize) -> Vec<u32> {
+        let (Some(spec), Some(seq)) = (&self.config.speculative_config, self.seqs.get(&id)) else {
+            return Vec::new();
+        };
+        if !matches!(seq.state, SeqState::Decoding) || seq.pending() != 1 {
+            return Vec::new();
+        }
+        if spec
+            .disable_by_batch_size
+            .is_some_and(|most| self.running.len() > most)
+        {
+            return Vec::new();
+        }
+        // A step yields at most its drafts plus one token.
+        let output_left = (seq.params.max_tokens as usize).saturating_sub(seq.generated().len());
+        let context_left = self.max_model_len.saturating_sub(seq.tokens.len());
+        let adapted = match seq.draft_len {
+            0 => spec.num_speculative_tokens,
+            n => n,
+        };
+        let limit = room
+            .min(output_left.saturating_sub(1))
+            .min(context_left)
+            .min(adapted);
+        spec.propose(&seq.tokens, limit).to_vec()
     }
 
     /// Admits the sequence at the front of the queue, if its blocks can be had.
@@ -184,6 +224,7 @@ impl EngineCore {
             return;
         };
         let blocks = std::mem::take(&mut seq.blocks);
+        seq.draft.clear();
         seq.num_computed = 0;
         seq.cached_blocks = 0;
         let placement = match seq.state.export_sink() {

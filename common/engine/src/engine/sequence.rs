@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
+use super::speculative::SpeculativeCounts;
 use crate::kv::{BlockHash, BlockId};
 use crate::sampling::{FinishReason, SamplingParams, StopChecker};
 use crate::tokenizer::IncrementalDecoder;
@@ -207,6 +208,8 @@ pub struct Completion {
     pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub timings: Timings,
+    /// Drafted and accepted tokens, when the engine decodes speculatively.
+    pub speculative: Option<SpeculativeCounts>,
 }
 
 /// What a request's stream carries, in order: tokens, then exactly one `Finished` or `Failed`.
@@ -325,6 +328,13 @@ pub(crate) struct Sequence {
     pub arrived: Instant,
     pub first_scheduled: Option<Instant>,
     pub first_token: Option<Instant>,
+    /// Tokens drafted for this step, run after the last sampled one (speculative decoding);
+    /// empty between steps.
+    pub draft: Vec<u32>,
+    /// Most tokens to draft next step: a run of agreement lengthens it, a rejection shortens
+    /// it to what was accepted plus one (0 until the first draft: the configured length).
+    pub draft_len: usize,
+    pub speculative: SpeculativeCounts,
 }
 
 impl Sequence {

@@ -10,6 +10,7 @@ use super::core::EngineCore;
 use super::phases::{Phase, PhaseClock};
 use super::scheduler::Scheduled;
 use super::sequence::{Completion, ExportedKv, KvSink, SeqEvent, SeqId, SeqState, TokenEvent};
+use super::speculative;
 use crate::kv::{blocks_for_tokens, BlockRun};
 use crate::model::ForwardBatch;
 use crate::sampling::{
@@ -101,16 +102,19 @@ impl EngineCore {
                 .ok_or_else(|| Error::Internal(format!("sequence {} is gone", s.id)))?;
             seq.first_scheduled.get_or_insert(now);
             let from = seq.num_computed;
-            let samples = from + s.tokens == seq.tokens.len();
+            // Drafted tokens run after the sequence's own, each with its logits to verify it.
+            let own = s.tokens - seq.draft.len();
+            let samples = from + own == seq.tokens.len();
             if matches!(seq.state, SeqState::Decoding) {
                 decode_tokens += s.tokens;
             }
-            batch.push_seq(
-                &seq.tokens[from..from + s.tokens],
-                from,
-                &seq.blocks,
-                samples,
-            );
+            let logits = if samples { 1 + seq.draft.len() } else { 0 };
+            if seq.draft.is_empty() {
+                batch.push_seq(&seq.tokens[from..from + own], from, &seq.blocks, logits);
+            } else {
+                let fed = [&seq.tokens[from..from + own], &seq.draft[..]].concat();
+                batch.push_seq(&fed, from, &seq.blocks, logits);
+            }
             if let SeqState::Exporting(sink) = &seq.state {
                 // The blocks this chunk completes (with the last, partial one when the prompt
                 // ends here) that have not gone yet; on the first chunk, also those the prefix
@@ -138,7 +142,8 @@ impl EngineCore {
         let mut sampled = Vec::new();
         for s in plan {
             let seq = self.seq_mut(s.id)?;
-            seq.num_computed += s.tokens;
+            // Drafts count as computed only once accepted (below).
+            seq.num_computed += s.tokens - seq.draft.len();
             if seq.num_computed == seq.tokens.len() {
                 sampled.push(s.id);
             }
@@ -146,23 +151,37 @@ impl EngineCore {
         }
         let tokens = {
             let seqs = &self.seqs;
-            let rows = sampled
+            let mut rows = Vec::with_capacity(sampled.len());
+            for id in &sampled {
+                let seq = seqs
+                    .get(id)
+                    .ok_or_else(|| Error::Internal(format!("sequence {id} is gone")))?;
+                // Row i samples the token after the first i drafts, as plain decoding would
+                // once they were output: its history (penalties, the seeded draw's position)
+                // includes them.
+                let history: std::borrow::Cow<[u32]> = match seq.draft.is_empty() {
+                    true => seq.tokens[seq.prompt_len..].into(),
+                    false => [&seq.tokens[seq.prompt_len..], &seq.draft[..]]
+                        .concat()
+                        .into(),
+                };
+                let own = seq.generated().len();
+                rows.push((seq, history, own));
+            }
+            let requests: Vec<RowRequest> = rows
                 .iter()
-                .map(|id| {
-                    let seq = seqs
-                        .get(id)
-                        .ok_or_else(|| Error::Internal(format!("sequence {id} is gone")))?;
-                    Ok(RowRequest {
+                .flat_map(|(seq, history, own)| {
+                    (0..=seq.draft.len()).map(move |i| RowRequest {
                         params: &seq.params,
                         ctx: SampleContext {
                             prompt_ids: &seq.tokens[..seq.prompt_len],
-                            generated_ids: &seq.tokens[seq.prompt_len..],
+                            generated_ids: &history[..own + i],
                             seed: seq.seed,
                         },
                     })
                 })
-                .collect::<Result<Vec<_>>>()?;
-            sample_rows(logits, &rows)
+                .collect();
+            sample_rows(logits, &requests)
         };
         let tokens = match tokens {
             Ok(t) => t,
@@ -173,12 +192,85 @@ impl EngineCore {
             }
         };
         clock.lap(Phase::Sample);
-        for (id, token) in sampled.into_iter().zip(tokens) {
-            let outcome = token.and_then(|t| self.append(id, t));
-            self.settle(id, outcome);
+        let mut tokens = tokens.into_iter();
+        for id in sampled {
+            let drafted = self
+                .seqs
+                .get_mut(&id)
+                .map_or(Vec::new(), |s| std::mem::take(&mut s.draft));
+            let rows: Vec<Result<SampledToken>> = tokens.by_ref().take(drafted.len() + 1).collect();
+            if drafted.is_empty() {
+                for token in rows {
+                    let outcome = token.and_then(|t| self.append(id, t));
+                    self.settle(id, outcome);
+                }
+            } else {
+                self.verify(id, &drafted, rows);
+            }
         }
         clock.lap(Phase::Emit);
         Ok(())
+    }
+
+    /// Emits what a speculative step of sequence `id` yields: the drafts its samples accept,
+    /// then the sample after them (`rows[i]` is the sample after the first `i` drafts). The
+    /// accepted drafts' KV becomes computed; blocks past what is kept go back.
+    fn verify(&mut self, id: SeqId, drafted: &[u32], rows: Vec<Result<SampledToken>>) {
+        let ids: Vec<u32> = rows
+            .iter()
+            .map_while(|r| r.as_ref().ok().map(|t| t.id))
+            .collect();
+        let accepted = speculative::accepted_len(drafted, &ids);
+        let k = self
+            .config
+            .speculative_config
+            .as_ref()
+            .map_or(1, |c| c.num_speculative_tokens);
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.speculative.drafted += drafted.len() as u32;
+            seq.draft_len = speculative::next_draft_len(drafted.len(), accepted, k);
+        }
+        self.spec_decode.drafts += 1;
+        self.spec_decode.draft_tokens += drafted.len() as u64;
+        metrics::counter!(names::SPEC_DECODE_NUM_DRAFTS_TOTAL).increment(1);
+        metrics::counter!(names::SPEC_DECODE_NUM_DRAFT_TOKENS_TOTAL)
+            .increment(drafted.len() as u64);
+        for (i, token) in rows.into_iter().take(accepted + 1).enumerate() {
+            if i > 0 {
+                // Row i exists because draft i-1 was accepted: its KV is valid and counts now.
+                let Some(seq) = self.seqs.get_mut(&id) else {
+                    return;
+                };
+                seq.num_computed += 1;
+                seq.speculative.accepted += 1;
+                self.spec_decode.accepted_tokens += 1;
+                metrics::counter!(names::SPEC_DECODE_NUM_ACCEPTED_TOKENS_TOTAL).increment(1);
+            }
+            let outcome = token.and_then(|t| self.append(id, t));
+            let going = matches!(outcome, Ok(Appended::Continue));
+            self.settle(id, outcome);
+            if !going {
+                return;
+            }
+        }
+        self.trim_blocks(id);
+        self.cache_computed(id);
+    }
+
+    /// Gives back the blocks sequence `id` holds beyond its tokens (those rejected drafts
+    /// were written into).
+    fn trim_blocks(&mut self, id: SeqId) {
+        let bs = self.cache.spec().block_size;
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let keep = blocks_for_tokens(seq.tokens.len(), bs);
+        if seq.blocks.len() > keep {
+            let spare = seq.blocks.split_off(keep);
+            if let Err(e) = self.allocator.free(&spare) {
+                tracing::error!(seq = id, error = %e, "freeing KV blocks failed");
+            }
+        }
     }
 
     /// Appends a sampled token to sequence `id`, streams it and checks stop conditions.
@@ -273,6 +365,11 @@ impl EngineCore {
             cached_tokens: seq.cached_prompt_tokens,
             completion_tokens: seq.generated().len(),
             timings: seq.timings(Instant::now()),
+            speculative: self
+                .config
+                .speculative_config
+                .is_some()
+                .then_some(seq.speculative),
         };
         // The client may be gone already; nothing else to do then.
         let _ = seq.events.send(SeqEvent::Finished(completion));

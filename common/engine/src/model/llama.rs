@@ -55,14 +55,9 @@ pub struct ForwardBatch {
 }
 
 impl ForwardBatch {
-    /// Appends a sequence's new tokens; `cached` tokens of it are already in the cache.
-    pub fn push_seq(
-        &mut self,
-        tokens: &[u32],
-        cached: usize,
-        block_table: &[u32],
-        want_logits: bool,
-    ) {
+    /// Appends a sequence's new tokens; `cached` tokens of it are already in the cache. The
+    /// last `logits` of them (0, 1, or more to verify drafted tokens) get next-token logits.
+    pub fn push_seq(&mut self, tokens: &[u32], cached: usize, block_table: &[u32], logits: usize) {
         let q_start = self.token_ids.len();
         self.token_ids.extend_from_slice(tokens);
         self.positions
@@ -73,9 +68,8 @@ impl ForwardBatch {
             context_len: cached + tokens.len(),
             block_table: block_table.to_vec(),
         });
-        if want_logits && !tokens.is_empty() {
-            self.logit_rows.push(q_start + tokens.len() - 1);
-        }
+        let end = q_start + tokens.len();
+        self.logit_rows.extend(end - logits.min(tokens.len())..end);
     }
 
     pub fn num_tokens(&self) -> usize {

@@ -434,7 +434,7 @@ mod tests {
         let mut logits = Vec::new();
         for &len in chunks {
             let mut batch = ForwardBatch::default();
-            batch.push_seq(&ids[at..at + len], at, &table, true);
+            batch.push_seq(&ids[at..at + len], at, &table, 1);
             logits = model
                 .forward(&batch, &cache, &mut |_| Ok(()))
                 .unwrap()
