@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use pd_tests::cluster::{Cluster, ClusterSpec};
+use pd_tests::cluster::{Cluster, ClusterSpec, Role};
 use pd_tests::golden_cases;
 
 const MAX_TOKENS: u32 = 16;
@@ -57,6 +57,23 @@ async fn check_cluster(spec: ClusterSpec, concurrent: usize, http: bool) {
         );
     }
     assert_eq!(accepted > 0, speculative, "accepted drafts: {accepted}");
+    if speculative {
+        // The decode node's /metrics describes and counts them.
+        let decode = cluster.first_node(Role::Decode).expect("a decode node");
+        let text = scrape(&decode.metrics_url()).await;
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let name = "pd_spec_decode_num_accepted_tokens_total";
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} undescribed"
+        );
+        assert!(value(name) > 0.0 && value(name) <= value("pd_spec_decode_num_draft_tokens_total"));
+        assert!(value("pd_spec_decode_num_drafts_total") > 0.0);
+    }
     if one_cache {
         // The gRPC Usage reports the cache's part, and the output does not change with it.
         let (name, prompt, want) = &refs[0];

@@ -88,7 +88,7 @@ impl EngineCore {
     }
 
     /// The forward batch of a plan, the exports its layers feed, and how many of its tokens are
-    /// decode tokens (one sampled token of a sequence that already has output).
+    /// decode tokens (one sampled token of a sequence that already has output, and its drafts).
     fn pack(&mut self, plan: &[Scheduled]) -> Result<(ForwardBatch, Vec<Export>, usize)> {
         let now = Instant::now();
         let bs = self.cache.spec().block_size;
