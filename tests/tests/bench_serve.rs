@@ -171,10 +171,12 @@ async fn figures_match_a_server_of_known_timing() {
         "median_tpot_ms",
         "mean_itl_ms",
         "median_itl_ms",
-        "p90_itl_ms",
     ] {
         within(f(&r, key), itl, 0.05, key);
     }
+    // The tail is where a late wake-up on a loaded machine shows (the server's schedule is
+    // absolute, so one late token makes its gap longer and the next one shorter): 10 %, 2.5 ms.
+    within(f(&r, "p90_itl_ms"), itl, 0.10, "p90_itl_ms");
     let e2el = ttft + itl * (TOKENS - 1) as f64;
     within(f(&r, "mean_e2el_ms"), e2el, 0.05, "mean_e2el_ms");
     // Three waves of 8 requests, each TTFT + 11 ITL long.
