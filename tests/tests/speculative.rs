@@ -71,18 +71,32 @@ fn prompts() -> Vec<Vec<u32>> {
     prompts
 }
 
-#[test]
-fn greedy_output_is_plain_greedy_for_every_golden_prompt_alone_and_packed() {
-    let prompts = prompts();
-    let plain: Vec<Vec<u32>> = prompts
+/// Each prompt's plain greedy output, every prompt in an engine of its own.
+fn plain_alone(prompts: &[Vec<u32>], max_tokens: u32) -> Vec<Vec<u32>> {
+    prompts
         .iter()
         .map(|p| {
             let mut core = engine(None, EngineConfig::default());
-            run_all(&mut core, vec![request(p.clone(), greedy(48))])
+            run_all(&mut core, vec![request(p.clone(), greedy(max_tokens))])
                 .remove(0)
                 .ids
         })
+        .collect()
+}
+
+/// Every prompt through `core` at once, greedy.
+fn greedy_all(core: &mut EngineCore, prompts: &[Vec<u32>], max_tokens: u32) -> Vec<RunResult> {
+    let requests = prompts
+        .iter()
+        .map(|p| request(p.clone(), greedy(max_tokens)))
         .collect();
+    run_all(core, requests)
+}
+
+#[test]
+fn greedy_output_is_plain_greedy_for_every_golden_prompt_alone_and_packed() {
+    let prompts = prompts();
+    let plain = plain_alone(&prompts, 48);
     let mut accepted = 0;
     for (i, p) in prompts.iter().enumerate() {
         let mut core = engine(Some(ngram(4)), EngineConfig::default());
@@ -103,13 +117,7 @@ fn greedy_output_is_plain_greedy_for_every_golden_prompt_alone_and_packed() {
             ..EngineConfig::default()
         },
     );
-    let packed = run_all(
-        &mut core,
-        prompts
-            .iter()
-            .map(|p| request(p.clone(), greedy(48)))
-            .collect(),
-    );
+    let packed = greedy_all(&mut core, &prompts, 48);
     for (i, out) in packed.iter().enumerate() {
         assert_eq!(out.ids, plain[i], "prompt {i}: speculative packed differs");
     }
@@ -144,15 +152,7 @@ fn copying_accepts_most_drafts() {
 #[test]
 fn preemption_and_small_caches_keep_the_output_exact() {
     let prompts: Vec<Vec<u32>> = prompts().into_iter().filter(|p| p.len() < 120).collect();
-    let plain: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| {
-            let mut core = engine(None, EngineConfig::default());
-            run_all(&mut core, vec![request(p.clone(), greedy(40))])
-                .remove(0)
-                .ids
-        })
-        .collect();
+    let plain = plain_alone(&prompts, 40);
     let mut core = engine(
         Some(ngram(6)),
         EngineConfig {
@@ -160,13 +160,7 @@ fn preemption_and_small_caches_keep_the_output_exact() {
             ..EngineConfig::default()
         },
     );
-    let out = run_all(
-        &mut core,
-        prompts
-            .iter()
-            .map(|p| request(p.clone(), greedy(40)))
-            .collect(),
-    );
+    let out = greedy_all(&mut core, &prompts, 40);
     for (i, o) in out.iter().enumerate() {
         assert_eq!(o.ids, plain[i], "prompt {i} differs after preemption");
     }
