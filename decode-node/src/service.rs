@@ -344,6 +344,7 @@ fn final_message(request_id: &str, c: Completion, remote: &PrefillTimings) -> pb
                 drafted: s.drafted,
                 accepted: s.accepted,
             }),
+            beams: c.beams.iter().map(ToWire::to_wire).collect(),
         }),
     }
 }
@@ -470,7 +471,7 @@ fn checked_reply(
     if !valid_logprob(first.logprob) {
         return Err(format!("a first-token logprob of {}", first.logprob));
     }
-    let wanted = params.logprobs.unwrap_or(0) as usize;
+    let wanted = params.top_candidates();
     if first.top.len() > wanted {
         return Err(format!(
             "{} top logprobs where {wanted} were asked for",

@@ -250,7 +250,7 @@ impl Dispatcher {
                     prompt_tokens_details: None,
                 }),
                 timings: None,
-                speculative: None,
+                ..Default::default()
             }),
             ..Default::default()
         })

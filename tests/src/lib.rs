@@ -8,7 +8,9 @@ pub mod containers;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use pd_common::engine::{EngineConfig, EngineCore, GenerateRequest, SeqEvent, SpeculativeCounts};
+use pd_common::engine::{
+    BeamOutput, EngineConfig, EngineCore, GenerateRequest, SeqEvent, SpeculativeCounts,
+};
 use pd_common::model::{self, LoadedModel, ModelSource};
 use pd_common::sampling::FinishReason;
 use serde::Deserialize;
@@ -82,6 +84,10 @@ pub struct RunResult {
     pub logprobs: Vec<f32>,
     /// Drafted and accepted tokens, with speculative decoding on.
     pub speculative: Option<SpeculativeCounts>,
+    /// Each token's top-n alternatives, when logprobs were asked for.
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    /// A beam search's answer, best first.
+    pub beams: Vec<BeamOutput>,
 }
 
 /// One request's stream and what it has delivered so far.
@@ -93,6 +99,8 @@ struct Stream {
     cached_tokens: usize,
     logprobs: Vec<f32>,
     speculative: Option<SpeculativeCounts>,
+    top_logprobs: Vec<Vec<(u32, f32)>>,
+    beams: Vec<BeamOutput>,
 }
 
 /// Streams of requests added to an engine.
@@ -120,6 +128,8 @@ impl Runs {
             cached_tokens: 0,
             logprobs: Vec::new(),
             speculative: None,
+            top_logprobs: Vec::new(),
+            beams: Vec::new(),
         });
         self.streams.len() - 1
     }
@@ -149,6 +159,8 @@ impl Runs {
                 cached_tokens: s.cached_tokens,
                 logprobs: s.logprobs,
                 speculative: s.speculative,
+                top_logprobs: s.top_logprobs,
+                beams: s.beams,
                 reason: s
                     .reason
                     .unwrap_or_else(|| panic!("a request never finished")),
@@ -165,6 +177,8 @@ impl Runs {
             cached_tokens,
             logprobs,
             speculative,
+            top_logprobs,
+            beams,
         } in &mut self.streams
         {
             while let Ok(event) = events.try_recv() {
@@ -172,6 +186,7 @@ impl Runs {
                     SeqEvent::Token(t) => {
                         ids.push(t.id);
                         logprobs.push(t.logprob);
+                        top_logprobs.push(t.top_logprobs);
                         text.push_str(&t.text);
                     }
                     SeqEvent::Finished(c) => {
@@ -179,6 +194,7 @@ impl Runs {
                         *reason = Some(c.reason);
                         *cached_tokens = c.cached_tokens;
                         *speculative = c.speculative;
+                        *beams = c.beams;
                     }
                     SeqEvent::Failed(e) => panic!("request failed: {e}"),
                 }

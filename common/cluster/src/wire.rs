@@ -5,6 +5,7 @@
 //! to the wire sets every field, so that a node never applies defaults of its own to a request
 //! another node already completed.
 
+use pd_engine::engine::BeamOutput;
 use pd_engine::sampling::{FinishReason, SampledToken, SamplingParams};
 use pd_proto::v1 as pb;
 
@@ -37,6 +38,8 @@ impl FromWire<pb::SamplingParams> for SamplingParams {
             logprobs: p.logprobs,
             ignore_eos: p.ignore_eos,
             skip_special_tokens: p.skip_special_tokens.unwrap_or(d.skip_special_tokens),
+            beam_width: p.beam_width,
+            length_penalty: p.length_penalty.unwrap_or(d.length_penalty),
         }
     }
 }
@@ -59,6 +62,8 @@ impl ToWire for SamplingParams {
             logprobs: self.logprobs,
             ignore_eos: self.ignore_eos,
             skip_special_tokens: Some(self.skip_special_tokens),
+            beam_width: self.beam_width,
+            length_penalty: Some(self.length_penalty),
         }
     }
 }
@@ -73,6 +78,20 @@ impl ToWire for FinishReason {
             // A prefill's export never reaches a client; its first token goes back in a
             // PrefillResponse instead.
             FinishReason::Exported => pb::FinishReason::Unspecified,
+        }
+    }
+}
+
+impl ToWire for BeamOutput {
+    type Wire = pb::Beam;
+    fn to_wire(&self) -> pb::Beam {
+        pb::Beam {
+            token_ids: self.token_ids.clone(),
+            text: self.text.clone(),
+            cumulative_logprob: self.cumulative_logprob,
+            score: self.score,
+            finish_reason: self.reason.to_wire() as i32,
+            logprobs: self.logprobs.iter().map(ToWire::to_wire).collect(),
         }
     }
 }
@@ -120,6 +139,8 @@ mod tests {
             max_tokens: 3,
             stop: vec!["x".into()],
             logprobs: Some(2),
+            beam_width: 3,
+            length_penalty: 0.5,
             ..SamplingParams::default()
         };
         assert_eq!(SamplingParams::from_wire(&p.to_wire()), p);

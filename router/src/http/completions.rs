@@ -144,7 +144,8 @@ pub(crate) fn plan_completion_request(
     let mut jobs = Vec::new();
     for (p, ids) in prompts.iter().enumerate() {
         let prefix = echo(ids)?;
-        for j in 0..n {
+        // A beam search is one job whose n beams are choices p * n .. p * n + n.
+        for j in 0..choice_jobs(&params, n) {
             let job = fe.job(None, ids.clone(), choice_params(&params, j), max)?;
             jobs.push((p * n + j, p, job, prefix.clone()));
         }
@@ -169,7 +170,7 @@ pub(crate) fn plan_chat_request(fe: &Frontend, req: &ChatRequest) -> Result<Plan
     let max = max_tokens("max_completion_tokens", req.max_completion_tokens)?
         .or(max_tokens("max_tokens", req.max_tokens)?);
     let n = req.common.n()?;
-    let jobs = (0..n)
+    let jobs = (0..choice_jobs(&params, n))
         .map(|j| {
             let job = fe.job(None, prompt_ids.clone(), choice_params(&params, j), max)?;
             Ok((j, 0, job, String::new()))
@@ -182,6 +183,14 @@ pub(crate) fn plan_chat_request(fe: &Frontend, req: &ChatRequest) -> Result<Plan
         &req.common,
         &params,
     ))
+}
+
+/// How many jobs `n` choices take: one each, or one beam search for them all.
+fn choice_jobs(params: &SamplingParams, n: usize) -> usize {
+    match params.is_beam_search() {
+        true => 1,
+        false => n,
+    }
 }
 
 /// Choice `j` of a request: the same parameters, its own seed (when seeded, `seed + j`).
@@ -338,10 +347,54 @@ impl Presenter {
 }
 
 fn finish_reason(c: &pb::Completion) -> &'static str {
-    match c.finish_reason() {
+    reason_name(c.finish_reason())
+}
+
+fn reason_name(reason: pb::FinishReason) -> &'static str {
+    match reason {
         pb::FinishReason::Length => "length",
         pb::FinishReason::Cancelled => "abort",
         pb::FinishReason::Stop | pb::FinishReason::Unspecified => "stop",
+    }
+}
+
+impl Presenter {
+    /// The choices of one beam search's answer, from choice `index` on (as whole chunks when
+    /// streaming).
+    fn beam_choices(
+        &self,
+        index: usize,
+        echo: &str,
+        beams: &[pb::Beam],
+        chunk: bool,
+    ) -> Vec<Value> {
+        beams
+            .iter()
+            .enumerate()
+            .map(|(b, beam)| {
+                let text = format!("{echo}{}", beam.text);
+                let logprobs = self.logprobs(&beam.logprobs, &mut 0);
+                let reason = reason_name(beam.finish_reason());
+                match (self.kind, chunk) {
+                    (Kind::Completion, _) => json!({
+                        "index": index + b, "text": text, "logprobs": logprobs,
+                        "finish_reason": reason,
+                    }),
+                    (Kind::Chat, false) => json!({
+                        "index": index + b,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": logprobs,
+                        "finish_reason": reason,
+                    }),
+                    (Kind::Chat, true) => json!({
+                        "index": index + b,
+                        "delta": {"role": "assistant", "content": text},
+                        "logprobs": logprobs,
+                        "finish_reason": reason,
+                    }),
+                }
+            })
+            .collect()
     }
 }
 
@@ -390,19 +443,25 @@ async fn collect(
 ) -> Result<Response, ApiError> {
     let mut choices = Vec::with_capacity(streams.len());
     for (index, prompt, echo, mut rx) in streams {
-        let mut text = echo;
+        let mut text = echo.clone();
         let mut entries = Vec::new();
         let mut reason = "stop";
+        let mut beams = Vec::new();
         while let Some(message) = rx.recv().await {
             let m = message?;
             text.push_str(&m.text);
             entries.extend(m.logprobs);
-            if let Some(c) = &m.completion {
-                reason = finish_reason(c);
+            if let Some(c) = m.completion {
+                reason = finish_reason(&c);
                 if let Some(u) = &c.usage {
                     usage.add(prompt, u);
                 }
+                beams = c.beams;
             }
+        }
+        if !beams.is_empty() {
+            choices.extend(p.beam_choices(index, &echo, &beams, false));
+            continue;
         }
         let logprobs = p.logprobs(&entries, &mut 0);
         choices.push(match p.kind {
@@ -461,6 +520,18 @@ fn stream_sse(
                 ended.store(true, Ordering::Relaxed);
                 out.push(json_event(&ApiError::from(e).body()));
                 out.push(Event::default().data("[DONE]"));
+            }
+            Item::Message(index, prompt, echo, Ok(m))
+                if m.completion.as_ref().is_some_and(|c| !c.beams.is_empty()) =>
+            {
+                // A beam search's answer comes whole: one chunk per beam.
+                let c = m.completion.unwrap_or_default();
+                if let Some(u) = &c.usage {
+                    usage.add(prompt, u);
+                }
+                for choice in p.beam_choices(index, &echo, &c.beams, true) {
+                    out.push(json_event(&p.envelope(true, vec![choice])));
+                }
             }
             Item::Message(index, prompt, echo, Ok(m)) => {
                 let offset = offsets.entry(index).or_default();

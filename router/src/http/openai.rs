@@ -55,6 +55,10 @@ pub struct CommonParams {
     #[serde(default)]
     pub stop_token_ids: Vec<u32>,
     pub skip_special_tokens: Option<bool>,
+    /// vLLM's beam search: `n` is the width.
+    #[serde(default)]
+    pub use_beam_search: bool,
+    pub length_penalty: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,6 +140,11 @@ impl CommonParams {
             stop_token_ids: self.stop_token_ids.clone(),
             ignore_eos: self.ignore_eos,
             skip_special_tokens: self.skip_special_tokens.unwrap_or(d.skip_special_tokens),
+            beam_width: match self.use_beam_search {
+                true => self.n()? as u32,
+                false => 0,
+            },
+            length_penalty: float("length_penalty", self.length_penalty, d.length_penalty)?,
             ..d
         })
     }

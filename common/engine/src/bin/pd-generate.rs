@@ -101,6 +101,15 @@ struct Args {
     #[arg(long)]
     ignore_eos: bool,
 
+    /// Beam search with this many beams instead of sampling (vLLM's `beam_width`); the best
+    /// beam is the output, and with --json all of them are listed under "beams".
+    #[arg(long, default_value_t = 0)]
+    beam_width: u32,
+
+    /// Beam search ranks a beam by cumulative logprob / generated_len^length_penalty.
+    #[arg(long, default_value_t = 1.0)]
+    length_penalty: f32,
+
     #[command(flatten)]
     engine: EngineConfig,
 }
@@ -120,6 +129,18 @@ struct Output {
     /// With --speculative-config: tokens drafted and accepted for this prompt.
     #[serde(skip_serializing_if = "Option::is_none")]
     speculative: Option<Speculative>,
+    /// With --beam-width: every beam returned, best first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    beams: Vec<Beam>,
+}
+
+#[derive(Serialize)]
+struct Beam {
+    token_ids: Vec<u32>,
+    text: String,
+    cumulative_logprob: f32,
+    score: f32,
+    finish_reason: String,
 }
 
 #[derive(Serialize)]
@@ -169,6 +190,8 @@ fn run(args: Args) -> pd_engine::Result<()> {
         stop: args.stop.clone(),
         logprobs: args.logprobs,
         ignore_eos: args.ignore_eos,
+        beam_width: args.beam_width,
+        length_penalty: args.length_penalty,
         ..SamplingParams::default()
     };
     let prompts = prompts(&args, &loaded)?;
@@ -216,6 +239,20 @@ fn run(args: Args) -> pd_engine::Result<()> {
                         }
                     }
                     SeqEvent::Finished(c) => {
+                        if let Some(best) = c.beams.first() {
+                            out.generated_ids = best.token_ids.clone();
+                        }
+                        out.beams = c
+                            .beams
+                            .iter()
+                            .map(|b| Beam {
+                                token_ids: b.token_ids.clone(),
+                                text: b.text.clone(),
+                                cumulative_logprob: b.cumulative_logprob,
+                                score: b.score,
+                                finish_reason: b.reason.to_string(),
+                            })
+                            .collect();
                         out.generated_text.push_str(&c.text);
                         if live {
                             println!("{}", c.text);

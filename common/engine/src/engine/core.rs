@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use super::beam::{normalized_candidates, BeamGroup, BeamState};
 use super::config::EngineConfig;
 use super::sequence::{GenerateRequest, Placement, SeqEvent, SeqId, SeqState, Sequence};
 use super::speculative::SpecDecodeStats;
@@ -57,7 +58,7 @@ pub struct EngineCore {
     /// The sequences that run in steps (`Prefilling`, `Exporting`, `Decoding`), oldest first:
     /// the youngest is the first to be preempted.
     pub(super) running: Vec<SeqId>,
-    next_id: SeqId,
+    pub(super) next_id: SeqId,
     pub(super) preemptions: u64,
     /// Where block names start ([`PrefixKey::root`]); `None` with prefix caching off.
     pub(super) prefix_root: Option<BlockHash>,
@@ -65,6 +66,8 @@ pub struct EngineCore {
     pub(super) prefix_hits: u64,
     pub(super) kv_events: Arc<KvEventLog>,
     pub(super) spec_decode: SpecDecodeStats,
+    /// The beam searches in progress, by the id of each request's first sequence.
+    pub(super) beam_groups: HashMap<SeqId, BeamGroup>,
 }
 
 impl EngineCore {
@@ -126,6 +129,7 @@ impl EngineCore {
             prefix_hits: 0,
             kv_events,
             spec_decode: SpecDecodeStats::default(),
+            beam_groups: HashMap::new(),
         })
     }
 
@@ -218,6 +222,12 @@ impl EngineCore {
         }
         req.params.validate(vocab)?;
         let max_tokens = req.params.max_tokens as usize;
+        if req.params.is_beam_search() && !req.resume_ids.is_empty() {
+            // A beam search streams nothing until it ends: there is nothing to resume from.
+            return Err(Error::invalid(
+                "a beam search cannot resume from generated tokens",
+            ));
+        }
         if req.resume_ids.len() >= max_tokens {
             return Err(Error::invalid(format!(
                 "{} tokens already generated leave nothing to generate under max_tokens {max_tokens}",
@@ -270,6 +280,11 @@ impl EngineCore {
                 stop.push(&piece);
             }
         }
+        let beam = (req.params.is_beam_search() && !exporting).then(|| BeamState {
+            group: id,
+            cum_logprob: 0.0,
+            steps: Vec::new(),
+        });
         let mut tokens = req.prompt_ids;
         let prompt_len = tokens.len();
         tokens.extend_from_slice(&req.resume_ids);
@@ -298,8 +313,12 @@ impl EngineCore {
                 draft: Vec::new(),
                 draft_len: 0,
                 speculative: Default::default(),
+                beam,
             },
         );
+        if let Some(seq) = self.seqs.get(&id).filter(|s| s.beam.is_some()) {
+            self.beam_groups.insert(id, BeamGroup::new(seq));
+        }
         self.queue.push_back(id);
         Ok(id)
     }
@@ -315,6 +334,13 @@ impl EngineCore {
                 first.id
             )));
         }
+        let beam = self.seqs.get(&id).is_some_and(|s| s.beam.is_some());
+        let bad = |&(t, lp): &(u32, f32)| t as usize >= vocab || lp.is_nan() || lp > 1e-3;
+        if beam && (first.top_logprobs.is_empty() || first.top_logprobs.iter().any(bad)) {
+            return Err(Error::invalid(
+                "the prefill's beam candidates are missing or out of range",
+            ));
+        }
         self.expect_awaiting(id)?;
         let seq = self.seq_mut(id)?;
         seq.num_computed = seq.tokens.len();
@@ -323,6 +349,12 @@ impl EngineCore {
         self.cache_computed(id);
         self.publish_kv_events();
         self.set_state(id, SeqState::Decoding)?;
+        if self.beam_group_of(id).is_some() {
+            // The prefill node sent the prompt's candidates with its first token.
+            let n = self.seq_mut(id)?.params.top_candidates();
+            self.beam_scored(id, normalized_candidates(first.top_logprobs, n));
+            return Ok(());
+        }
         let outcome = self.append(id, first);
         self.settle(id, outcome);
         Ok(())
@@ -356,6 +388,11 @@ impl EngineCore {
 
     /// Ends a request early and frees its blocks. Returns whether it was found.
     pub fn abort(&mut self, id: SeqId) -> bool {
+        if self.beam_groups.contains_key(&id) {
+            // A beam search, by its request's id: every beam goes.
+            self.drop_beams(id, None);
+            return true;
+        }
         if !self.seqs.contains_key(&id) {
             return false;
         }

@@ -12,6 +12,7 @@
 //! [`EngineHandle`] runs a core on its own thread and is what async code talks to: a bounded
 //! command channel in, one event stream per request out.
 
+mod beam;
 mod config;
 mod core;
 mod handle;
@@ -22,6 +23,7 @@ mod sequence;
 pub mod speculative;
 mod step;
 
+pub use self::beam::{beam_score, BeamOutput};
 pub use self::config::{EngineConfig, KvCacheDtype};
 pub use self::core::{EngineCore, EngineStats};
 pub use self::handle::{EngineHandle, RequestStream};

@@ -32,6 +32,11 @@ impl EngineCore {
                 continue;
             };
             let base = seq.pending().min(budget);
+            if base == 0 {
+                // A beam whose candidates are in, waiting for its siblings'.
+                i += 1;
+                continue;
+            }
             let needed_for = |drafts: usize| {
                 blocks_for_tokens(seq.num_computed + base + drafts, bs)
                     .saturating_sub(seq.blocks.len())
@@ -86,7 +91,7 @@ impl EngineCore {
         let (Some(spec), Some(seq)) = (&self.config.speculative_config, self.seqs.get(&id)) else {
             return Vec::new();
         };
-        if !matches!(seq.state, SeqState::Decoding) || seq.pending() != 1 {
+        if !matches!(seq.state, SeqState::Decoding) || seq.pending() != 1 || seq.beam.is_some() {
             return Vec::new();
         }
         if spec

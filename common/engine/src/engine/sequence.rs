@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
+use super::beam::{BeamOutput, BeamState};
 use super::speculative::SpeculativeCounts;
 use crate::kv::{BlockHash, BlockId};
 use crate::sampling::{FinishReason, SamplingParams, StopChecker};
@@ -210,6 +211,10 @@ pub struct Completion {
     pub timings: Timings,
     /// Drafted and accepted tokens, when the engine decodes speculatively.
     pub speculative: Option<SpeculativeCounts>,
+    /// Beam search's answer, best first (empty for a sampled request, which streams its
+    /// tokens instead). `text` and `reason` are then the best beam's, `completion_tokens` the
+    /// tokens of all of them.
+    pub beams: Vec<BeamOutput>,
 }
 
 /// What a request's stream carries, in order: tokens, then exactly one `Finished` or `Failed`.
@@ -335,6 +340,8 @@ pub(crate) struct Sequence {
     /// it to what was accepted plus one (0 until the first draft: the configured length).
     pub draft_len: usize,
     pub speculative: SpeculativeCounts,
+    /// Set on the sequences of a beam search: which search, and the beam's score so far.
+    pub beam: Option<BeamState>,
 }
 
 impl Sequence {

@@ -14,7 +14,8 @@ use super::speculative;
 use crate::kv::{blocks_for_tokens, BlockRun};
 use crate::model::ForwardBatch;
 use crate::sampling::{
-    check_stop_token, sample_rows, FinishReason, RowRequest, SampleContext, SampledToken,
+    check_stop_token, model_top_logprobs, sample_rows, FinishReason, RowRequest, SampleContext,
+    SampledToken,
 };
 use crate::telemetry::names;
 use crate::{Error, Result};
@@ -22,6 +23,12 @@ use crate::{Error, Result};
 /// What one exporting sequence ships from a step: its sink, the index of the run's first block
 /// among its blocks, and the run.
 type Export = (KvSink, usize, BlockRun);
+
+/// Rows `rows` of a `[rows, vocab]` logits tensor, in that order.
+fn select_rows(logits: &Tensor, rows: &[u32]) -> Result<Tensor> {
+    let ids = Tensor::from_slice(rows, rows.len(), logits.device())?;
+    Ok(logits.index_select(&ids, 0)?)
+}
 
 /// What appending one sampled token means for its sequence.
 pub(super) enum Appended {
@@ -149,41 +156,37 @@ impl EngineCore {
             }
             self.cache_computed(s.id);
         }
-        let tokens = {
-            let seqs = &self.seqs;
-            let mut rows = Vec::with_capacity(sampled.len());
-            for id in &sampled {
-                let seq = seqs
-                    .get(id)
-                    .ok_or_else(|| Error::Internal(format!("sequence {id} is gone")))?;
-                // Row i samples the token after the first i drafts, as plain decoding would
-                // once they were output: its history (penalties, the seeded draw's position)
-                // includes them.
-                let history: std::borrow::Cow<[u32]> = match seq.draft.is_empty() {
-                    true => seq.tokens[seq.prompt_len..].into(),
-                    false => [&seq.tokens[seq.prompt_len..], &seq.draft[..]]
-                        .concat()
-                        .into(),
-                };
-                let own = seq.generated().len();
-                rows.push((seq, history, own));
+        // Beam searches rank the model's own candidates; every other row is sampled. Each
+        // sequence has one row, plus one per draft, in the batch's order.
+        let mut row = 0u32;
+        let (mut scored, mut scored_rows, mut sampled_rows) = (Vec::new(), Vec::new(), Vec::new());
+        sampled.retain(|id| {
+            let Some(seq) = self.seqs.get(id) else {
+                return false;
+            };
+            let rows = row..row + 1 + seq.draft.len() as u32;
+            row = rows.end;
+            if seq.params.is_beam_search() {
+                scored.push(*id);
+                scored_rows.extend(rows);
+                false
+            } else {
+                sampled_rows.extend(rows);
+                true
             }
-            let requests: Vec<RowRequest> = rows
-                .iter()
-                .flat_map(|(seq, history, own)| {
-                    (0..=seq.draft.len()).map(move |i| RowRequest {
-                        params: &seq.params,
-                        ctx: SampleContext {
-                            prompt_ids: &seq.tokens[..seq.prompt_len],
-                            generated_ids: &history[..own + i],
-                            seed: seq.seed,
-                        },
-                    })
-                })
-                .collect();
-            sample_rows(logits, &requests)
-        };
-        let tokens = match tokens {
+        });
+        let outcome = (|| {
+            if scored.is_empty() {
+                return Ok((self.sample_sequences(&sampled, logits)?, Vec::new()));
+            }
+            let candidates = self.beam_candidates(&scored, &select_rows(logits, &scored_rows)?)?;
+            let tokens = match sampled.is_empty() {
+                true => Vec::new(),
+                false => self.sample_sequences(&sampled, &select_rows(logits, &sampled_rows)?)?,
+            };
+            Ok((tokens, candidates))
+        })();
+        let (tokens, candidates) = match outcome {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(error = %e, "sampling step failed");
@@ -192,6 +195,9 @@ impl EngineCore {
             }
         };
         clock.lap(Phase::Sample);
+        for (id, top) in scored.into_iter().zip(candidates) {
+            self.emit_scored(id, top);
+        }
         let mut tokens = tokens.into_iter();
         for id in sampled {
             let drafted = self
@@ -210,6 +216,83 @@ impl EngineCore {
         }
         clock.lap(Phase::Emit);
         Ok(())
+    }
+
+    /// Samples the next token (and one after each draft) of every sequence in `ids`, whose
+    /// rows `logits` holds in that order.
+    fn sample_sequences(
+        &self,
+        ids: &[SeqId],
+        logits: &Tensor,
+    ) -> Result<Vec<Result<SampledToken>>> {
+        let mut rows = Vec::with_capacity(ids.len());
+        for id in ids {
+            let seq = self
+                .seqs
+                .get(id)
+                .ok_or_else(|| Error::Internal(format!("sequence {id} is gone")))?;
+            // Row i samples the token after the first i drafts, as plain decoding would once
+            // they were output: its history (penalties, the seeded draw's position) includes
+            // them.
+            let history: std::borrow::Cow<[u32]> = match seq.draft.is_empty() {
+                true => seq.tokens[seq.prompt_len..].into(),
+                false => [&seq.tokens[seq.prompt_len..], &seq.draft[..]]
+                    .concat()
+                    .into(),
+            };
+            let own = seq.generated().len();
+            rows.push((seq, history, own));
+        }
+        let requests: Vec<RowRequest> = rows
+            .iter()
+            .flat_map(|(seq, history, own)| {
+                (0..=seq.draft.len()).map(move |i| RowRequest {
+                    params: &seq.params,
+                    ctx: SampleContext {
+                        prompt_ids: &seq.tokens[..seq.prompt_len],
+                        generated_ids: &history[..own + i],
+                        seed: seq.seed,
+                    },
+                })
+            })
+            .collect();
+        sample_rows(logits, &requests)
+    }
+
+    /// The most likely next tokens of every beam-search sequence in `ids` (one row each in
+    /// `logits`, in that order), as many as each asks for.
+    fn beam_candidates(&self, ids: &[SeqId], logits: &Tensor) -> Result<Vec<Vec<(u32, f32)>>> {
+        let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+        ids.iter()
+            .zip(rows)
+            .map(|(id, row)| {
+                let n = self.seqs.get(id).map_or(0, |s| s.params.top_candidates());
+                model_top_logprobs(&row, n)
+            })
+            .collect()
+    }
+
+    /// What a beam-search sequence's candidates mean: for a prefill-only one, its first token
+    /// (the best) carries them to the decode node; otherwise they go to the search.
+    fn emit_scored(&mut self, id: SeqId, top: Vec<(u32, f32)>) {
+        if self.beam_group_of(id).is_some() {
+            self.beam_scored(id, top);
+            return;
+        }
+        let Some(&(best, logprob)) = top.first() else {
+            self.fail(
+                id,
+                Error::Internal("no token has a non-zero probability".into()),
+            );
+            return;
+        };
+        let token = SampledToken {
+            id: best,
+            logprob,
+            top_logprobs: top,
+        };
+        let outcome = self.append(id, token);
+        self.settle(id, outcome);
     }
 
     /// Emits what a speculative step of sequence `id` yields: the drafts its samples accept,
@@ -341,6 +424,11 @@ impl EngineCore {
     /// Ends sequence `id` with `reason`: frees its blocks and sends the completion, with the
     /// text still held back.
     pub(super) fn finish(&mut self, id: SeqId, reason: FinishReason) {
+        if let Some(group) = self.beam_group_of(id) {
+            // One beam ending early (cancelled) ends its whole search.
+            self.drop_beams(group, None);
+            return;
+        }
         let Some(mut seq) = self.remove(id) else {
             return;
         };
@@ -370,6 +458,7 @@ impl EngineCore {
                 .speculative_config
                 .is_some()
                 .then_some(seq.speculative),
+            beams: Vec::new(),
         };
         // The client may be gone already; nothing else to do then.
         let _ = seq.events.send(SeqEvent::Finished(completion));
@@ -377,6 +466,10 @@ impl EngineCore {
 
     /// Ends sequence `id` with an error, freeing its blocks.
     pub(super) fn fail(&mut self, id: SeqId, error: Error) {
+        if let Some(group) = self.beam_group_of(id) {
+            self.drop_beams(group, Some(error));
+            return;
+        }
         if let Some(seq) = self.remove(id) {
             let _ = seq.events.send(SeqEvent::Failed(error));
         }

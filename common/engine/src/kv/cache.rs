@@ -174,6 +174,24 @@ impl KvCache {
         self.write_slots(layer, &k.reshape(rows)?, &v.reshape(rows)?, &slots)
     }
 
+    /// Copies whole blocks `src[i]` to `dst[i]` in every layer (a beam's fork takes its own
+    /// copy of the block it will write into).
+    pub fn copy_blocks(&self, src: &[BlockId], dst: &[BlockId]) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(Error::invalid(format!(
+                "copying {} KV blocks into {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        let run = self.block_run(src)?;
+        for layer in 0..self.spec.num_layers {
+            let (k, v) = self.read_run(layer, &run)?;
+            self.write_blocks(layer, dst, &k, &v)?;
+        }
+        Ok(())
+    }
+
     pub(super) fn check_blocks(&self, blocks: &[BlockId]) -> Result<()> {
         match blocks.iter().find(|&&b| b as usize >= self.spec.num_blocks) {
             Some(b) => Err(Error::invalid(format!(
@@ -405,6 +423,31 @@ mod tests {
             num_blocks: 8,
             dtype: DType::F32,
         }
+    }
+
+    #[test]
+    fn copied_blocks_hold_the_source_in_every_layer_and_leave_it_alone() {
+        let cache = KvCache::new(spec(), &Device::Cpu).unwrap();
+        let k = Tensor::arange(0f32, 32., &Device::Cpu)
+            .unwrap()
+            .reshape((4, 2, 4))
+            .unwrap();
+        let v = (&k * -1.0).unwrap();
+        for layer in 0..2 {
+            let kl = (&k + layer as f64).unwrap();
+            cache.write_slots(layer, &kl, &v, &[8, 9, 10, 11]).unwrap();
+        }
+        cache.copy_blocks(&[2], &[5]).unwrap();
+        for layer in 0..2 {
+            let (a, av) = cache.read_blocks(layer, &[2]).unwrap();
+            let (b, bv) = cache.read_blocks(layer, &[5]).unwrap();
+            let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+            assert_eq!(flat(&a), flat(&b));
+            assert_eq!(flat(&av), flat(&bv));
+            assert_eq!(flat(&a)[1], 1.0 + layer as f32);
+        }
+        assert!(cache.copy_blocks(&[2], &[5, 6]).is_err());
+        assert!(cache.copy_blocks(&[2], &[99]).is_err());
     }
 
     #[test]

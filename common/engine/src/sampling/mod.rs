@@ -14,7 +14,9 @@ pub mod sampler;
 pub mod stop;
 
 pub use batch::{sample_rows, RowRequest};
-pub use params::{SamplingParams, MAX_LOGPROBS, MAX_STOP_STRINGS, PENALTY_LIMIT};
+pub use params::{SamplingParams, MAX_BEAM_WIDTH, MAX_LOGPROBS, MAX_STOP_STRINGS, PENALTY_LIMIT};
 pub use penalties::{apply_penalties, penalties_are_neutral};
-pub use sampler::{sample, splitmix64, uniform_for_position, SampleContext, SampledToken};
+pub use sampler::{
+    model_top_logprobs, sample, splitmix64, uniform_for_position, SampleContext, SampledToken,
+};
 pub use stop::{check_stop_token, FinishReason, StopChecker, StopOutcome};

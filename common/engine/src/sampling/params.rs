@@ -14,6 +14,8 @@ pub const MAX_STOP_STRING_BYTES: usize = 1024;
 pub const MAX_STOP_TOKEN_IDS: usize = 1024;
 /// The most top-n logprobs one request may ask for (OpenAI's limit).
 pub const MAX_LOGPROBS: u32 = 20;
+/// The widest beam search one request may ask for (vLLM's `n` limit for it is the same order).
+pub const MAX_BEAM_WIDTH: u32 = 16;
 /// Presence and frequency penalties are limited to `[-PENALTY_LIMIT, PENALTY_LIMIT]` (OpenAI).
 pub const PENALTY_LIMIT: f32 = 2.0;
 
@@ -50,6 +52,12 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Leave special tokens out of the detokenized text.
     pub skip_special_tokens: bool,
+    /// Beam search with this many beams (vLLM's `use_beam_search` with `n`); 0 samples instead.
+    /// Beams are ranked by the model's own log-probabilities: temperature, the filters and the
+    /// penalties do not apply (as in vLLM).
+    pub beam_width: u32,
+    /// Beam search ranks a beam by `cumulative_logprob / generated_len^length_penalty`.
+    pub length_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -69,6 +77,8 @@ impl Default for SamplingParams {
             logprobs: None,
             ignore_eos: false,
             skip_special_tokens: true,
+            beam_width: 0,
+            length_penalty: 1.0,
         }
     }
 }
@@ -77,6 +87,21 @@ impl SamplingParams {
     /// Greedy decoding: the sampler takes the argmax and uses no randomness.
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
+    }
+
+    /// Whether the request asks for beam search.
+    pub fn is_beam_search(&self) -> bool {
+        self.beam_width > 0
+    }
+
+    /// How many most likely `(id, logprob)` pairs a sampled token carries: the top-n logprobs
+    /// asked for, and under beam search at least the `2 * width` candidates a beam extends by.
+    pub fn top_candidates(&self) -> usize {
+        let asked = self.logprobs.unwrap_or(0) as usize;
+        match self.is_beam_search() {
+            true => asked.max(2 * self.beam_width as usize),
+            false => asked,
+        }
     }
 
     /// Checks every field against its allowed range for a model with `vocab_size` tokens.
@@ -121,6 +146,19 @@ impl SamplingParams {
                 self.stop_token_ids.len()
             )));
         }
+        if self.beam_width > MAX_BEAM_WIDTH {
+            return Err(Error::invalid(format!(
+                "beam search with n={} beams; at most {MAX_BEAM_WIDTH} are allowed",
+                self.beam_width
+            )));
+        }
+        if self.is_beam_search() && !self.stop.is_empty() {
+            // A beam is ranked by its tokens; cutting its text at a stop string would leave a
+            // score that no longer matches what is returned.
+            return Err(Error::invalid(
+                "stop strings are not supported with beam search; use stop_token_ids",
+            ));
+        }
         Ok(())
     }
 
@@ -156,6 +194,7 @@ impl SamplingParams {
                 return Err(range_error(name, value, "[-2, 2]"));
             }
         }
+        finite("length_penalty", self.length_penalty, "(-inf, inf)")?;
         if let Some(n) = self.logprobs {
             if n > MAX_LOGPROBS {
                 return Err(Error::invalid(format!(

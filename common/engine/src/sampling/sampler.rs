@@ -156,6 +156,24 @@ pub fn sample(
     })
 }
 
+/// The `n` most likely tokens under the model's own distribution (the log-softmax of the raw
+/// logits: no penalties, temperature or filters), best first, ties to the lower id: what beam
+/// search extends a beam by. Fails as [`sample`] does on logits no distribution can hold.
+pub fn model_top_logprobs(logits: &[f32], n: usize) -> Result<Vec<(u32, f32)>> {
+    if u32::try_from(logits.len()).is_err() {
+        return Err(Error::invalid("more logits than u32 token ids can name"));
+    }
+    let (max, bad) = max_and_check(logits);
+    if bad {
+        return Err(Error::invalid("logits contain NaN or +inf"));
+    }
+    if max == f32::NEG_INFINITY {
+        return Err(Error::invalid("every logit is -inf (or there are none)"));
+    }
+    let log_z = block_sums(logits, max, 1.0).iter().sum::<f64>().ln();
+    Ok(top_logprobs(ids_and_logits(logits), n, max, 1.0, log_z))
+}
+
 /// `log softmax` of logit `l` at inverse temperature `inv_t`, given the log of the denominator
 /// relative to `max`.
 fn logprob(l: f32, max: f32, inv_t: f32, log_z: f64) -> f32 {
@@ -342,6 +360,23 @@ mod tests {
         let tok = sample(&logits, &p, &c).unwrap();
         let z = 1.0f32.exp() + 1.5f32.exp() + 1.0;
         assert!((tok.logprob - (1.5 - z.ln())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn model_top_logprobs_are_the_greedy_samples_logprobs() {
+        let logits = pseudo_logits(500, 11, 4.0);
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            logprobs: Some(6),
+            ..SamplingParams::default()
+        };
+        let t = sample(&logits, &greedy, &ctx(&[], 0)).unwrap();
+        let top = model_top_logprobs(&logits, 6).unwrap();
+        assert_eq!(top, t.top_logprobs);
+        assert_eq!(top[0], (t.id, t.logprob));
+        assert!(model_top_logprobs(&[f32::NAN, 0.0], 1).is_err());
+        assert!(model_top_logprobs(&[], 1).is_err());
+        assert_eq!(model_top_logprobs(&[0.0, 0.0, -1.0], 9).unwrap().len(), 3);
     }
 
     #[test]
