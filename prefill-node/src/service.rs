@@ -183,6 +183,7 @@ async fn prefill(
             )));
         }
     };
+    metrics::counter!(names::PREFILLS_TOTAL).increment(1);
     let (sink, exported) = mpsc::unbounded_channel();
     let mut stream = inner
         .engine

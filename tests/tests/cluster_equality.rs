@@ -338,6 +338,65 @@ async fn beam_search_through_the_cluster_equals_the_single_engine() {
     }
 }
 
+/// `n = 4` parallel samples of one prompt through 1P1D: the prefill node computes the prompt
+/// once (the decode node holds the other three until its KV is in, then takes it from its
+/// prefix cache), and each sample is the single engine's with its own seed, run after run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_samples_share_one_prefill_and_follow_their_seeds() {
+    let _serial = SERIAL.lock().await;
+    let prompt = golden_cases()
+        .into_iter()
+        .find(|c| c.name == "long_600")
+        .expect("the long golden prompt")
+        .prompt_ids;
+    let sample = |j: u64| SamplingParams {
+        temperature: 0.8,
+        seed: Some(11 + j),
+        max_tokens: 12,
+        ..SamplingParams::default()
+    };
+    let want: Vec<String> = (0..4)
+        .map(|j| reference(&prompt, &sample(j)).text)
+        .collect();
+    let spec = ClusterSpec {
+        in_process: true,
+        ..ClusterSpec::default()
+    };
+    let cluster = Cluster::start(spec).await.expect("cluster starts");
+    let prefill = cluster.first_node(Role::Prefill).expect("a prefill node");
+    let prefills = || async {
+        scrape(&prefill.metrics_url())
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("pd_prefills_total ")?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    for round in 0..2 {
+        let before = prefills().await;
+        let body = json!({
+            "prompt": prompt, "max_tokens": 12, "n": 4, "temperature": 0.8, "seed": 11,
+        });
+        let v = post_json(&cluster, "/v1/completions", &body).await;
+        let texts: Vec<&str> = v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(texts, want, "round {round}");
+        // The second time the decode node's own prefix cache holds the prompt.
+        let expected = if round == 0 { 1.0 } else { 0.0 };
+        assert_eq!(
+            prefills().await - before,
+            expected,
+            "round {round}: prefills for n = 4"
+        );
+    }
+    assert_ne!(want[0], want[1], "the seeds made no difference");
+    assert_all_blocks_free(&cluster).await;
+    cluster.shutdown().await.expect("clean shutdown");
+}
+
 /// The single engine's beams for each prompt (all in one batch).
 fn engine_beams(prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Vec<BeamOutput>> {
     let mut core = real_engine(EngineConfig::default());

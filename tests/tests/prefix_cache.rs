@@ -105,6 +105,46 @@ fn a_shared_prefix_is_computed_once_and_greedy_output_is_unchanged() {
 }
 
 #[test]
+fn one_prompt_sent_four_times_at_once_is_computed_once() {
+    // As n = 4 choices arrive: the first computes the prompt, the others wait for its blocks
+    // and compute only the block holding their last token; each is the output it has alone.
+    let p = prompt("long_600");
+    let seeded = |seed: u64| GenerateRequest {
+        prompt_ids: p.clone(),
+        params: SamplingParams {
+            temperature: 0.8,
+            seed: Some(seed),
+            max_tokens: 12,
+            ..SamplingParams::default()
+        },
+        ..Default::default()
+    };
+    let alone: Vec<RunResult> = (0..4)
+        .map(|j| {
+            let mut core = engine(false, 0);
+            let mut runs = Runs::new();
+            runs.add(&mut core, seeded(7 + j));
+            runs.finish(&mut core).remove(0)
+        })
+        .collect();
+    let mut core = engine(true, 0);
+    let mut runs = Runs::new();
+    for j in 0..4 {
+        runs.add(&mut core, seeded(7 + j));
+    }
+    let got = runs.finish(&mut core);
+    let full = ((p.len() - 1) / 16 * 16) as u64;
+    let s = core.stats();
+    assert_eq!(s.prefix_cache_hits, 3 * full, "{s:?}");
+    for (j, (g, w)) in got.iter().zip(&alone).enumerate() {
+        assert_eq!((&g.ids, &g.text), (&w.ids, &w.text), "sample {j}");
+        assert_eq!(g.cached_tokens as u64, if j == 0 { 0 } else { full });
+    }
+    assert_ne!(got[0].ids, got[1].ids, "the seeds made no difference");
+    assert_all_free(&core);
+}
+
+#[test]
 fn prompts_sharing_a_prefix_at_once_agree_with_the_cache_off() {
     // All three admitted together (and a fourth equal to the first): blocks computed in the
     // same step are cached once, the rest stay private.

@@ -78,6 +78,10 @@ fn describe() {
         "Requests, each counted once by how it ended (stop, length, cancelled, rejected, error)."
     );
     describe_counter!(
+        PREFILLS_TOTAL,
+        "Prefills a prefill node took on: prompts it computed (or found cached) and shipped."
+    );
+    describe_counter!(
         PREFILLS_REFUSED_TOTAL,
         "Prefills refused before starting because the node is too far behind, by reason."
     );

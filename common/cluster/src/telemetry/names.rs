@@ -51,6 +51,8 @@ pub const KV_TRANSFER_FAILURES_TOTAL: &str = "pd_kv_transfer_failures_total";
 pub use pd_engine::telemetry::names::*;
 /// Prompts a decode node computed itself instead of a prefill node, by `reason`.
 pub const LOCAL_PREFILLS_TOTAL: &str = "pd_local_prefills_total";
+/// Prefills a prefill node took on (each prompt it was asked to compute and ship).
+pub const PREFILLS_TOTAL: &str = "pd_prefills_total";
 /// Prefills a prefill node refused before starting, by `reason` (`behind`: its queue would
 /// not let it finish within the caller's deadline).
 pub const PREFILLS_REFUSED_TOTAL: &str = "pd_prefills_refused_total";

@@ -68,8 +68,10 @@ impl EngineCore {
             }
             i += 1;
         }
+        // Sequences left in the queue this step because others are filling their blocks.
+        let mut deferred = 0;
         while budget > 0 && self.holding_blocks() < self.config.max_num_seqs {
-            let Some(&id) = self.queue.front() else {
+            let Some(&id) = self.queue.get(deferred) else {
                 break;
             };
             match self.admit(id, budget) {
@@ -78,6 +80,7 @@ impl EngineCore {
                     budget -= tokens;
                 }
                 Admitted::Awaits => {}
+                Admitted::Deferred => deferred += 1,
                 Admitted::NoRoom => break,
             }
         }
@@ -125,6 +128,12 @@ impl EngineCore {
         let remote = matches!(seq.state, SeqState::Waiting(Placement::Remote(_)));
         // Blocks the prefix cache holds are not computed (or fetched) again.
         let hit = self.match_prefix(id);
+        if self.filled_elsewhere(id, hit.len()) {
+            // Another sequence is computing (or fetching) the next blocks this prompt needs:
+            // they join the prefix cache when done, and this one takes them then.
+            self.release(id, &hit);
+            return Admitted::Deferred;
+        }
         if remote {
             let usable = self.seqs.get(&id).map_or(0, |s| (s.tokens.len() - 1) / bs);
             if hit.is_empty() || hit.len() < usable {
@@ -215,6 +224,34 @@ impl EngineCore {
         Admitted::Awaits
     }
 
+    /// Whether a sequence admitted earlier is filling the block that queued sequence `id` needs
+    /// after the `found` blocks its prefix lookup found (the same name, so the same tokens): a
+    /// prompt sent several times at once (`n` choices, a burst of one prompt) is then computed,
+    /// or shipped from a prefill node, once (an export still ships every block it was asked
+    /// for: those found in the cache too). A preempted sequence does not wait.
+    fn filled_elsewhere(&self, id: SeqId, found: usize) -> bool {
+        let Some(seq) = self.seqs.get(&id) else {
+            return false;
+        };
+        let usable = (seq.tokens.len() - 1) / self.cache.spec().block_size;
+        let waits = matches!(seq.state, SeqState::Waiting(_));
+        let Some(next) = seq
+            .block_hashes
+            .get(found)
+            .filter(|_| waits && found < usable)
+        else {
+            return false;
+        };
+        self.seqs.values().any(|other| {
+            matches!(
+                other.state,
+                SeqState::AwaitingKv | SeqState::Prefilling | SeqState::Exporting(_)
+            ) && other.id != id
+                && other.cached_blocks <= found
+                && other.block_hashes.get(found) == Some(next)
+        })
+    }
+
     /// Gives back the references a prefix lookup took.
     fn release(&mut self, id: SeqId, hit: &[BlockId]) {
         if let Err(e) = self.allocator.free(hit) {
@@ -259,4 +296,7 @@ enum Admitted {
     Awaits,
     /// Its blocks are not free: admission stops for this step.
     NoRoom,
+    /// Another sequence is filling the blocks it needs: it stays queued, and admission goes on
+    /// with the next.
+    Deferred,
 }
