@@ -145,6 +145,37 @@ fn one_prompt_sent_four_times_at_once_is_computed_once() {
 }
 
 #[test]
+fn a_prompt_waits_for_another_only_when_most_of_its_blocks_are_being_computed() {
+    // Ten-block prompts beside a first one being computed: sharing one block (a system
+    // prompt's worth) they start at once; sharing eight they wait and take them from the cache.
+    let p = prompt("long_600");
+    let first = p[..161].to_vec();
+    let one_shared = [&p[..16], &p[300..445]].concat();
+    let most_shared = [&p[..128], &p[300..333]].concat();
+    let want = one_by_one(
+        &mut engine(false, 0),
+        &[first.clone(), one_shared.clone(), most_shared.clone()],
+    );
+    let mut core = engine(true, 0);
+    let mut runs = Runs::new();
+    for p in [&first, &one_shared, &most_shared] {
+        runs.add(&mut core, request(p.clone()));
+    }
+    core.step().unwrap();
+    let s = core.stats();
+    assert_eq!((s.running, s.waiting), (2, 1), "{s:?}");
+    let got = runs.finish(&mut core);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.ids, w.ids, "prompt {i}");
+    }
+    assert_eq!(
+        got.iter().map(|g| g.cached_tokens).collect::<Vec<_>>(),
+        [0, 0, 128]
+    );
+    assert_all_free(&core);
+}
+
+#[test]
 fn prompts_sharing_a_prefix_at_once_agree_with_the_cache_off() {
     // All three admitted together (and a fourth equal to the first): blocks computed in the
     // same step are cached once, the rest stay private.

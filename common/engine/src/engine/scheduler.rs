@@ -224,31 +224,43 @@ impl EngineCore {
         Admitted::Awaits
     }
 
-    /// Whether a sequence admitted earlier is filling the block that queued sequence `id` needs
-    /// after the `found` blocks its prefix lookup found (the same name, so the same tokens): a
-    /// prompt sent several times at once (`n` choices, a burst of one prompt) is then computed,
-    /// or shipped from a prefill node, once (an export still ships every block it was asked
-    /// for: those found in the cache too). A preempted sequence does not wait.
+    /// Whether a sequence admitted earlier is filling most of the blocks that queued sequence
+    /// `id` would compute after the `found` its prefix lookup found (the same names, so the same
+    /// tokens): a prompt sent several times at once (`n` choices, a burst of one prompt) is then
+    /// computed, or shipped from a prefill node, once (an export still ships every block it was
+    /// asked for: those found in the cache too). Waiting costs this sequence the other's prefill,
+    /// so it waits only when the shared blocks are more than half of its own work and of the
+    /// other's: prompts that merely open with the same system prompt go ahead side by side, and
+    /// a short prompt never waits for a long one. A preempted sequence does not wait.
     fn filled_elsewhere(&self, id: SeqId, found: usize) -> bool {
         let Some(seq) = self.seqs.get(&id) else {
             return false;
         };
-        let usable = (seq.tokens.len() - 1) / self.cache.spec().block_size;
-        let waits = matches!(seq.state, SeqState::Waiting(_));
-        let Some(next) = seq
-            .block_hashes
-            .get(found)
-            .filter(|_| waits && found < usable)
-        else {
+        let bs = self.cache.spec().block_size;
+        let usable = (seq.tokens.len() - 1) / bs;
+        if !matches!(seq.state, SeqState::Waiting(_)) || found >= usable {
             return false;
-        };
+        }
+        let wanted = &seq.block_hashes
+            [found.min(seq.block_hashes.len())..usable.min(seq.block_hashes.len())];
         self.seqs.values().any(|other| {
-            matches!(
-                other.state,
-                SeqState::AwaitingKv | SeqState::Prefilling | SeqState::Exporting(_)
-            ) && other.id != id
-                && other.cached_blocks <= found
-                && other.block_hashes.get(found) == Some(next)
+            if other.id == id
+                || other.cached_blocks > found
+                || !matches!(
+                    other.state,
+                    SeqState::AwaitingKv | SeqState::Prefilling | SeqState::Exporting(_)
+                )
+            {
+                return false;
+            }
+            let theirs = other.block_hashes.get(found..).unwrap_or_default();
+            let shared = wanted
+                .iter()
+                .zip(theirs)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let their_work = ((other.tokens.len() - 1) / bs).saturating_sub(found);
+            2 * shared > usable - found && 2 * shared > their_work
         })
     }
 
