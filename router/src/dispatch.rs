@@ -38,6 +38,16 @@ pub struct Job {
     /// Complete, with the seed fixed.
     pub params: SamplingParams,
     pub arrived: Instant,
+    /// The decode node to use while it is live, whatever the loads say: the choices of one
+    /// request go where the first went, so that its engine computes (or fetches) their prompt
+    /// once and the others take it from its prefix cache.
+    pub decode_node: Option<String>,
+}
+
+/// A started job: its messages, and the decode node that took it.
+pub struct Started {
+    pub stream: JobStream,
+    pub decode_node: String,
 }
 
 /// The messages of one job; the last is the one with a completion, or an error.
@@ -64,7 +74,7 @@ impl Dispatcher {
     /// Starts `job`, admitted with `ticket`. Returns once a decode node has accepted it, so
     /// that a refusal (bad input, no capacity) reaches the caller as an error before any token;
     /// then the stream follows.
-    pub async fn start(self: &Arc<Self>, job: Job, ticket: Ticket) -> Result<JobStream> {
+    pub async fn start(self: &Arc<Self>, job: Job, ticket: Ticket) -> Result<Started> {
         // Dropped with this future if the caller leaves first: counted as cancelled.
         let outcome = Outcome::new();
         let mut excluded = Vec::new();
@@ -76,20 +86,25 @@ impl Dispatcher {
             }
         };
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let decode_node = attempt.node_id.clone();
         let this = self.clone();
         let span = tracing::info_span!("request", request_id = %job.request_id);
         let clock = Clock::new(job.arrived, ticket, outcome);
         tokio::spawn(
             async move { this.relay(job, attempt, excluded, clock, tx).await }.instrument(span),
         );
-        Ok(rx)
+        Ok(Started {
+            stream: rx,
+            decode_node,
+        })
     }
 
     /// Opens `Decode.Generate` on the best decode node not yet tried, moving on while nodes fail.
     async fn open(&self, job: &Job, sent: &[u32], excluded: &mut Vec<String>) -> Result<Attempt> {
         let held = self.pool.held(&[job.prompt_ids.as_slice(), sent].concat());
         loop {
-            let Some((node, active)) = self.pool.pick_decode(excluded, &held) else {
+            let pinned = job.decode_node.as_deref();
+            let Some((node, active)) = self.pool.pick_decode(excluded, &held, pinned) else {
                 return Err(Error::Unavailable(if excluded.is_empty() {
                     "no decode node is available".into()
                 } else {

@@ -129,6 +129,7 @@ impl Frontend {
             prompt_ids,
             params,
             arrived: std::time::Instant::now(),
+            decode_node: None,
         })
     }
 }

@@ -112,7 +112,7 @@ impl pb::generation_server::Generation for GenerationService {
             .into_iter()
             .next()
             .expect("one ticket per job");
-        let stream = self.dispatcher.start(job, ticket).await?;
+        let stream = self.dispatcher.start(job, ticket).await?.stream;
         let stream = ReceiverStream::new(stream).map(|m| m.map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }

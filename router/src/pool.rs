@@ -160,15 +160,25 @@ impl Pool {
 
     /// The least loaded decode node not in `exclude` for a request: fewest waiting and open
     /// streams, then the most of the request in its prefix cache, then the most free KV blocks.
-    pub fn pick_decode(&self, exclude: &[String], held: &Held) -> Option<(Candidate, ActiveGuard)> {
+    /// `pinned` names a node to take whenever it is live and not excluded: the choices of one
+    /// prompt go where its first went, so they share one prefill through that node's cache.
+    pub fn pick_decode(
+        &self,
+        exclude: &[String],
+        held: &Held,
+        pinned: Option<&str>,
+    ) -> Option<(Candidate, ActiveGuard)> {
         let snapshot = self.snapshot();
         let cached = &held.cached;
         let mut loads = lock(&self.loads);
-        let best = snapshot
+        let live = snapshot
             .decode
             .values()
-            .filter(|n| !exclude.contains(&n.node_id))
-            .min_by(|a, b| {
+            .filter(|n| !exclude.contains(&n.node_id));
+        let pin = pinned.and_then(|id| live.clone().find(|n| n.node_id == id));
+        let best = match pin {
+            Some(node) => node,
+            None => live.min_by(|a, b| {
                 let key = |n: &NodeInfo| {
                     let load = loads.get(&n.node_id);
                     let stats = load.and_then(|l| l.stats.as_ref());
@@ -185,8 +195,9 @@ impl Pool {
                     .then(ka.1.cmp(&kb.1))
                     .then(ka.2.total_cmp(&kb.2))
                     .then(a.node_id.cmp(&b.node_id))
-            })?
-            .clone();
+            })?,
+        }
+        .clone();
         let active = loads
             .entry(best.node_id.clone())
             .or_default()

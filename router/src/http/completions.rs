@@ -2,6 +2,7 @@
 //! every job is started before the response begins (so a refusal is still an HTTP error), then
 //! the answer is either collected into one JSON body or streamed as server-sent events.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -223,12 +224,21 @@ async fn execute(state: AppState, caller: Caller, plan: Plan) -> Result<Response
     let mut streams = Vec::with_capacity(plan.jobs.len());
     let mut usage = UsageCount::new(plan.jobs.iter().map(|j| j.1 + 1).max().unwrap_or(0));
     let mut tickets = admitted.tickets.into_iter();
+    // The decode node each prompt's first choice went to: its other choices follow it.
+    let mut nodes: HashMap<usize, String> = HashMap::new();
     for (k, ((index, prompt, job, echo), ticket)) in plan.jobs.iter().zip(&mut tickets).enumerate()
     {
         usage.prompt_tokens[*prompt] = job.prompt_ids.len() as u32;
+        let job = Job {
+            decode_node: nodes.get(prompt).cloned(),
+            ..job.clone()
+        };
         // Dropping the streams started so far (on `?`) cancels them.
-        match state.dispatcher.start(job.clone(), ticket).await {
-            Ok(stream) => streams.push((*index, *prompt, echo.clone(), stream)),
+        match state.dispatcher.start(job, ticket).await {
+            Ok(started) => {
+                nodes.entry(*prompt).or_insert(started.decode_node);
+                streams.push((*index, *prompt, echo.clone(), started.stream));
+            }
             Err(e) => {
                 // This job counted its own refusal; the ones never started are refused too.
                 for _ in k + 1..plan.jobs.len() {
