@@ -358,8 +358,11 @@ async fn n_samples_share_one_prefill_and_follow_their_seeds() {
     let want: Vec<String> = (0..4)
         .map(|j| reference(&prompt, &sample(j)).text)
         .collect();
+    // Two decode nodes: by load alone the choices would spread over both, each asking for its
+    // own prefill; the router keeps them on the node the first went to.
     let spec = ClusterSpec {
         in_process: true,
+        decode: 2,
         ..ClusterSpec::default()
     };
     let cluster = Cluster::start(spec).await.expect("cluster starts");
@@ -384,7 +387,7 @@ async fn n_samples_share_one_prefill_and_follow_their_seeds() {
             .map(|c| c["text"].as_str().unwrap())
             .collect();
         assert_eq!(texts, want, "round {round}");
-        // The second time the decode node's own prefix cache holds the prompt.
+        // The second time that decode node's own prefix cache holds the prompt.
         let expected = if round == 0 { 1.0 } else { 0.0 };
         assert_eq!(
             prefills().await - before,
