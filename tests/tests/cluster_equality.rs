@@ -1,8 +1,8 @@
 //! Same answer everywhere: greedy output through a real cluster (etcd, router, prefill and
 //! decode processes) equals the single-process engine's, over gRPC and HTTP, streamed or not,
 //! one request at a time and 32 at once, disaggregated (1P1D, 2P2D) and aggregated, with and
-//! without speculative decoding on the decode node; beam search too. After each run every node's
-//! KV blocks are free.
+//! without speculative decoding on the decode node (prompt lookup, or a draft model of its
+//! own); beam search too. After each run every node's KV blocks are free.
 
 mod common;
 
@@ -164,9 +164,17 @@ async fn aggregated_decode_node_equals_the_single_engine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speculative_decode_nodes_equal_the_single_engine() {
     let _serial = SERIAL.lock().await;
-    let speculative = r#"{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}"#;
-    for aggregated in [false, true] {
-        let mut decode_args = vec!["--speculative-config".to_string(), speculative.into()];
+    let ngram = r#"{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}"#;
+    // The decode node drafts with a model of its own: the model itself here, its draft cache
+    // filled on the decode node from the prompt whose target KV the prefill node shipped.
+    let draft_model = json!({
+        "method": "draft_model",
+        "model": pd_common::model::default_model_path(),
+        "num_speculative_tokens": 3,
+    })
+    .to_string();
+    for (speculative, aggregated) in [(ngram.to_string(), true), (draft_model, false)] {
+        let mut decode_args = vec!["--speculative-config".to_string(), speculative];
         if aggregated {
             decode_args.push("--aggregated".into());
         }

@@ -1,5 +1,5 @@
-//! Speculative decoding (prompt lookup): greedy output is plain greedy output, token for token,
-//! alone, packed, under preemption and with stop strings; seeded sampling gives the very output
+//! Speculative decoding (prompt lookup, and a draft model): greedy output is plain greedy
+//! output, token for token, alone, packed, under preemption and with stop strings; seeded sampling gives the very output
 //! plain sampling gives; sampling with other seeds has plain sampling's distribution (a chi-square test);
 //! no block is left allocated.
 
@@ -364,4 +364,98 @@ fn disable_by_batch_size_stops_drafting_for_larger_batches() {
         assert_eq!(a.ids, w.ids);
         assert_eq!(b.ids, w.ids);
     }
+}
+
+/// The draft model method with `model` (as `--model` takes it) as the draft.
+fn draft_model(model: &str, k: usize) -> SpeculativeConfig {
+    serde_json::json!({"method": "draft_model", "model": model, "num_speculative_tokens": k})
+        .to_string()
+        .parse()
+        .unwrap()
+}
+
+fn own_gguf() -> String {
+    pd_common::model::default_model_path()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn a_draft_model_gives_plain_greedy_output_whatever_it_drafts() {
+    let prompts = prompts();
+    let plain = plain_alone(&prompts, 32);
+    // The target as its own draft: every prompt at once under a small step budget, and nearly
+    // every draft accepted (the draft cache is right, or the drafts would be wrong).
+    let mut core = engine(
+        Some(draft_model(&own_gguf(), 4)),
+        EngineConfig {
+            max_batch_tokens: 64,
+            ..EngineConfig::default()
+        },
+    );
+    let packed = greedy_all(&mut core, &prompts, 32);
+    for (i, out) in packed.iter().enumerate() {
+        assert_eq!(out.ids, plain[i], "prompt {i}: drafted by itself, packed");
+        assert!(out.speculative.unwrap().drafted > 0, "prompt {i}");
+    }
+    let stats = core.stats().spec_decode;
+    println!(
+        "own draft: rate {:.3}, mean accepted length {:.2}",
+        stats.acceptance_rate(),
+        stats.mean_accepted_length()
+    );
+    assert!(stats.acceptance_rate() > 0.9, "{stats:?}");
+
+    // A random tiny draft with the same vocabulary, in a cache small enough to preempt: its
+    // drafts are nearly all rejected, and nothing of them shows in the output.
+    let short: Vec<usize> = (0..prompts.len())
+        .filter(|&i| prompts[i].len() < 120)
+        .collect();
+    let short_prompts: Vec<Vec<u32>> = short.iter().map(|&i| prompts[i].clone()).collect();
+    let mut core = engine(
+        Some(draft_model("dummy:tiny-smollm2-vocab:5", 3)),
+        EngineConfig {
+            num_blocks: 24,
+            ..EngineConfig::default()
+        },
+    );
+    let out = greedy_all(&mut core, &short_prompts, 32);
+    for (o, &i) in out.iter().zip(&short) {
+        assert_eq!(o.ids, plain[i], "prompt {i}: random draft, preempted");
+    }
+    let stats = core.stats();
+    assert!(stats.preemptions > 0, "the small cache must have preempted");
+    assert!(stats.spec_decode.draft_tokens > 0);
+    assert!(stats.spec_decode.acceptance_rate() < 0.5, "{stats:?}");
+}
+
+#[test]
+fn a_draft_model_keeps_seeded_sampling_exact_and_refuses_another_vocabulary() {
+    let prompt = copy_prompt();
+    let requests = || {
+        (0..6)
+            .map(|seed| request(prompt.clone(), sampled(0.7, Some(seed))))
+            .collect::<Vec<_>>()
+    };
+    let want = run_all(&mut engine(None, EngineConfig::default()), requests());
+    let mut spec = engine(Some(draft_model(&own_gguf(), 3)), EngineConfig::default());
+    let got = run_all(&mut spec, requests());
+    for (seed, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.ids, w.ids, "seed {seed}");
+        assert_eq!(g.logprobs, w.logprobs, "seed {seed}");
+    }
+    assert!(spec.stats().spec_decode.accepted_tokens > 0);
+
+    let err = EngineCore::new(
+        real_model().model.clone(),
+        None,
+        EngineConfig {
+            speculative_config: Some(draft_model("dummy:tiny", 2)),
+            ..EngineConfig::default()
+        },
+    )
+    .err()
+    .expect("a draft with another vocabulary is refused")
+    .to_string();
+    assert!(err.contains("vocabulary of 512 tokens"), "{err}");
 }

@@ -335,6 +335,8 @@ impl EngineCore {
             first_token: p.first_token,
             draft: Vec::new(),
             draft_len: 0,
+            model_drafts: 0,
+            draft_computed: 0,
             speculative: Default::default(),
             beam: p.beam.clone(),
         };

@@ -10,8 +10,9 @@ use tokio::sync::mpsc;
 
 use super::beam::{normalized_candidates, BeamGroup, BeamState};
 use super::config::EngineConfig;
+use super::draft::DraftModel;
 use super::sequence::{GenerateRequest, Placement, SeqEvent, SeqId, SeqState, Sequence};
-use super::speculative::SpecDecodeStats;
+use super::speculative::{SpecDecodeStats, SpeculativeMethod};
 use crate::kv::{BlockHash, KvBlockAllocator, KvCache, KvEventLog, PrefixKey};
 use crate::model::LlamaModel;
 use crate::sampling::{FinishReason, SampledToken, StopChecker};
@@ -68,6 +69,8 @@ pub struct EngineCore {
     pub(super) spec_decode: SpecDecodeStats,
     /// The beam searches in progress, by the id of each request's first sequence.
     pub(super) beam_groups: HashMap<SeqId, BeamGroup>,
+    /// Speculative decoding's draft model, with its cache (`draft_model` method only).
+    pub(super) draft_model: Option<DraftModel>,
 }
 
 impl EngineCore {
@@ -76,9 +79,25 @@ impl EngineCore {
         tokenizer: Option<Arc<Tokenizer>>,
         config: EngineConfig,
     ) -> Result<Self> {
-        let spec = config.cache_spec(model.config(), model.device())?;
-        if let Some(speculative) = &config.speculative_config {
-            speculative.validate()?;
+        // The draft model's weights load first: on a GPU the KV cache takes what they leave.
+        let draft = match &config.speculative_config {
+            Some(speculative) => {
+                speculative.validate()?;
+                match (speculative.method, &speculative.model) {
+                    (SpeculativeMethod::DraftModel, Some(source)) => {
+                        Some(DraftModel::load(source, &model)?)
+                    }
+                    _ => None,
+                }
+            }
+            None => None,
+        };
+        let mut spec = config.cache_spec(model.config(), model.device())?;
+        if let (Some(draft), 0) = (&draft, config.num_blocks) {
+            // The two caches share the memory set aside for KV, block for block.
+            let own = spec.bytes_per_block();
+            let both = own + DraftModel::cache_spec(draft, &spec).bytes_per_block();
+            spec.num_blocks = (spec.num_blocks * own / both).max(1);
         }
         let max_model_len = config.max_model_len(model.config(), &spec);
         let allocator = KvBlockAllocator::new(spec.num_blocks);
@@ -106,6 +125,10 @@ impl EngineCore {
             spec.block_size,
             KvEventLog::DEFAULT_CAPACITY,
         ));
+        let draft_model = match draft {
+            Some(draft) => Some(DraftModel::new(draft, &spec)?),
+            None => None,
+        };
         let cache = KvCache::new(spec, model.device())?;
         let eog_ids = tokenizer
             .as_ref()
@@ -130,6 +153,7 @@ impl EngineCore {
             kv_events,
             spec_decode: SpecDecodeStats::default(),
             beam_groups: HashMap::new(),
+            draft_model,
         })
     }
 
@@ -312,6 +336,8 @@ impl EngineCore {
                 first_token: None,
                 draft: Vec::new(),
                 draft_len: 0,
+                model_drafts: 0,
+                draft_computed: 0,
                 speculative: Default::default(),
                 beam,
             },

@@ -15,6 +15,7 @@
 mod beam;
 mod config;
 mod core;
+mod draft;
 mod handle;
 pub mod phases;
 mod prefix;

@@ -3,6 +3,7 @@
 //! `/metrics`; `pd-bench cluster` prints the mean of each phase per step):
 //!
 //! - `schedule`: dropping abandoned requests, admitting, preempting, choosing the step's work;
+//! - `draft`: the draft model's passes (speculative decoding's `draft_model` method only);
 //! - `pack`: building the batch (token ids, positions, block tables) on the host;
 //! - `forward`: the forward pass, until the device has finished it (on a GPU this waits for
 //!   the stream: the phase is the device's time plus what the host needed to launch it);
@@ -16,6 +17,7 @@ use crate::telemetry::names;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Schedule,
+    Draft,
     Pack,
     Forward,
     Sample,
@@ -23,8 +25,9 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 6] = [
         Phase::Schedule,
+        Phase::Draft,
         Phase::Pack,
         Phase::Forward,
         Phase::Sample,
@@ -35,6 +38,7 @@ impl Phase {
     pub fn name(self) -> &'static str {
         match self {
             Phase::Schedule => "schedule",
+            Phase::Draft => "draft",
             Phase::Pack => "pack",
             Phase::Forward => "forward",
             Phase::Sample => "sample",

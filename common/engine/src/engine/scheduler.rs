@@ -6,6 +6,7 @@
 
 use super::core::EngineCore;
 use super::sequence::{Placement, Reservation, SeqId, SeqState};
+use super::speculative::SpeculativeMethod;
 use crate::kv::{blocks_for_tokens, BlockId};
 use crate::sampling::FinishReason;
 use crate::telemetry::names;
@@ -44,7 +45,7 @@ impl EngineCore {
             let mut draft = self.draft_for(id, budget - base);
             // Speculation takes only blocks that are free: it never preempts anyone.
             if needed_for(draft.len()) > self.allocator.num_free() {
-                draft.clear();
+                draft = Draft::Tokens(Vec::new());
             }
             let tokens = base + draft.len();
             let needed = needed_for(draft.len());
@@ -62,7 +63,10 @@ impl EngineCore {
                 (self.allocator.allocate(needed), self.seqs.get_mut(&id))
             {
                 seq.blocks.extend(blocks);
-                seq.draft = draft;
+                match draft {
+                    Draft::Tokens(tokens) => seq.draft = tokens,
+                    Draft::Model(n) => seq.model_drafts = n,
+                }
                 plan.push(Scheduled { id, tokens });
                 budget -= tokens;
             }
@@ -90,18 +94,19 @@ impl EngineCore {
     /// The tokens speculative decoding drafts for running sequence `id` this step (none when
     /// it is off, the sequence is not decoding, or nothing is proposed), at most `room` (the
     /// step's budget left), and never past `max_tokens` or the context.
-    fn draft_for(&self, id: SeqId, room: usize) -> Vec<u32> {
+    fn draft_for(&self, id: SeqId, room: usize) -> Draft {
+        let none = Draft::Tokens(Vec::new());
         let (Some(spec), Some(seq)) = (&self.config.speculative_config, self.seqs.get(&id)) else {
-            return Vec::new();
+            return none;
         };
         if !matches!(seq.state, SeqState::Decoding) || seq.pending() != 1 || seq.beam.is_some() {
-            return Vec::new();
+            return none;
         }
         if spec
             .disable_by_batch_size
             .is_some_and(|most| self.running.len() > most)
         {
-            return Vec::new();
+            return none;
         }
         // A step yields at most its drafts plus one token.
         let output_left = (seq.params.max_tokens as usize).saturating_sub(seq.generated().len());
@@ -114,7 +119,10 @@ impl EngineCore {
             .min(output_left.saturating_sub(1))
             .min(context_left)
             .min(adapted);
-        spec.propose(&seq.tokens, limit).to_vec()
+        match spec.method {
+            SpeculativeMethod::Ngram => Draft::Tokens(spec.propose(&seq.tokens, limit).to_vec()),
+            SpeculativeMethod::DraftModel => Draft::Model(limit),
+        }
     }
 
     /// Admits the sequence at the front of the queue, if its blocks can be had.
@@ -279,6 +287,8 @@ impl EngineCore {
         };
         let blocks = std::mem::take(&mut seq.blocks);
         seq.draft.clear();
+        seq.model_drafts = 0;
+        seq.draft_computed = 0;
         seq.num_computed = 0;
         seq.cached_blocks = 0;
         let placement = match seq.state.export_sink() {
@@ -296,6 +306,23 @@ impl EngineCore {
         if let Err(e) = self.set_state(id, SeqState::Preempted(placement)) {
             tracing::error!(seq = id, error = %e, "preemption failed");
             self.fail(id, e);
+        }
+    }
+}
+
+/// The drafts of a sequence's step.
+enum Draft {
+    /// Proposed already (prompt lookup); possibly none.
+    Tokens(Vec<u32>),
+    /// This many for the draft model to make, once the step's blocks are set aside.
+    Model(usize),
+}
+
+impl Draft {
+    fn len(&self) -> usize {
+        match self {
+            Draft::Tokens(tokens) => tokens.len(),
+            Draft::Model(n) => *n,
         }
     }
 }

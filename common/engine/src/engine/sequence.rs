@@ -339,6 +339,12 @@ pub(crate) struct Sequence {
     /// Most tokens to draft next step: a run of agreement lengthens it, a rejection shortens
     /// it to what was accepted plus one (0 until the first draft: the configured length).
     pub draft_len: usize,
+    /// Drafts the draft model is to make for this step (`draft_model` method; 0 otherwise):
+    /// the scheduler sets aside their blocks, the draft pass fills `draft`.
+    pub model_drafts: usize,
+    /// Tokens whose KV the draft model's cache holds for this sequence, at the positions of
+    /// the sequence's own blocks; never more than `num_computed` counts as valid.
+    pub draft_computed: usize,
     pub speculative: SpeculativeCounts,
     /// Set on the sequences of a beam search: which search, and the beam's score so far.
     pub beam: Option<BeamState>,

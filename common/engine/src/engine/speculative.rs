@@ -9,8 +9,8 @@
 //! token. The KV written for rejected drafts lies past what the sequence counts as computed: it
 //! is overwritten by the next step and never enters the prefix cache.
 //!
-//! Drafts here are deterministic (prompt lookup proposes one token per position), so the draft
-//! distribution is a point mass `q = δ(x)` and the rejection rule of speculative sampling,
+//! Drafts here are deterministic (prompt lookup proposes one token per position; a draft model
+//! proposes its greedy choice), so the draft distribution is a point mass `q = δ(x)` and the rejection rule of speculative sampling,
 //! "accept with probability min(1, p(x)/q(x)), else draw from max(p − q, 0) renormalised",
 //! is exactly "draw y from p; accept if y = x, else emit y": the output has the target
 //! distribution, and with a seed it is the very output plain decoding gives, token for token.
@@ -28,6 +28,9 @@ pub enum SpeculativeMethod {
     /// Prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's
     /// last n tokens, in its own prompt and output.
     Ngram,
+    /// A smaller model with the same vocabulary (`model`), run by the engine beside the target
+    /// with a paged cache of its own, proposes its greedy continuation.
+    DraftModel,
 }
 
 /// `--speculative-config`: a JSON object with vLLM's keys.
@@ -48,6 +51,10 @@ pub struct SpeculativeConfig {
     /// than it yields.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disable_by_batch_size: Option<usize>,
+    /// The draft model of the `draft_model` method: a GGUF file, a Hugging Face folder or
+    /// `dummy:<shape>`, as `--model` takes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// Most tokens one step may draft for a sequence: the verification pass grows with it.
@@ -71,6 +78,25 @@ impl SpeculativeConfig {
                 "speculative config: num_speculative_tokens must be in 1..={MAX_SPECULATIVE_TOKENS}, got {k}"
             )));
         }
+        match (self.method, &self.model) {
+            (SpeculativeMethod::DraftModel, None) => {
+                return Err(Error::invalid(
+                    "speculative config: method draft_model needs `model`, the draft model",
+                ))
+            }
+            (SpeculativeMethod::Ngram, Some(_)) => {
+                return Err(Error::invalid(
+                    "speculative config: `model` is for method draft_model; ngram drafts from the prompt",
+                ))
+            }
+            _ => {}
+        }
+        let lookup = self.prompt_lookup_min.is_some() || self.prompt_lookup_max.is_some();
+        if self.method == SpeculativeMethod::DraftModel && lookup {
+            return Err(Error::invalid(
+                "speculative config: prompt_lookup_min/max are for method ngram",
+            ));
+        }
         let (min, max) = self.lookup_range();
         if min == 0 || min > max {
             return Err(Error::invalid(format!(
@@ -80,7 +106,7 @@ impl SpeculativeConfig {
         Ok(())
     }
 
-    /// The tokens proposed to follow `tokens` (at most `limit`, possibly none).
+    /// The tokens prompt lookup proposes to follow `tokens` (at most `limit`, possibly none).
     pub fn propose<'a>(&self, tokens: &'a [u32], limit: usize) -> &'a [u32] {
         let (min, max) = self.lookup_range();
         propose_ngram(tokens, min, max, self.num_speculative_tokens.min(limit))
@@ -192,6 +218,12 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(both.lookup_range(), (1, 4));
+        let draft: SpeculativeConfig =
+            r#"{"method":"draft_model","model":"dummy:tiny","num_speculative_tokens":3}"#
+                .parse()
+                .unwrap();
+        assert_eq!(draft.method, SpeculativeMethod::DraftModel);
+        assert_eq!(draft.model.as_deref(), Some("dummy:tiny"));
         let defaults: SpeculativeConfig =
             r#"{"method":"ngram","num_speculative_tokens":2}"#.parse().unwrap();
         assert_eq!(defaults.lookup_range(), (5, 5));
@@ -219,6 +251,18 @@ mod tests {
                 "lookahead",
             ),
             ("ngram", "speculative config"),
+            (
+                r#"{"method":"draft_model","num_speculative_tokens":2}"#,
+                "needs `model`",
+            ),
+            (
+                r#"{"method":"ngram","num_speculative_tokens":2,"model":"d.gguf"}"#,
+                "for method draft_model",
+            ),
+            (
+                r#"{"method":"draft_model","num_speculative_tokens":2,"model":"d.gguf","prompt_lookup_max":3}"#,
+                "for method ngram",
+            ),
         ] {
             let err = bad.parse::<SpeculativeConfig>().unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");

@@ -7,6 +7,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use super::core::EngineCore;
+use super::draft::DraftJob;
 use super::phases::{Phase, PhaseClock};
 use super::scheduler::Scheduled;
 use super::sequence::{Completion, ExportedKv, KvSink, SeqEvent, SeqId, SeqState, TokenEvent};
@@ -54,6 +55,14 @@ impl EngineCore {
         }
         let mut clock = PhaseClock::starting_at(started);
         clock.lap(Phase::Schedule);
+        if self.draft_model.is_some() {
+            if let Err(e) = self.draft_with_model(&plan) {
+                tracing::error!(error = %e, "draft model step failed");
+                self.fail_plan(&plan, &e);
+                return Err(e);
+            }
+            clock.lap(Phase::Draft);
+        }
         let (batch, exports, decode_tokens) = self.pack(&plan)?;
         metrics::counter!(names::DECODE_TOKENS_TOTAL).increment(decode_tokens as u64);
         metrics::counter!(names::PREFILL_TOKENS_TOTAL)
@@ -85,6 +94,43 @@ impl EngineCore {
         clock.lap(Phase::Forward);
         self.apply(&plan, &logits, &mut clock)?;
         Ok(batch.num_tokens())
+    }
+
+    /// Has the draft model make the drafts the plan set blocks aside for, all sequences in the
+    /// same passes.
+    fn draft_with_model(&mut self, plan: &[Scheduled]) -> Result<()> {
+        let Some(draft) = &self.draft_model else {
+            return Ok(());
+        };
+        let mut ids = Vec::new();
+        let mut jobs = Vec::new();
+        for s in plan {
+            let Some(seq) = self.seqs.get(&s.id).filter(|seq| seq.model_drafts > 0) else {
+                continue;
+            };
+            ids.push(s.id);
+            jobs.push(DraftJob {
+                tokens: &seq.tokens,
+                // KV past what the target keeps belongs to rejected drafts.
+                computed: seq.draft_computed.min(seq.num_computed),
+                blocks: &seq.blocks,
+                wanted: seq.model_drafts,
+                drafts: Vec::with_capacity(seq.model_drafts),
+            });
+        }
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let cached = draft.propose(&mut jobs);
+        let drafts: Vec<Vec<u32>> = jobs.into_iter().map(|j| j.drafts).collect();
+        for ((id, drafted), cached) in ids.iter().zip(drafts).zip(cached?) {
+            if let Some(seq) = self.seqs.get_mut(id) {
+                seq.draft = drafted;
+                seq.model_drafts = 0;
+                seq.draft_computed = cached;
+            }
+        }
+        Ok(())
     }
 
     fn fail_plan(&mut self, plan: &[Scheduled], e: &Error) {

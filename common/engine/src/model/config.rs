@@ -35,7 +35,14 @@ pub struct ModelConfig {
 }
 
 /// Named shapes for dummy weights (speed does not depend on the values).
-pub const PRESETS: &[&str] = &["tiny", "tiny-d64", "smollm2-135m", "llama3-1b", "llama3-8b"];
+pub const PRESETS: &[&str] = &[
+    "tiny",
+    "tiny-d64",
+    "tiny-smollm2-vocab",
+    "smollm2-135m",
+    "llama3-1b",
+    "llama3-8b",
+];
 
 impl ModelConfig {
     /// Number of weights (embedding and head counted once when tied).
@@ -72,6 +79,8 @@ impl ModelConfig {
             "tiny" => c(512, 64, 128, 2, 4, 2, 16, 10_000.0, 1024, true),
             // Tiny, with the head size the GPU's tiled attention kernel takes.
             "tiny-d64" => c(512, 256, 512, 2, 4, 2, 64, 10_000.0, 8192, true),
+            // Tiny, with SmolLM2's vocabulary: a draft model for the real model in tests.
+            "tiny-smollm2-vocab" => c(49152, 64, 128, 2, 4, 2, 16, 10_000.0, 8192, true),
             "smollm2-135m" => c(49152, 576, 1536, 30, 9, 3, 64, 100_000.0, 8192, true),
             "llama3-1b" => c(128256, 2048, 8192, 16, 32, 8, 64, 500_000.0, 131072, true),
             "llama3-8b" => c(128256, 4096, 14336, 32, 32, 8, 128, 500_000.0, 8192, false),
