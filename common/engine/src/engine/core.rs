@@ -12,7 +12,7 @@ use super::beam::{normalized_candidates, BeamGroup, BeamState};
 use super::config::EngineConfig;
 use super::draft::DraftModel;
 use super::sequence::{GenerateRequest, Placement, SeqEvent, SeqId, SeqState, Sequence};
-use super::speculative::{SpecDecodeStats, SpeculativeMethod};
+use super::speculative::SpecDecodeStats;
 use crate::kv::{BlockHash, KvBlockAllocator, KvCache, KvEventLog, PrefixKey};
 use crate::model::LlamaModel;
 use crate::sampling::{FinishReason, SampledToken, StopChecker};
@@ -80,16 +80,11 @@ impl EngineCore {
         config: EngineConfig,
     ) -> Result<Self> {
         // The draft model's weights load first: on a GPU the KV cache takes what they leave.
-        let draft = match &config.speculative_config {
-            Some(speculative) => {
-                speculative.validate()?;
-                match (speculative.method, &speculative.model) {
-                    (SpeculativeMethod::DraftModel, Some(source)) => {
-                        Some(DraftModel::load(source, &model)?)
-                    }
-                    _ => None,
-                }
-            }
+        // (A valid config names a model for the draft_model method only.)
+        let speculative = config.speculative_config.as_ref();
+        speculative.map(|s| s.validate()).transpose()?;
+        let draft = match speculative.and_then(|s| s.model.as_deref()) {
+            Some(source) => Some(DraftModel::load(source, &model)?),
             None => None,
         };
         let mut spec = config.cache_spec(model.config(), model.device())?;

@@ -249,8 +249,8 @@ impl EngineCore {
         if !matches!(seq.state, SeqState::Waiting(_)) || found >= usable {
             return false;
         }
-        let wanted = &seq.block_hashes
-            [found.min(seq.block_hashes.len())..usable.min(seq.block_hashes.len())];
+        // No names with prefix caching off: nothing is shared.
+        let wanted = seq.block_hashes.get(found..usable).unwrap_or_default();
         self.seqs.values().any(|other| {
             if other.id == id
                 || other.cached_blocks > found
