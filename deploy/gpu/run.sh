@@ -56,12 +56,17 @@ fi
 if [[ " $STEPS " == *" served "* ]]; then
   # One GPU serving aggregated: Llama-3-8B shape, dummy weights, 512-token prompts, 128 tokens
   # out; the KV cache sized from free memory (the default). Prints each step phase's mean. The
-  # prefix cache is off: every prompt is computed, as the figure is meant to say.
-  pd-bench cluster --model dummy:llama3-8b --prompt-tokens 512 --max-tokens 128 \
-    --clients "${PD_SERVED_CLIENTS:-1,16,64}" --rounds 2 --modes aggregated --decode-device cuda:0 \
-    --node-arg=--max-batch-tokens=2048 --node-arg=--max-num-seqs=64 \
-    --node-arg=--no-enable-prefix-caching \
-    --json "$RESULTS/served.jsonl" 2>&1 | tee "$RESULTS/served.log" || status=1
+  # prefix cache is off: every prompt is computed, as the figure is meant to say. Once with each
+  # kernel set (PD_CUDA_KERNELS, inherited by the nodes): served.jsonl is the default set's,
+  # served-candidate.jsonl the candidate's.
+  for set in ${PD_SERVED_KERNELS:-default candidate}; do
+    suffix=$([ "$set" = default ] && echo "" || echo "-$set")
+    PD_CUDA_KERNELS=$set pd-bench cluster --model dummy:llama3-8b --prompt-tokens 512 --max-tokens 128 \
+      --clients "${PD_SERVED_CLIENTS:-1,16,64}" --rounds 2 --modes aggregated --decode-device cuda:0 \
+      --node-arg=--max-batch-tokens=2048 --node-arg=--max-num-seqs=64 \
+      --node-arg=--no-enable-prefix-caching \
+      --json "$RESULTS/served$suffix.jsonl" 2>&1 | tee "$RESULTS/served$suffix.log" || status=1
+  done
 fi
 if [ "$GPUS" -ge 2 ]; then
   if [[ " $STEPS " == *" transfer "* ]]; then
@@ -120,14 +125,15 @@ if t:
         if "overlap" in r:
             added = r["prefill_and_ship_ms"] - r["prefill_ms"]
             out.append("| %s | %s | %d | %.1f | %.1f | %.1f | %.1f%% |" % (r["overlap"], r.get("to", "cuda:1"), r["tokens"], r["prefill_ms"], r["prefill_and_ship_ms"], added, 100 * added / r["prefill_ms"]))
-s = rows("served.jsonl")
-if s:
-    out.append("\n## Served, one GPU aggregated: dummy Llama-3-8B, 512-token prompts, 128 tokens out\n")
+for name, label in (("served.jsonl", "default kernels"), ("served-candidate.jsonl", "candidate kernels")):
+  s = rows(name)
+  if s:
+    out.append("\n## Served, one GPU aggregated, %s: dummy Llama-3-8B, 512-token prompts, 128 tokens out\n" % label)
     out.append("| clients | requests | out tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | step phases, mean ms |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in s:
-        if "clients" in r:
-            ph = ", ".join("%s %.2f" % (k, v) for k, v in r.get("step_phases_ms", {}).items())
-            out.append("| %d | %d | %.0f | %.0f | %.0f | %.1f | %.1f | %s |" % (r["clients"], r["requests"], r["output_tokens_per_s"], r["ttft_p50_ms"], r["ttft_p95_ms"], r["itl_p50_ms"], r["itl_p95_ms"], ph))
+      if "clients" in r:
+        ph = ", ".join("%s %.2f" % (k, v) for k, v in r.get("step_phases_ms", {}).items())
+        out.append("| %d | %d | %.0f | %.0f | %.0f | %.1f | %.1f | %s |" % (r["clients"], r["requests"], r["output_tokens_per_s"], r["ttft_p50_ms"], r["ttft_p95_ms"], r["itl_p50_ms"], r["itl_p95_ms"], ph))
 c = rows("gpu-cluster.jsonl")
 if c:
     out.append("\n## 1P1D (prefill GPU 0, decode GPU 1) vs one GPU aggregated: dummy Llama-3-8B, 512-token prompts, 128 tokens out\n")

@@ -43,6 +43,72 @@ device_test!(greedy_tokens_equal_the_cpu_engines);
 device_test!(batch_sampling_agrees_with_the_host_sampler);
 device_test!(seeded_draws_follow_the_softmax);
 device_test!(silu_and_mul_equals_silu_then_mul);
+device_test!(dense_projections_equal_the_f32_product);
+
+/// The kernel sets a device runs: on a GPU the default and the candidate set
+/// (`pd_engine::cuda::KernelSet`), each checked against the same references; the CPU has one.
+fn kernel_sets(dev: &Device) -> Vec<&'static str> {
+    if dev.is_cuda() {
+        vec!["default", "candidate"]
+    } else {
+        vec!["default"]
+    }
+}
+
+/// Runs `f` with the kernel set `name` in force (GPU builds), then restores the default.
+fn with_kernel_set<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    #[cfg(feature = "cuda")]
+    {
+        use pd_engine::cuda::{set_kernel_set, KernelSet};
+        set_kernel_set(match name {
+            "candidate" => KernelSet::Candidate,
+            _ => KernelSet::Default,
+        });
+        let out = f();
+        set_kernel_set(KernelSet::Default);
+        out
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = name;
+        f()
+    }
+}
+
+/// The model's dense projections (`x · Wᵀ`, cuBLASLt in the candidate set) against the product
+/// in f32 on the CPU, for the token counts of a decode step, an odd one and a prefill chunk.
+fn dense_projections_equal_the_f32_product(dev: &Device) -> TestResult {
+    for set in kernel_sets(dev) {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            for (m, k, n) in [
+                (1, 256, 384),
+                (7, 512, 136),
+                (64, 1024, 2048),
+                (513, 256, 1000),
+            ] {
+                let x = Tensor::randn(0f32, 1., (m, k), &Device::Cpu)?;
+                let w = Tensor::randn(0f32, 1., (n, k), &Device::Cpu)?;
+                let want = x
+                    .to_dtype(dtype)?
+                    .to_dtype(DType::F32)?
+                    .matmul(&w.to_dtype(dtype)?.to_dtype(DType::F32)?.t()?)?;
+                let got = with_kernel_set(set, || {
+                    pd_engine::model::gemm::linear(
+                        &x.to_dtype(dtype)?.to_device(dev)?,
+                        &w.to_dtype(dtype)?.to_device(dev)?,
+                    )
+                })?;
+                assert_eq!(got.dims(), &[m, n]);
+                let e = rel_err(&got, &want)?;
+                assert!(
+                    e < 1e-2,
+                    "{dev:?} {set} {dtype:?} [{m}, {k}] x [{n}, {k}]: rel err {e:.2e}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
 
 /// The fused MLP activation against candle's silu and multiply on the same device, for widths
 /// the vector kernel takes and one it does not, in each float type.
@@ -203,11 +269,14 @@ fn paged_attention_equals_plain_attention(dev: &Device) -> TestResult {
             &[DType::F32]
         };
         let (kc, vc) = cache.layer(0)?;
-        for &qdt in query_dtypes {
+        for (set, &qdt) in kernel_sets(dev)
+            .into_iter()
+            .flat_map(|set| query_dtypes.iter().map(move |q| (set, q)))
+        {
             // Fresh metadata: what the device keeps of it depends on which kernels apply.
             let meta = Arc::new(AttentionMeta::new(packed.clone(), bs, h, kvh, d)?);
             let q_dev = q.to_dtype(qdt)?.to_device(dev)?;
-            let got = paged_attention(&q_dev, kc, vc, &meta)?;
+            let got = with_kernel_set(set, || paged_attention(&q_dev, kc, vc, &meta))?;
             for &i in &order {
                 let s = &seqs[i];
                 let (k, v, cached) = &contexts[i];
@@ -215,7 +284,7 @@ fn paged_attention_equals_plain_attention(dev: &Device) -> TestResult {
                 let e = rel_err(&got.narrow(0, s.q_start, s.q_len)?, &want)?;
                 assert!(
                     e < 1e-2,
-                    "{dev:?} {qdt:?} query, h{h} kv{kvh} d{d} bs{bs}, context {} with {} new: rel err {e:.2e}",
+                    "{dev:?} {set} kernels, {qdt:?} query, h{h} kv{kvh} d{d} bs{bs}, context {} with {} new: rel err {e:.2e}",
                     s.context_len,
                     s.q_len
                 );

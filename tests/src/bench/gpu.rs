@@ -41,6 +41,12 @@ pub struct GpuArgs {
     /// Timed repetitions of each measurement (after warm-up); the median is reported.
     #[arg(long, default_value_t = 10)]
     pub repeats: usize,
+    /// Kernel sets to time, one after the other on the same model and cache: `default` (the
+    /// measured set) and `candidate` (the kernels meant to replace them; see
+    /// `pd_engine::cuda::KernelSet`). The first is reported as the result, the others beside it
+    /// with their ratios.
+    #[arg(long, value_delimiter = ',', default_value = "default,candidate")]
+    pub kernels: Vec<String>,
     /// Folder for gpu-results.json and gpu-results.md.
     #[arg(long, default_value = ".")]
     pub out: PathBuf,
@@ -67,8 +73,11 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
         "bf16_matmul_candle_TFLOPs": ceilings.candle_matmul_flops / 1e12,
     });
 
-    let speed = measure_speed(&dev, &args, &ceilings)?;
-    report.add_speed(&args, &ceilings, &speed);
+    let speeds = measure_speed(&dev, &args, &ceilings)?;
+    for (i, (set, speed)) in speeds.iter().enumerate() {
+        report.add_speed(&args, &ceilings, set, speed, i == 0);
+    }
+    report.compare(&speeds);
     report.write(&args.out)
 }
 
@@ -185,7 +194,12 @@ struct Speed {
     prefill: Vec<(usize, f64)>,
 }
 
-fn measure_speed(dev: &Device, args: &GpuArgs, ceil: &Ceilings) -> anyhow::Result<Speed> {
+/// Decode and prefill timed with each kernel set of `args.kernels`, on one model and cache.
+fn measure_speed(
+    dev: &Device,
+    args: &GpuArgs,
+    ceil: &Ceilings,
+) -> anyhow::Result<Vec<(String, Speed)>> {
     let source: ModelSource = format!("dummy:{}", args.shape).parse()?;
     let t = Instant::now();
     let model = model::load_as(&source, dev, DType::BF16)?.model;
@@ -223,23 +237,32 @@ fn measure_speed(dev: &Device, args: &GpuArgs, ceil: &Ceilings) -> anyhow::Resul
         }
     }
     dev.synchronize()?;
-    let mut rng = StdRng::seed_from_u64(1);
     let vocab = cfg.vocab_size as u32;
-    let mut decode = Vec::new();
-    for &b in &args.batches {
-        let mut batch = ForwardBatch::default();
-        for i in 0..b {
-            let table = &all[i * per_seq..(i + 1) * per_seq];
-            batch.push_seq(&[rng.random_range(0..vocab)], args.context - 1, table, 1);
-        }
-        let step = time(dev, args.repeats, || {
-            let logits = model.forward(&batch, &cache, &mut |_| Ok(()))?;
-            let _ = logits.argmax(1)?.to_vec1::<u32>()?;
-            Ok(())
-        })?;
-        let floor = (weight_bytes(&cfg) + b as f64 * args.context as f64 * kv_bytes_per_token)
-            / ceil.copy_bytes_per_s;
-        println!(
+    let mut speeds = Vec::new();
+    for set in &args.kernels {
+        pd_common::cuda::set_kernel_set(match set.as_str() {
+            "default" => pd_common::cuda::KernelSet::Default,
+            "candidate" => pd_common::cuda::KernelSet::Candidate,
+            other => bail!("unknown kernel set {other:?} (default, candidate)"),
+        });
+        println!("kernels: {set}");
+        // The same batches and prompts for every set.
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut decode = Vec::new();
+        for &b in &args.batches {
+            let mut batch = ForwardBatch::default();
+            for i in 0..b {
+                let table = &all[i * per_seq..(i + 1) * per_seq];
+                batch.push_seq(&[rng.random_range(0..vocab)], args.context - 1, table, 1);
+            }
+            let step = time(dev, args.repeats, || {
+                let logits = model.forward(&batch, &cache, &mut |_| Ok(()))?;
+                let _ = logits.argmax(1)?.to_vec1::<u32>()?;
+                Ok(())
+            })?;
+            let floor = (weight_bytes(&cfg) + b as f64 * args.context as f64 * kv_bytes_per_token)
+                / ceil.copy_bytes_per_s;
+            println!(
             "decode batch {b:>3} ctx {}: step {:.2} ms, floor {:.2} ms ({:.0}% of the floor), {:.0} tok/s",
             args.context,
             step * 1e3,
@@ -247,35 +270,41 @@ fn measure_speed(dev: &Device, args: &GpuArgs, ceil: &Ceilings) -> anyhow::Resul
             100.0 * floor / step,
             b as f64 / step
         );
-        decode.push((b, step));
-    }
-    let mut prefill = Vec::new();
-    for &n in &args.prefill {
-        let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
-        let mut batch = ForwardBatch::default();
-        batch.push_seq(&ids, 0, &all[..n.div_ceil(bs)], 1);
-        let secs = time(dev, args.repeats.min(5), || {
-            let logits = model.forward(&batch, &cache, &mut |_| Ok(()))?;
-            let _ = logits.argmax(1)?.to_vec1::<u32>()?;
-            Ok(())
-        })?;
-        let flops = prefill_flops(&cfg, n);
-        println!(
+            decode.push((b, step));
+        }
+        let mut prefill = Vec::new();
+        for &n in &args.prefill {
+            let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
+            let mut batch = ForwardBatch::default();
+            batch.push_seq(&ids, 0, &all[..n.div_ceil(bs)], 1);
+            let secs = time(dev, args.repeats.min(5), || {
+                let logits = model.forward(&batch, &cache, &mut |_| Ok(()))?;
+                let _ = logits.argmax(1)?.to_vec1::<u32>()?;
+                Ok(())
+            })?;
+            let flops = prefill_flops(&cfg, n);
+            println!(
             "prefill {n:>5} tokens: {:.1} ms, {:.0} tok/s, {:.0} TFLOP/s ({:.0}% of the matmul rate)",
             secs * 1e3,
             n as f64 / secs,
             flops / secs / 1e12,
             100.0 * flops / secs / ceil.matmul_flops
         );
-        prefill.push((n, secs));
+            prefill.push((n, secs));
+        }
+        speeds.push((
+            set.clone(),
+            Speed {
+                weight_bytes: weight_bytes(&cfg),
+                kv_bytes_per_token,
+                cfg: cfg.clone(),
+                decode,
+                prefill,
+            },
+        ));
     }
-    Ok(Speed {
-        weight_bytes: weight_bytes(&cfg),
-        kv_bytes_per_token,
-        cfg,
-        decode,
-        prefill,
-    })
+    pd_common::cuda::set_kernel_set(pd_common::cuda::KernelSet::Default);
+    Ok(speeds)
 }
 
 /// Weights read by one decode step: every matrix once, in bf16 (the embedding lookup reads only
@@ -314,10 +343,12 @@ struct Report {
 }
 
 impl Report {
-    fn add_speed(&mut self, args: &GpuArgs, ceil: &Ceilings, s: &Speed) {
+    /// One kernel set's figures: under `decode` and `prefill` for the reported (first) set, and
+    /// under `kernel_sets.<set>` for every set.
+    fn add_speed(&mut self, args: &GpuArgs, ceil: &Ceilings, set: &str, s: &Speed, first: bool) {
         let mut decode = Vec::new();
         self.md.push(format!(
-            "\n## Decode, dummy {} in bf16, context {}\n\n| batch | step ms | floor ms | of floor | tok/s |\n| ---: | ---: | ---: | ---: | ---: |",
+            "\n## Decode, dummy {} in bf16, context {}, {set} kernels\n\n| batch | step ms | floor ms | of floor | tok/s |\n| ---: | ---: | ---: | ---: | ---: |",
             args.shape, args.context
         ));
         for &(b, step) in &s.decode {
@@ -334,7 +365,7 @@ impl Report {
         }
         let mut prefill = Vec::new();
         self.md.push(format!(
-            "\n## Prefill, dummy {} in bf16\n\n| tokens | ms | tok/s | TFLOP/s | of matmul rate |\n| ---: | ---: | ---: | ---: | ---: |",
+            "\n## Prefill, dummy {} in bf16, {set} kernels\n\n| tokens | ms | tok/s | TFLOP/s | of matmul rate |\n| ---: | ---: | ---: | ---: | ---: |",
             args.shape
         ));
         for &(n, secs) in &s.prefill {
@@ -348,11 +379,47 @@ impl Report {
                 100.0 * flops / secs / ceil.matmul_flops
             ));
         }
-        self.json["decode"] = json!(decode);
-        self.json["prefill"] = json!(prefill);
+        self.json["kernel_sets"][set] = json!({"decode": decode, "prefill": prefill});
+        if first {
+            self.json["kernels"] = json!(set);
+            self.json["decode"] = json!(decode);
+            self.json["prefill"] = json!(prefill);
+        }
         self.json["shape"] = json!(args.shape);
         self.json["weight_bytes"] = json!(s.weight_bytes);
         self.json["kv_bytes_per_token"] = json!(s.kv_bytes_per_token);
+    }
+
+    /// Each further set's step and prefill times over the first's, measured in this run.
+    fn compare(&mut self, speeds: &[(String, Speed)]) {
+        let Some(((base, b), rest)) = speeds.split_first() else {
+            return;
+        };
+        for (set, s) in rest {
+            self.md.push(format!(
+                "\n## {set} over {base} kernels (time ratio; below 1 is faster)\n\n| measurement | {base} ms | {set} ms | ratio |\n| --- | ---: | ---: | ---: |"
+            ));
+            let pairs = b
+                .decode
+                .iter()
+                .zip(&s.decode)
+                .map(|(x, y)| (format!("decode batch {}", x.0), x.1, y.1))
+                .chain(
+                    b.prefill
+                        .iter()
+                        .zip(&s.prefill)
+                        .map(|(x, y)| (format!("prefill {} tokens", x.0), x.1, y.1)),
+                );
+            for (what, x, y) in pairs {
+                println!("{set}/{base} {what}: {:.3}", y / x);
+                self.md.push(format!(
+                    "| {what} | {:.2} | {:.2} | {:.3} |",
+                    x * 1e3,
+                    y * 1e3,
+                    y / x
+                ));
+            }
+        }
     }
 
     fn write(&mut self, dir: &std::path::Path) -> anyhow::Result<()> {

@@ -17,6 +17,47 @@ const KV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kv_cache.ptx"));
 const SAMPLING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
 const ACTIVATION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/activation.ptx"));
 
+/// Which kernels the GPU path runs where two do the same work.
+///
+/// `Default` is the set measured on a GPU and reported in `deploy/gpu/results`. `Candidate` swaps
+/// in the kernels meant to replace them: paged attention on mma.sync with its accumulators in
+/// registers (decode and prefill) and cuBLASLt for the dense projections. Both sets pass the same
+/// device tests; a candidate becomes the default once `pd-bench gpu`, which times both in one run,
+/// shows it faster. Chosen per process: `PD_CUDA_KERNELS=candidate`, or [`set_kernel_set`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelSet {
+    Default,
+    Candidate,
+}
+
+static KERNEL_SET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The kernel set in use (from `PD_CUDA_KERNELS` until [`set_kernel_set`] is called).
+pub fn kernel_set() -> KernelSet {
+    use std::sync::atomic::Ordering;
+    match KERNEL_SET.load(Ordering::Relaxed) {
+        1 => KernelSet::Default,
+        2 => KernelSet::Candidate,
+        _ => {
+            let set = match std::env::var("PD_CUDA_KERNELS").as_deref() {
+                Ok("candidate") => KernelSet::Candidate,
+                _ => KernelSet::Default,
+            };
+            set_kernel_set(set);
+            set
+        }
+    }
+}
+
+/// Chooses the kernel set for the batches run from now on.
+pub fn set_kernel_set(set: KernelSet) {
+    let v = match set {
+        KernelSet::Default => 1,
+        KernelSet::Candidate => 2,
+    };
+    KERNEL_SET.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
 #[derive(Clone, Copy)]
 pub(crate) enum Module {
     Attention,

@@ -48,7 +48,7 @@ impl Linear {
         Ok(match self {
             Linear::Quant(m) => m.forward(x)?,
             Linear::Ggml { matmul, .. } => matmul.forward(x)?,
-            Linear::Dense(w) => x.matmul(&w.t()?)?,
+            Linear::Dense(w) => super::gemm::linear(x, w)?,
         })
     }
 }

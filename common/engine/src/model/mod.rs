@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod gemm;
 pub mod linear;
 pub mod llama;
 pub mod load;

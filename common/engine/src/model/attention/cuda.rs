@@ -1,13 +1,16 @@
 //! Launching the paged-attention kernels for one packed batch.
 //!
 //! Sequences with many new tokens (prompt chunks) go to the tiled tensor-core kernel when the
-//! query and cache are bf16 and the head size is 64 or 128; every other token goes to the
+//! query and cache are bf16 and the head size is 64 or 128; every other token goes to a
 //! per-token kernel, in its grouped form (one CTA per KV head and token) when the cache is 16-bit
-//! and the head and group sizes are common ones. The batch's metadata is uploaded once per forward step and reused by every
+//! and the head and group sizes are common ones, else one CTA per query head. With the candidate
+//! kernel set ([`crate::cuda::KernelSet`]) both the prefill and the grouped work run on mma.sync
+//! kernels instead, where the types and sizes allow. The batch's metadata is uploaded once per forward step and reused by every
 //! layer.
 
 use std::sync::Arc;
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -20,12 +23,14 @@ use crate::cuda::{dtype_of, dtype_tag, function, upload, view, Module};
 
 /// Sequences with at least this many new tokens use the tiled prefill kernel.
 pub const PREFILL_MIN_TOKENS: usize = 16;
-/// Query tokens per prefill tile (PF_BQ in the kernel).
+/// Query tokens per prefill tile (PF_BQ in the kernel; FA_BQ in the candidate mma kernel).
 const PREFILL_TILE: usize = 32;
+const MMA_PREFILL_TILE: usize = 64;
 /// Keys per partition of the per-token kernel (long contexts run as several CTAs).
 const PARTITION: usize = 512;
 const TOKEN_THREADS: u32 = 128;
 const PREFILL_THREADS: u32 = 64;
+const MMA_PREFILL_THREADS: u32 = 128;
 
 /// A batch's metadata on the device.
 pub struct DeviceMeta {
@@ -33,6 +38,8 @@ pub struct DeviceMeta {
     max_blocks: i32,
     token: Option<TokenWork>,
     prefill: Option<PrefillWork>,
+    /// Built for the candidate kernels (their prefill tiles are larger).
+    candidate: bool,
 }
 
 struct TokenWork {
@@ -67,6 +74,23 @@ fn prefill_kernel_applies(q: DType, cache: DType, head_dim: usize) -> bool {
     q == DType::BF16 && cache == DType::BF16 && matches!(head_dim, 64 | 128)
 }
 
+/// Whether the per-token work can go to the tensor-core kernel: a bf16 query and cache, and a
+/// head size and group size it was built for.
+fn mma_kernel_applies(q: DType, cache: DType, head_dim: usize, group: usize) -> bool {
+    q == DType::BF16 && cache == DType::BF16 && matches!(head_dim, 64 | 128) && group <= 16
+}
+
+/// Dynamic shared memory of the tensor-core per-token kernel: its warps' rings of
+/// `DEC_STAGES` tiles of 16 keys (K and V rows padded by 8 elements), or the warps' partial
+/// outputs when they merge, whichever is larger (kernels/paged_attention.cu).
+fn mma_kernel_smem(head_dim: usize, group: usize) -> usize {
+    const WARPS: usize = 4;
+    const STAGES: usize = 4;
+    let ring = WARPS * STAGES * 2 * 16 * (head_dim + 8) * 2;
+    let merge = (WARPS * group * head_dim + 2 * WARPS * group) * 4;
+    ring.max(merge)
+}
+
 /// Whether the per-token work can go to a grouped kernel (one CTA per KV head serving its whole
 /// group of query heads): a 16-bit cache, and a head size and group size it was built for.
 fn grouped_kernel_applies(cache: DType, head_dim: usize, group: usize) -> bool {
@@ -98,6 +122,12 @@ impl DeviceMeta {
         let mut token_keys = vec![0i32; m.num_tokens];
         let mut work = Vec::new();
         let (mut tile_seq, mut tile_row) = (Vec::new(), Vec::new());
+        let candidate = crate::cuda::kernel_set() == crate::cuda::KernelSet::Candidate;
+        let tile = if candidate {
+            MMA_PREFILL_TILE
+        } else {
+            PREFILL_TILE
+        };
         for (i, s) in m.seqs.iter().enumerate() {
             let cached = s.context_len - s.q_len;
             for t in 0..s.q_len {
@@ -105,7 +135,7 @@ impl DeviceMeta {
                 token_keys[s.q_start + t] = (cached + t + 1) as i32;
             }
             if tiled && s.q_len >= PREFILL_MIN_TOKENS {
-                for row in (0..s.q_len).step_by(PREFILL_TILE) {
+                for row in (0..s.q_len).step_by(tile) {
                     tile_seq.push(i as i32);
                     tile_row.push(row as i32);
                 }
@@ -149,6 +179,7 @@ impl DeviceMeta {
             max_blocks: max_blocks as i32,
             token,
             prefill,
+            candidate,
         })
     }
 }
@@ -237,8 +268,21 @@ where
     if let Some(t) = &meta.token {
         let (a, c) = (dtype_tag(A::DTYPE)?, dtype_tag(C::DTYPE)?);
         let group = m.num_heads / m.num_kv_heads;
-        let grouped = grouped_kernel_applies(C::DTYPE, m.head_dim, group);
-        let (f, heads_per_cta) = if grouped {
+        let mma = meta.candidate && mma_kernel_applies(A::DTYPE, C::DTYPE, m.head_dim, group);
+        let grouped = mma || grouped_kernel_applies(C::DTYPE, m.head_dim, group);
+        let mut shared_mem_bytes = 0;
+        let (f, heads_per_cta) = if mma {
+            let name = format!("paged_attention_mma_bf16_d{}", m.head_dim);
+            let f = function(dev, Module::Attention, &name)?;
+            shared_mem_bytes = mma_kernel_smem(m.head_dim, group) as u32;
+            f.func
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared_mem_bytes as i32,
+                )
+                .w()?;
+            (f, group)
+        } else if grouped {
             let name = format!("paged_attention_group_{a}_{c}_d{}_g{group}", m.head_dim);
             (function(dev, Module::Attention, &name)?, group)
         } else {
@@ -264,7 +308,7 @@ where
                 t.num_parts as u32,
             ),
             block_dim: (TOKEN_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes,
         };
         let mut b = f.builder();
         b.arg(&out);
@@ -321,11 +365,23 @@ where
         let f = function(
             dev,
             Module::Attention,
-            &format!("prefill_attention_bf16_d{}", m.head_dim),
+            &if meta.candidate {
+                format!("prefill_attention_mma_bf16_d{}", m.head_dim)
+            } else {
+                format!("prefill_attention_bf16_d{}", m.head_dim)
+            },
         )?;
         let cfg = LaunchConfig {
             grid_dim: (p.count as u32, m.num_heads as u32, 1),
-            block_dim: (PREFILL_THREADS, 1, 1),
+            block_dim: (
+                if meta.candidate {
+                    MMA_PREFILL_THREADS
+                } else {
+                    PREFILL_THREADS
+                },
+                1,
+                1,
+            ),
             shared_mem_bytes: 0,
         };
         let mut b = f.builder();
