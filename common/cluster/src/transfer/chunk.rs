@@ -89,21 +89,53 @@ pub fn verify_chunk<'a>(
     chunk: &KvChunk,
     reservation: &'a [BlockId],
 ) -> Result<&'a [BlockId]> {
-    let bad = |msg: String| Error::BadKvChunk(format!("layer {}: {msg}", chunk.layer));
-    let blocks = chunk_blocks(cache.spec(), chunk, reservation)?;
-    let count = blocks.len();
-    let expected = count * cache.block_bytes();
-    if chunk.keys.len() != expected || chunk.values.len() != expected {
-        return Err(bad(format!(
-            "{} + {} bytes for {count} blocks, expected {expected} each",
-            chunk.keys.len(),
-            chunk.values.len()
+    let blocks = verify_layout(cache, chunk, reservation)?;
+    verify_checksum(chunk)?;
+    Ok(blocks)
+}
+
+/// Checks a chunk's bytes against its checksum: a pure function of the chunk, so a receiver
+/// runs it before taking any lock.
+pub fn verify_checksum(chunk: &KvChunk) -> Result<()> {
+    if checksum(&chunk.keys, &chunk.values) != chunk.checksum {
+        return Err(Error::BadKvChunk(format!(
+            "layer {}: checksum mismatch",
+            chunk.layer
         )));
     }
-    if checksum(&chunk.keys, &chunk.values) != chunk.checksum {
-        return Err(bad("checksum mismatch".into()));
+    Ok(())
+}
+
+/// Checks a chunk's range and sizes (not its checksum) and returns the cache blocks it goes to.
+fn verify_layout<'a>(
+    cache: &KvCache,
+    chunk: &KvChunk,
+    reservation: &'a [BlockId],
+) -> Result<&'a [BlockId]> {
+    let bad = |msg: String| Error::BadKvChunk(format!("layer {}: {msg}", chunk.layer));
+    let blocks = chunk_blocks(cache.spec(), chunk, reservation)?;
+    let expected = blocks.len() * cache.block_bytes();
+    if chunk.keys.len() != expected || chunk.values.len() != expected {
+        return Err(bad(format!(
+            "{} + {} bytes for {} blocks, expected {expected} each",
+            chunk.keys.len(),
+            chunk.values.len(),
+            blocks.len()
+        )));
     }
     Ok(blocks)
+}
+
+/// Writes a chunk whose checksum [`verify_checksum`] passed into the blocks of `reservation` it
+/// names, after checking its range and sizes. Returns the bytes written.
+pub fn write_checked_chunk(
+    cache: &KvCache,
+    chunk: &KvChunk,
+    reservation: &[BlockId],
+) -> Result<usize> {
+    let blocks = verify_layout(cache, chunk, reservation)?;
+    cache.write_block_bytes(chunk.layer as usize, blocks, &chunk.keys, &chunk.values)?;
+    Ok(chunk.keys.len() + chunk.values.len())
 }
 
 /// Verifies a chunk and writes it into the blocks of `reservation` it names. Returns the bytes

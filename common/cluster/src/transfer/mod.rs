@@ -23,7 +23,8 @@ pub mod service;
 pub mod staging;
 
 pub use chunk::{
-    chunk_blocks, chunk_from_bytes, chunk_of, decode_chunk_into, encode_chunk, verify_chunk,
+    chunk_blocks, chunk_from_bytes, chunk_of, decode_chunk_into, encode_chunk, verify_checksum,
+    verify_chunk, write_checked_chunk,
 };
 pub use reservation::{KvReceiver, TransferStats, TransferTicket};
 pub use service::KvTransferService;

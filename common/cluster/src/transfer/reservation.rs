@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use pd_proto::v1::{KvChunk, KvHandshake, ModelFingerprint};
 
-use super::{check_fingerprint, chunk_blocks, decode_chunk_into};
+use super::{check_fingerprint, chunk_blocks, write_checked_chunk};
 use crate::kv::{BlockId, KvCache};
 use crate::telemetry::names;
 use crate::{Error, Result};
@@ -155,8 +155,11 @@ impl OpenTransfer {
         if self.cache.layer(0)?.0.device().is_cuda() {
             return self.write_staged(chunk);
         }
+        // The checksum pass needs no lock; the range check, the repeat check and the copy share
+        // one critical section.
+        super::verify_checksum(chunk)?;
         self.write_marked(chunk, |blocks| {
-            decode_chunk_into(&self.cache, chunk, blocks)
+            write_checked_chunk(&self.cache, chunk, blocks)
         })
     }
 

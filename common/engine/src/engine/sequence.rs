@@ -116,15 +116,12 @@ impl ExportedKv {
                 },
             });
         }
-        let (keys, values) = cache.read_block_bytes(layer, run.blocks())?;
+        let (keys, values) = cache.read_block_shared(layer, run.blocks())?;
         Ok(Self {
             layer,
             first_block,
             num_blocks,
-            data: KvData::Host {
-                keys: keys.into(),
-                values: values.into(),
-            },
+            data: KvData::Host { keys, values },
         })
     }
 

@@ -22,6 +22,40 @@ impl KvCache {
         spec.block_size * spec.token_elems() * spec.dtype.size_in_bytes()
     }
 
+    /// [`read_block_bytes`](Self::read_block_bytes) into reused host buffers, as shareable
+    /// bytes: what an export ships. A buffer comes back to the pool when the last slice of it is
+    /// dropped.
+    pub fn read_block_shared(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+    ) -> Result<(bytes::Bytes, bytes::Bytes)> {
+        self.check_blocks(blocks)?;
+        let (kc, vc) = self.layer(layer)?;
+        if !kc.device().is_cpu() {
+            let (k, v) = self.read_block_bytes(layer, blocks)?;
+            return Ok((k.into(), v.into()));
+        }
+        let len = blocks.len() * self.block_bytes();
+        let read = |t: &Tensor| -> Result<bytes::Bytes> {
+            let mut out = pool::take(len);
+            self.copy_runs(t, blocks, &mut out)?;
+            Ok(pool::shared(out))
+        };
+        Ok((read(kc)?, read(vc)?))
+    }
+
+    /// Appends the bytes of `blocks` of a CPU layer tensor to `out`, one copy per run.
+    fn copy_runs(&self, t: &Tensor, blocks: &[BlockId], out: &mut Vec<u8>) -> Result<()> {
+        let bb = self.block_bytes();
+        with_cpu_bytes(t, |cache| {
+            for (first, count) in runs(blocks) {
+                let at = first as usize * bb;
+                out.extend_from_slice(&cache[at..at + count * bb]);
+            }
+        })
+    }
+
     /// K and V of `blocks` of `layer`, `[blocks, block_size, kv_heads, head_dim]` as bytes.
     /// On a GPU this goes through the engine's stream (senders that must not wait for it
     /// stage their own copies).
@@ -32,16 +66,10 @@ impl KvCache {
             let (k, v) = self.read_blocks(layer, blocks)?;
             return Ok((tensor_bytes(&k)?, tensor_bytes(&v)?));
         }
-        let bb = self.block_bytes();
         let read = |t: &Tensor| -> Result<Vec<u8>> {
-            with_cpu_bytes(t, |cache| {
-                let mut out = Vec::with_capacity(blocks.len() * bb);
-                for (first, count) in runs(blocks) {
-                    let at = first as usize * bb;
-                    out.extend_from_slice(&cache[at..at + count * bb]);
-                }
-                out
-            })
+            let mut out = Vec::with_capacity(blocks.len() * self.block_bytes());
+            self.copy_runs(t, blocks, &mut out)?;
+            Ok(out)
         };
         Ok((read(kc)?, read(vc)?))
     }
@@ -89,6 +117,56 @@ impl KvCache {
             })?;
         }
         Ok(())
+    }
+}
+
+/// Host buffers for exports, reused. A fresh allocation of megabytes per layer and export is
+/// mapped and zeroed by the kernel page by page as the copy first touches it (a fifth of a
+/// loopback transfer's CPU time); a buffer that comes back is already mapped.
+mod pool {
+    use std::sync::Mutex;
+
+    /// Bytes of idle buffers kept at most.
+    const KEEP_BYTES: usize = 256 << 20;
+
+    static IDLE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+    /// An empty buffer of at least `len` bytes of capacity: an idle one that is not more than
+    /// twice as large, else a new one.
+    pub fn take(len: usize) -> Vec<u8> {
+        let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
+        let fit = idle
+            .iter()
+            .position(|b| b.capacity() >= len && b.capacity() <= len.saturating_mul(2));
+        match fit {
+            Some(i) => idle.swap_remove(i),
+            None => Vec::with_capacity(len),
+        }
+    }
+
+    /// `buf` as shareable bytes that return it to the pool once the last slice is dropped.
+    pub fn shared(buf: Vec<u8>) -> bytes::Bytes {
+        bytes::Bytes::from_owner(Pooled(buf))
+    }
+
+    struct Pooled(Vec<u8>);
+
+    impl AsRef<[u8]> for Pooled {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    impl Drop for Pooled {
+        fn drop(&mut self) {
+            let mut buf = std::mem::take(&mut self.0);
+            buf.clear();
+            let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
+            let kept: usize = idle.iter().map(Vec::capacity).sum();
+            if kept + buf.capacity() <= KEEP_BYTES {
+                idle.push(buf);
+            }
+        }
     }
 }
 
@@ -252,6 +330,40 @@ mod tests {
             let (k3, _) = dst.read_block_bytes(1, &[0, 2, 3, 4, 7]).unwrap();
             assert!(k3.iter().all(|&b| b == 0));
         }
+    }
+
+    #[test]
+    fn shared_reads_equal_plain_reads_and_their_buffers_come_back() {
+        let c = cache(DType::BF16);
+        let blocks = [5, 6, 1];
+        let shape = (blocks.len(), 4, 2, 4);
+        let k = Tensor::randn(0f32, 1., shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        c.write_blocks(0, &blocks, &k, &(&k * 2.0).unwrap())
+            .unwrap();
+        let (kb, vb) = c.read_block_bytes(0, &blocks).unwrap();
+        let (ks, vs) = c.read_block_shared(0, &blocks).unwrap();
+        assert_eq!((&ks[..], &vs[..]), (&kb[..], &vb[..]));
+        // A slice keeps the buffer out of the pool; once the last one is gone, the next read of
+        // the same size gets it again instead of new memory. (Other tests share the pool, so
+        // look for the address among a few reads.)
+        let slice = ks.slice(8..16);
+        let at = ks.as_ptr();
+        drop(ks);
+        drop(vs);
+        assert_eq!(&slice[..], &kb[8..16]);
+        drop(slice);
+        let again: Vec<_> = (0..4)
+            .map(|_| c.read_block_shared(0, &blocks).unwrap())
+            .collect();
+        assert!(again
+            .iter()
+            .any(|(k, v)| k.as_ptr() == at || v.as_ptr() == at));
+        assert!(again
+            .iter()
+            .all(|(k, v)| k[..] == kb[..] && v[..] == vb[..]));
     }
 
     #[test]
