@@ -3,8 +3,9 @@
 //! Membership comes from the etcd watch: a node whose lease lapses or who deregisters leaves the
 //! pool at once, and while etcd is unreachable the pool keeps the last view (and says so). Load
 //! comes from the nodes themselves: a poller asks every node for `Node.Stats` a few times a
-//! second, and the router adds what it has sent since (its own open streams), so that a burst
-//! of requests between two polls spreads instead of piling onto one node.
+//! second, and the router adds what it has sent since (its own open streams on decode nodes,
+//! the prompt tokens it routed to each prefill node after the poll that answered last), so that a
+//! burst of requests between two polls spreads instead of piling onto one node.
 //!
 //! Where the KV already is comes from the nodes' prefix-cache event streams ([`KvIndex`]). With
 //! `--router-mode kv` (the default) a prefill node costs the prompt tokens it would have to
@@ -13,10 +14,10 @@
 //! holding more of the prompt wins (holding all of it, it computes the rest itself).
 
 use std::cmp::Reverse;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pd_common::membership::{self, ClusterSnapshot, MembershipConfig};
 use pd_common::rpc::RpcConfig;
@@ -82,6 +83,28 @@ struct Load {
     stats: Option<NodeStats>,
     /// Streams this router has open on the node.
     active: Arc<AtomicUsize>,
+    /// Prompt tokens this router sent the node's way (as first prefill candidate) since the
+    /// stats call its `stats` answer came from, with when: the node's queue the last answer
+    /// cannot show yet. Without them, prompts that arrive together all go to whichever node
+    /// looked cheapest at the last poll.
+    routed: VecDeque<(Instant, u64)>,
+}
+
+impl Load {
+    /// Prompt tokens queued on the node as far as this router knows.
+    fn queued_prompt_tokens(&self) -> u64 {
+        let reported = self.stats.as_ref().map_or(0, |s| s.queued_prompt_tokens);
+        reported + self.routed.iter().map(|&(_, t)| t).sum::<u64>()
+    }
+
+    /// A stats answer (or none) to a call made at `asked`: what was routed before it is in the
+    /// answer's queue or done.
+    fn answered(&mut self, stats: Option<NodeStats>, asked: Instant) {
+        self.stats = stats;
+        while self.routed.front().is_some_and(|&(at, _)| at <= asked) {
+            self.routed.pop_front();
+        }
+    }
 }
 
 /// Counts a stream as open on its node until dropped.
@@ -222,16 +245,13 @@ impl Pool {
             return Vec::new();
         };
         let (cached, held_tokens) = (&held.cached, held.tokens);
-        let loads = lock(&self.loads);
+        let mut loads = lock(&self.loads);
         let mut nodes: Vec<(f64, u32, usize, &NodeInfo)> = snapshot
             .prefill
             .values()
             .filter(|p| p.fingerprint == decode.fingerprint)
             .map(|p| {
-                let queued = loads
-                    .get(&p.node_id)
-                    .and_then(|l| l.stats.as_ref())
-                    .map_or(0, |s| s.queued_prompt_tokens);
+                let queued = loads.get(&p.node_id).map_or(0, Load::queued_prompt_tokens);
                 let held = cached.get(&p.node_id).copied().unwrap_or(0);
                 let cost = match self.routing.mode {
                     RouterMode::Kv => {
@@ -245,8 +265,14 @@ impl Pool {
             })
             .collect();
         nodes.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        if let Some(&(_, _, held, _)) = nodes.first() {
+        if let Some(&(_, _, held, first)) = nodes.first() {
             metrics::counter!(names::ROUTER_KV_HIT_TOKENS_TOTAL).increment(held as u64);
+            let compute = held_tokens.saturating_sub(held) as u64;
+            loads
+                .entry(first.node_id.clone())
+                .or_default()
+                .routed
+                .push_back((Instant::now(), compute));
         }
         nodes
             .into_iter()
@@ -354,6 +380,7 @@ async fn poll_stats(pool: Arc<Pool>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let snapshot = pool.snapshot();
+        let asked = Instant::now();
         let nodes: Vec<NodeInfo> = [NodeRole::Prefill, NodeRole::Decode]
             .iter()
             .flat_map(|&r| snapshot.nodes(r).values().cloned())
@@ -388,7 +415,7 @@ async fn poll_stats(pool: Arc<Pool>, stop: CancellationToken) {
         loads.retain(|id, l| live.contains(&id.as_str()) || l.active.load(Ordering::Relaxed) > 0);
         for (id, stats) in answers {
             // A node that does not answer keeps no stale "idle" figures.
-            loads.entry(id).or_default().stats = stats;
+            loads.entry(id).or_default().answered(stats, asked);
         }
     }
 }
@@ -424,5 +451,62 @@ mod tests {
         assert_eq!(transfer_backend(&both, &grpc), Grpc);
         assert_eq!(transfer_backend(&grpc, &both), Grpc);
         assert_eq!(transfer_backend(&node(&[]), &node(&[])), Grpc);
+    }
+
+    fn pool_of(prefill: &[&str]) -> Pool {
+        let node = |id: &str| NodeInfo {
+            node_id: id.into(),
+            address: format!("{id}:1"),
+            ..Default::default()
+        };
+        let snapshot = ClusterSnapshot {
+            prefill: prefill
+                .iter()
+                .map(|id| (id.to_string(), node(id)))
+                .collect(),
+            decode: [("d".to_string(), node("d"))].into_iter().collect(),
+            ..Default::default()
+        };
+        let (_tx, view) = watch::channel(Arc::new(snapshot));
+        Pool {
+            view,
+            rpc: RpcConfig::default(),
+            stats_timeout: Duration::from_secs(1),
+            loads: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
+            kv: Arc::new(KvIndex::default()),
+            routing: Routing::default(),
+        }
+    }
+
+    #[test]
+    fn prompts_routed_together_spread_over_the_prefill_nodes_before_any_stats_show_them() {
+        let pool = pool_of(&["a", "b"]);
+        let held = Held {
+            tokens: 800,
+            cached: HashMap::new(),
+        };
+        let first = |pool: &Pool| pool.prefill_candidates("d", &held)[0].address.clone();
+        // No stats have come: each prompt counts on the node it went to, so four go two by two.
+        let mut sent: Vec<String> = (0..4).map(|_| first(&pool)).collect();
+        sent.sort();
+        assert_eq!(sent, ["a:1", "a:1", "b:1", "b:1"]);
+        // A stats answer to a call made after them replaces the router's own count.
+        let asked = Instant::now();
+        {
+            let mut loads = lock(&pool.loads);
+            let queued = |t| NodeStats {
+                queued_prompt_tokens: t,
+                ..Default::default()
+            };
+            loads.get_mut("a").unwrap().answered(Some(queued(0)), asked);
+            loads
+                .get_mut("b")
+                .unwrap()
+                .answered(Some(queued(5000)), asked);
+        }
+        assert_eq!(first(&pool), "a:1");
+        assert_eq!(lock(&pool.loads)["a"].queued_prompt_tokens(), 800);
+        assert_eq!(lock(&pool.loads)["b"].queued_prompt_tokens(), 5000);
     }
 }
