@@ -121,8 +121,9 @@ impl KvCache {
 }
 
 /// Host buffers for exports, reused. A fresh allocation of megabytes per layer and export is
-/// mapped and zeroed by the kernel page by page as the copy first touches it (a fifth of a
-/// loopback transfer's CPU time); a buffer that comes back is already mapped.
+/// mapped and zeroed by the kernel page by page as the copy first touches it (about 5 % of a
+/// loopback transfer's CPU samples under the export copy); a buffer that comes back is already
+/// mapped.
 mod pool {
     use std::sync::Mutex;
 
