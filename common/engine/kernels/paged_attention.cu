@@ -636,20 +636,20 @@ __device__ void prefill_attention(
     }
 }
 
-#define DEFINE_PREFILL_KERNEL(D)                                                                 \
-    extern "C" __global__ void __launch_bounds__(PF_WARPS * WARP) prefill_attention_bf16_d##D(   \
+// One extern kernel per prefill template and head size (the WMMA kernel here, the mma one below).
+#define DEFINE_PREFILL_KERNEL(FN, WARPS, D)                                                     \
+    extern "C" __global__ void __launch_bounds__(WARPS * WARP) FN##_bf16_d##D(                   \
         __nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat16* k_cache,               \
         const __nv_bfloat16* v_cache, const int* tile_seq, const int* tile_row,                 \
         const int* seq_q_start, const int* seq_q_len, const int* seq_ctx,                       \
         const int* block_tables, int max_blocks, int num_heads, int num_kv_heads,               \
         int block_size, float scale) {                                                          \
-        prefill_attention<D>(out, q, k_cache, v_cache, tile_seq, tile_row, seq_q_start,         \
-                             seq_q_len, seq_ctx, block_tables, max_blocks, num_heads,           \
-                             num_kv_heads, block_size, scale);                                  \
+        FN<D>(out, q, k_cache, v_cache, tile_seq, tile_row, seq_q_start, seq_q_len, seq_ctx,    \
+              block_tables, max_blocks, num_heads, num_kv_heads, block_size, scale);            \
     }
 
-DEFINE_PREFILL_KERNEL(64)
-DEFINE_PREFILL_KERNEL(128)
+DEFINE_PREFILL_KERNEL(prefill_attention, PF_WARPS, 64)
+DEFINE_PREFILL_KERNEL(prefill_attention, PF_WARPS, 128)
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core prefill kernel: bf16 query and cache, head_dim D in {64, 128}, on mma.sync in the
@@ -1135,17 +1135,5 @@ __device__ void paged_attention_mma(
 DEFINE_MMA_TOKEN_KERNEL(64)
 DEFINE_MMA_TOKEN_KERNEL(128)
 
-#define DEFINE_MMA_PREFILL_KERNEL(D)                                                                 \
-    extern "C" __global__ void __launch_bounds__(FA_WARPS * WARP) prefill_attention_mma_bf16_d##D(   \
-        __nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat16* k_cache,               \
-        const __nv_bfloat16* v_cache, const int* tile_seq, const int* tile_row,                 \
-        const int* seq_q_start, const int* seq_q_len, const int* seq_ctx,                       \
-        const int* block_tables, int max_blocks, int num_heads, int num_kv_heads,               \
-        int block_size, float scale) {                                                          \
-        prefill_attention_mma<D>(out, q, k_cache, v_cache, tile_seq, tile_row, seq_q_start,         \
-                             seq_q_len, seq_ctx, block_tables, max_blocks, num_heads,           \
-                             num_kv_heads, block_size, scale);                                  \
-    }
-
-DEFINE_MMA_PREFILL_KERNEL(64)
-DEFINE_MMA_PREFILL_KERNEL(128)
+DEFINE_PREFILL_KERNEL(prefill_attention_mma, FA_WARPS, 64)
+DEFINE_PREFILL_KERNEL(prefill_attention_mma, FA_WARPS, 128)

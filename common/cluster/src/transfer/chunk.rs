@@ -133,9 +133,7 @@ pub fn write_checked_chunk(
     chunk: &KvChunk,
     reservation: &[BlockId],
 ) -> Result<usize> {
-    let blocks = verify_layout(cache, chunk, reservation)?;
-    cache.write_block_bytes(chunk.layer as usize, blocks, &chunk.keys, &chunk.values)?;
-    Ok(chunk.keys.len() + chunk.values.len())
+    write_into(cache, chunk, verify_layout(cache, chunk, reservation)?)
 }
 
 /// Verifies a chunk and writes it into the blocks of `reservation` it names. Returns the bytes
@@ -145,7 +143,11 @@ pub fn decode_chunk_into(
     chunk: &KvChunk,
     reservation: &[BlockId],
 ) -> Result<usize> {
-    let blocks = verify_chunk(cache, chunk, reservation)?;
+    write_into(cache, chunk, verify_chunk(cache, chunk, reservation)?)
+}
+
+/// Writes a verified chunk's K and V into `blocks`; returns the bytes written.
+fn write_into(cache: &KvCache, chunk: &KvChunk, blocks: &[BlockId]) -> Result<usize> {
     cache.write_block_bytes(chunk.layer as usize, blocks, &chunk.keys, &chunk.values)?;
     Ok(chunk.keys.len() + chunk.values.len())
 }
