@@ -42,5 +42,5 @@ for b in pd-bench pd-prefill pd-decode pd-router pd-cluster; do
 done
 if command -v etcd >/dev/null; then cp "$(command -v etcd)" dist/pd-gpu/; fi
 cp deploy/gpu/run.sh dist/pd-gpu/
-tar -C dist -cf - pd-gpu | xz -T0 -6 > dist/pd-gpu.tar.xz
+tar -C dist -cf - pd-gpu | xz -T0 -9e > dist/pd-gpu.tar.xz
 ls -la dist/pd-gpu.tar.xz

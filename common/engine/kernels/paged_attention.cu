@@ -14,8 +14,8 @@
 //   sequence, whose earlier chunks may already be cached).
 // - paged_attention_mma_* and prefill_attention_mma_*: the grouped and the prefill work on
 //   mma.sync with every accumulator in registers, K and V through cp.async. Not yet the default:
-//   chosen with `pd_engine::cuda::set_mma_kernels` (or PD_CUDA_MMA_KERNELS=1) until they have
-//   been measured on a GPU against the kernels above.
+//   they form the candidate kernel set, chosen with `pd_engine::cuda::set_kernel_set` (or
+//   PD_CUDA_KERNELS=candidate) until they have been measured on a GPU against the kernels above.
 // All use the online softmax, accumulate in f32 and round the probabilities to the cache's type
 // before they meet V, as the CPU kernel does.
 
@@ -913,7 +913,7 @@ __device__ void prefill_attention_mma(
 // once per group. Each warp streams its own 16-key tiles of the partition (tiles warp,
 // warp + DEC_WARPS, ...) through a ring of DEC_STAGES buffers filled by cp.async, so up to
 // DEC_STAGES - 1 tiles are in flight while it computes on one; S = Q K^T and P V as in the prefill
-// kernel below, with the online softmax in registers. The warps merge at the end as the grouped
+// kernel above, with the online softmax in registers. The warps merge at the end as the grouped
 // kernel's do; partitions, scratch layout and rounding are the same, so a token's result depends
 // on its own length only.
 // ---------------------------------------------------------------------------------------------

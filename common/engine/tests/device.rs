@@ -179,7 +179,7 @@ fn plain_attention(
 /// (heads, kv heads, head dim, block size, [(cached, new) per sequence])
 type AttentionCase = (usize, usize, usize, usize, Vec<(usize, usize)>);
 
-/// Random block layouts, GQA ratios 1:1 to 8:1, head sizes 16 to 128, block sizes 8 to 32,
+/// Random block layouts, GQA ratios 1:1 to 16:1, head sizes 16 to 128, block sizes 8 to 32,
 /// decode tokens after contexts up to 8k and prompt chunks after cached prefixes, all packed in
 /// one batch in shuffled order. A bf16 cache on both devices; the GPU gets a bf16 query too.
 fn paged_attention_equals_plain_attention(dev: &Device) -> TestResult {
@@ -208,6 +208,10 @@ fn paged_attention_equals_plain_attention(dev: &Device) -> TestResult {
         (16, 8, 256, 16, vec![(1500, 1), (3, 1), (0, 5)]),
         (8, 8, 64, 16, vec![(700, 1), (31, 2)]),
         (32, 8, 128, 12, vec![(999, 1), (40, 1), (0, 9)]),
+        // Groups of 9 to 16 query heads: the second row half of the tensor-core decode
+        // kernel's query fragment.
+        (32, 2, 128, 16, vec![(2047, 1), (0, 1), (600, 1)]),
+        (24, 2, 64, 16, vec![(1300, 1), (17, 1), (0, 33)]),
     ];
     if dev.is_cuda() {
         // Long prompt chunks: the tiled tensor-core kernel's territory (minutes on the CPU).

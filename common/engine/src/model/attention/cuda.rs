@@ -23,7 +23,7 @@ use crate::cuda::{dtype_of, dtype_tag, function, upload, view, Module};
 
 /// Sequences with at least this many new tokens use the tiled prefill kernel.
 pub const PREFILL_MIN_TOKENS: usize = 16;
-/// Query tokens per prefill tile (PF_BQ in the kernel; FA_BQ in the candidate mma kernel).
+/// Query tokens per prefill tile: PF_BQ of the WMMA kernel, and FA_BQ of the candidate mma kernel.
 const PREFILL_TILE: usize = 32;
 const MMA_PREFILL_TILE: usize = 64;
 /// Keys per partition of the per-token kernel (long contexts run as several CTAs).
