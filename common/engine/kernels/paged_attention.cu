@@ -13,9 +13,8 @@
 //   (WMMA), causal, reading K/V through the block table (varlen: each tile belongs to one
 //   sequence, whose earlier chunks may already be cached).
 // - paged_attention_mma_* and prefill_attention_mma_*: the grouped and the prefill work on
-//   mma.sync with every accumulator in registers, K and V through cp.async. Not yet the default:
-//   they form the candidate kernel set, chosen with `pd_engine::cuda::set_kernel_set` (or
-//   PD_CUDA_KERNELS=candidate) until they have been measured on a GPU against the kernels above.
+//   mma.sync with every accumulator in registers, K and V through cp.async: the default kernel
+//   set (`pd_engine::cuda::KernelSet::Mma`); PD_CUDA_KERNELS=wmma runs the kernels above.
 // All use the online softmax, accumulate in f32 and round the probabilities to the cache's type
 // before they meet V, as the CPU kernel does.
 

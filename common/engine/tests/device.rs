@@ -45,13 +45,14 @@ device_test!(seeded_draws_follow_the_softmax);
 device_test!(silu_and_mul_equals_silu_then_mul);
 device_test!(dense_projections_equal_the_f32_product);
 
-/// The kernel sets a device runs: on a GPU the default and the candidate set
+/// The kernel sets a device runs: on a GPU the mma (default) and the wmma set
 /// (`pd_engine::cuda::KernelSet`), each checked against the same references; the CPU has one.
 fn kernel_sets(dev: &Device) -> Vec<&'static str> {
     if dev.is_cuda() {
-        vec!["default", "candidate"]
+        vec!["mma", "wmma"]
     } else {
-        vec!["default"]
+        // The CPU path has no kernel sets; the name only labels the run.
+        vec!["mma"]
     }
 }
 
@@ -60,12 +61,9 @@ fn with_kernel_set<T>(name: &str, f: impl FnOnce() -> T) -> T {
     #[cfg(feature = "cuda")]
     {
         use pd_engine::cuda::{set_kernel_set, KernelSet};
-        set_kernel_set(match name {
-            "candidate" => KernelSet::Candidate,
-            _ => KernelSet::Default,
-        });
+        set_kernel_set(KernelSet::named(name).expect("a kernel set"));
         let out = f();
-        set_kernel_set(KernelSet::Default);
+        set_kernel_set(KernelSet::Mma);
         out
     }
     #[cfg(not(feature = "cuda"))]
@@ -75,7 +73,7 @@ fn with_kernel_set<T>(name: &str, f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// The model's dense projections (`x · Wᵀ`, cuBLASLt in the candidate set) against the product
+/// The model's dense projections (`x · Wᵀ`, cuBLASLt in the mma set) against the product
 /// in f32 on the CPU, for the token counts of a decode step, an odd one and a prefill chunk.
 fn dense_projections_equal_the_f32_product(dev: &Device) -> TestResult {
     for set in kernel_sets(dev) {

@@ -41,11 +41,10 @@ pub struct GpuArgs {
     /// Timed repetitions of each measurement (after warm-up); the median is reported.
     #[arg(long, default_value_t = 10)]
     pub repeats: usize,
-    /// Kernel sets to time, one after the other on the same model and cache: `default` (the
-    /// measured set) and `candidate` (the kernels meant to replace them; see
-    /// `pd_engine::cuda::KernelSet`). The first is reported as the result, the others beside it
-    /// with their ratios.
-    #[arg(long, value_delimiter = ',', default_value = "default,candidate")]
+    /// Kernel sets to time, one after the other on the same model and cache: `mma` (the
+    /// default) and `wmma` (the set it replaced; see `pd_engine::cuda::KernelSet`). The first
+    /// is reported as the result, the others beside it with their ratios.
+    #[arg(long, value_delimiter = ',', default_value = "mma,wmma")]
     pub kernels: Vec<String>,
     /// Folder for gpu-results.json and gpu-results.md.
     #[arg(long, default_value = ".")]
@@ -240,10 +239,9 @@ fn measure_speed(
     let vocab = cfg.vocab_size as u32;
     let mut speeds = Vec::new();
     for set in &args.kernels {
-        pd_common::cuda::set_kernel_set(match set.as_str() {
-            "default" => pd_common::cuda::KernelSet::Default,
-            "candidate" => pd_common::cuda::KernelSet::Candidate,
-            other => bail!("unknown kernel set {other:?} (default, candidate)"),
+        pd_common::cuda::set_kernel_set(match pd_common::cuda::KernelSet::named(set) {
+            Some(s) => s,
+            None => bail!("unknown kernel set {set:?} (mma, wmma)"),
         });
         println!("kernels: {set}");
         // The same batches and prompts for every set.
@@ -303,7 +301,7 @@ fn measure_speed(
             },
         ));
     }
-    pd_common::cuda::set_kernel_set(pd_common::cuda::KernelSet::Default);
+    pd_common::cuda::set_kernel_set(pd_common::cuda::KernelSet::Mma);
     Ok(speeds)
 }
 

@@ -19,15 +19,26 @@ const ACTIVATION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/activation.
 
 /// Which kernels the GPU path runs where two do the same work.
 ///
-/// `Default` is the set measured on a GPU and reported in `deploy/gpu/results`. `Candidate` swaps
-/// in the kernels meant to replace them: paged attention on mma.sync with its accumulators in
-/// registers (decode and prefill) and cuBLASLt for the dense projections. Both sets pass the same
-/// device tests; a candidate becomes the default once `pd-bench gpu`, which times both in one run,
-/// shows it faster. Chosen per process: `PD_CUDA_KERNELS=candidate`, or [`set_kernel_set`].
+/// `Mma`, the default: paged attention on mma.sync with its accumulators in registers (decode
+/// and prefill) and cuBLASLt for the dense projections. `Wmma` is the set it replaced (prefill
+/// attention on WMMA tiles with the accumulator in shared memory, the scalar grouped decode
+/// kernel, candle's matmul), kept so that `pd-bench gpu` can time both in one run. Both pass
+/// the same device tests. Chosen per process: `PD_CUDA_KERNELS=wmma`, or [`set_kernel_set`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelSet {
-    Default,
-    Candidate,
+    Mma,
+    Wmma,
+}
+
+impl KernelSet {
+    /// The set called `name` (`mma` or `wmma`).
+    pub fn named(name: &str) -> Option<Self> {
+        match name {
+            "mma" => Some(Self::Mma),
+            "wmma" => Some(Self::Wmma),
+            _ => None,
+        }
+    }
 }
 
 static KERNEL_SET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
@@ -36,13 +47,13 @@ static KERNEL_SET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::ne
 pub fn kernel_set() -> KernelSet {
     use std::sync::atomic::Ordering;
     match KERNEL_SET.load(Ordering::Relaxed) {
-        1 => KernelSet::Default,
-        2 => KernelSet::Candidate,
+        1 => KernelSet::Mma,
+        2 => KernelSet::Wmma,
         _ => {
-            let set = match std::env::var("PD_CUDA_KERNELS").as_deref() {
-                Ok("candidate") => KernelSet::Candidate,
-                _ => KernelSet::Default,
-            };
+            let set = std::env::var("PD_CUDA_KERNELS")
+                .ok()
+                .and_then(|name| KernelSet::named(&name))
+                .unwrap_or(KernelSet::Mma);
             set_kernel_set(set);
             set
         }
@@ -52,8 +63,8 @@ pub fn kernel_set() -> KernelSet {
 /// Chooses the kernel set for the batches run from now on.
 pub fn set_kernel_set(set: KernelSet) {
     let v = match set {
-        KernelSet::Default => 1,
-        KernelSet::Candidate => 2,
+        KernelSet::Mma => 1,
+        KernelSet::Wmma => 2,
     };
     KERNEL_SET.store(v, std::sync::atomic::Ordering::Relaxed);
 }

@@ -1,6 +1,6 @@
 //! Dense `x · Wᵀ`, the model's projections.
 //!
-//! With the candidate kernel set ([`crate::cuda::KernelSet`]) on an NVIDIA GPU, a 16-bit product
+//! With the default kernel set ([`crate::cuda::KernelSet::Mma`]) on an NVIDIA GPU, a 16-bit product
 //! goes through cuBLASLt: candle's matmul calls cuBLAS's older
 //! strided-batched GEMM, which reaches about 600 TFLOP/s on an H200 where cuBLASLt reaches about
 //! 780. cuBLASLt's heuristic picks the algorithm for each shape once; the choice, with the shape's
@@ -15,7 +15,7 @@ use crate::Result;
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda()
-        && crate::cuda::kernel_set() == crate::cuda::KernelSet::Candidate
+        && crate::cuda::kernel_set() == crate::cuda::KernelSet::Mma
         && matches!(
             x.dtype(),
             candle_core::DType::BF16 | candle_core::DType::F16

@@ -3,7 +3,7 @@
 //! Sequences with many new tokens (prompt chunks) go to the tiled tensor-core kernel when the
 //! query and cache are bf16 and the head size is 64 or 128; every other token goes to a
 //! per-token kernel, in its grouped form (one CTA per KV head and token) when the cache is 16-bit
-//! and the head and group sizes are common ones, else one CTA per query head. With the candidate
+//! and the head and group sizes are common ones, else one CTA per query head. With the default
 //! kernel set ([`crate::cuda::KernelSet`]) both the prefill and the grouped work run on mma.sync
 //! kernels instead, where the types and sizes allow. The batch's metadata is uploaded once per forward step and reused by every
 //! layer.
@@ -23,7 +23,7 @@ use crate::cuda::{dtype_of, dtype_tag, function, upload, view, Module};
 
 /// Sequences with at least this many new tokens use the tiled prefill kernel.
 pub const PREFILL_MIN_TOKENS: usize = 16;
-/// Query tokens per prefill tile: PF_BQ of the WMMA kernel, and FA_BQ of the candidate mma kernel.
+/// Query tokens per prefill tile: PF_BQ of the WMMA kernel, and FA_BQ of the mma kernel.
 const PREFILL_TILE: usize = 32;
 const MMA_PREFILL_TILE: usize = 64;
 /// Keys per partition of the per-token kernel (long contexts run as several CTAs).
@@ -38,8 +38,8 @@ pub struct DeviceMeta {
     max_blocks: i32,
     token: Option<TokenWork>,
     prefill: Option<PrefillWork>,
-    /// Built for the candidate kernels (their prefill tiles are larger).
-    candidate: bool,
+    /// Built for the mma kernels (their prefill tiles are larger).
+    mma: bool,
 }
 
 struct TokenWork {
@@ -122,12 +122,8 @@ impl DeviceMeta {
         let mut token_keys = vec![0i32; m.num_tokens];
         let mut work = Vec::new();
         let (mut tile_seq, mut tile_row) = (Vec::new(), Vec::new());
-        let candidate = crate::cuda::kernel_set() == crate::cuda::KernelSet::Candidate;
-        let tile = if candidate {
-            MMA_PREFILL_TILE
-        } else {
-            PREFILL_TILE
-        };
+        let mma = crate::cuda::kernel_set() == crate::cuda::KernelSet::Mma;
+        let tile = if mma { MMA_PREFILL_TILE } else { PREFILL_TILE };
         for (i, s) in m.seqs.iter().enumerate() {
             let cached = s.context_len - s.q_len;
             for t in 0..s.q_len {
@@ -179,7 +175,7 @@ impl DeviceMeta {
             max_blocks: max_blocks as i32,
             token,
             prefill,
-            candidate,
+            mma,
         })
     }
 }
@@ -268,7 +264,7 @@ where
     if let Some(t) = &meta.token {
         let (a, c) = (dtype_tag(A::DTYPE)?, dtype_tag(C::DTYPE)?);
         let group = m.num_heads / m.num_kv_heads;
-        let mma = meta.candidate && mma_kernel_applies(A::DTYPE, C::DTYPE, m.head_dim, group);
+        let mma = meta.mma && mma_kernel_applies(A::DTYPE, C::DTYPE, m.head_dim, group);
         let grouped = mma || grouped_kernel_applies(C::DTYPE, m.head_dim, group);
         let mut shared_mem_bytes = 0;
         let (f, heads_per_cta) = if mma {
@@ -365,7 +361,7 @@ where
         let f = function(
             dev,
             Module::Attention,
-            &if meta.candidate {
+            &if meta.mma {
                 format!("prefill_attention_mma_bf16_d{}", m.head_dim)
             } else {
                 format!("prefill_attention_bf16_d{}", m.head_dim)
@@ -374,7 +370,7 @@ where
         let cfg = LaunchConfig {
             grid_dim: (p.count as u32, m.num_heads as u32, 1),
             block_dim: (
-                if meta.candidate {
+                if meta.mma {
                     MMA_PREFILL_THREADS
                 } else {
                     PREFILL_THREADS
