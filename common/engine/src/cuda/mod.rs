@@ -50,10 +50,13 @@ pub fn kernel_set() -> KernelSet {
         1 => KernelSet::Mma,
         2 => KernelSet::Wmma,
         _ => {
-            let set = std::env::var("PD_CUDA_KERNELS")
-                .ok()
-                .and_then(|name| KernelSet::named(&name))
-                .unwrap_or(KernelSet::Mma);
+            let set = match std::env::var("PD_CUDA_KERNELS") {
+                Ok(name) => KernelSet::named(&name).unwrap_or_else(|| {
+                    tracing::warn!(%name, "PD_CUDA_KERNELS: no such kernel set (mma, wmma); using mma");
+                    KernelSet::Mma
+                }),
+                Err(_) => KernelSet::Mma,
+            };
             set_kernel_set(set);
             set
         }
