@@ -7,7 +7,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNELS: &[&str] = &["paged_attention", "kv_cache", "sampling", "activation"];
+const KERNELS: &[&str] = &[
+    "paged_attention",
+    "kv_cache",
+    "sampling",
+    "activation",
+    "fused",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -57,11 +57,17 @@ if [[ " $STEPS " == *" served "* ]]; then
   # One GPU serving aggregated: Llama-3-8B shape, dummy weights, 512-token prompts, 128 tokens
   # out; the KV cache sized from free memory (the default). Prints each step phase's mean. The
   # prefix cache is off: every prompt is computed, as the figure is meant to say. Once with each
-  # kernel set (PD_CUDA_KERNELS, inherited by the nodes): served.jsonl is the default (mma)
-  # set's, served-wmma.jsonl the set it replaced.
+  # kernel set (PD_CUDA_KERNELS, inherited by the nodes; mma-sN also sets the decode ring
+  # depth, PD_CUDA_DECODE_STAGES=N, and -unfused turns the fused elementwise kernels off,
+  # PD_CUDA_FUSED=0): served.jsonl is the default (mma) set's, served-wmma.jsonl the set it
+  # replaced.
   for set in ${PD_SERVED_KERNELS:-mma wmma}; do
     suffix=$([ "$set" = mma ] && echo "" || echo "-$set")
-    PD_CUDA_KERNELS=$set pd-bench cluster --model dummy:llama3-8b --prompt-tokens 512 --max-tokens 128 \
+    base=${set%-unfused}
+    fused=$([ "$base" = "$set" ] && echo 1 || echo 0)
+    stages=${base#*-s}
+    [ "$stages" = "$base" ] && stages=""
+    env PD_CUDA_KERNELS="${base%%-s*}" PD_CUDA_FUSED=$fused ${stages:+PD_CUDA_DECODE_STAGES=$stages} pd-bench cluster --model dummy:llama3-8b --prompt-tokens 512 --max-tokens 128 \
       --clients "${PD_SERVED_CLIENTS:-1,16,64}" --rounds 2 --modes aggregated --decode-device cuda:0 \
       --node-arg=--max-batch-tokens=2048 --node-arg=--max-num-seqs=64 \
       --node-arg=--no-enable-prefix-caching \
@@ -125,7 +131,9 @@ if t:
         if "overlap" in r:
             added = r["prefill_and_ship_ms"] - r["prefill_ms"]
             out.append("| %s | %s | %d | %.1f | %.1f | %.1f | %.1f%% |" % (r["overlap"], r.get("to", "cuda:1"), r["tokens"], r["prefill_ms"], r["prefill_and_ship_ms"], added, 100 * added / r["prefill_ms"]))
-for name, label in (("served.jsonl", "mma kernels (the default)"), ("served-wmma.jsonl", "wmma kernels")):
+served = sorted(n for n in os.listdir(d) if n.startswith("served") and n.endswith(".jsonl"))
+for name in served:
+  label = "mma kernels (the default)" if name == "served.jsonl" else "%s kernels" % name[len("served-"):-len(".jsonl")]
   s = rows(name)
   if s:
     out.append("\n## Served, one GPU aggregated, %s: dummy Llama-3-8B, 512-token prompts, 128 tokens out\n" % label)

@@ -907,20 +907,19 @@ __device__ void prefill_attention_mma(
 // over one partition of its keys), with the products on tensor cores.
 //
 // grid: (num_kv_heads, num_work_tokens, num_partitions); block: DEC_WARPS warps; dynamic shared
-// memory of dec_smem_bytes(D, G).
+// memory as mma_kernel_smem (model/attention/cuda.rs) computes it for D, G and STAGES.
 // The G heads are the rows of m16n8k16 products (zero rows up to 16), so each K and V row is read
 // once per group. Each warp streams its own 16-key tiles of the partition (tiles warp,
-// warp + DEC_WARPS, ...) through a ring of DEC_STAGES buffers filled by cp.async, so up to
-// DEC_STAGES - 1 tiles are in flight while it computes on one; S = Q K^T and P V as in the prefill
+// warp + DEC_WARPS, ...) through a ring of STAGES buffers filled by cp.async, so up to
+// STAGES - 1 tiles are in flight while it computes on one; S = Q K^T and P V as in the prefill
 // kernel above, with the online softmax in registers. The warps merge at the end as the grouped
 // kernel's do; partitions, scratch layout and rounding are the same, so a token's result depends
 // on its own length only.
 // ---------------------------------------------------------------------------------------------
 #define DEC_WARPS 4
-#define DEC_STAGES 4
 #define DEC_KEYS 16
 
-template <int D>
+template <int D, int STAGES>
 __device__ void paged_attention_mma(
     __nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ q,
     const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,
@@ -954,7 +953,7 @@ __device__ void paged_attention_mma(
     const int head0 = kv_head * G;
     const int shift = (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
     __nv_bfloat16* ring =
-        reinterpret_cast<__nv_bfloat16*>(dec_smem) + (size_t)warp * DEC_STAGES * 2 * TILE;
+        reinterpret_cast<__nv_bfloat16*>(dec_smem) + (size_t)warp * STAGES * 2 * TILE;
 
     // The group's query rows as A fragments (rows past G are zero).
     uint32_t qf[D / 16][4];
@@ -973,9 +972,9 @@ __device__ void paged_attention_mma(
     const int n_own = first < key_end ? (key_end - first + DEC_WARPS * DEC_KEYS - 1) /
                                             (DEC_WARPS * DEC_KEYS)
                                       : 0;
-    auto issue = [&](int i) {  // this warp's tile i into ring slot i % DEC_STAGES
+    auto issue = [&](int i) {  // this warp's tile i into ring slot i % STAGES
         const int key0 = first + i * DEC_WARPS * DEC_KEYS;
-        __nv_bfloat16* kd = ring + (i % DEC_STAGES) * 2 * TILE;
+        __nv_bfloat16* kd = ring + (i % STAGES) * 2 * TILE;
         __nv_bfloat16* vd = kd + TILE;
 #pragma unroll
         for (int x = lane; x < DEC_KEYS * VPR; x += WARP) {
@@ -993,7 +992,7 @@ __device__ void paged_attention_mma(
         }
     };
 #pragma unroll
-    for (int i = 0; i < DEC_STAGES - 1; i++) {
+    for (int i = 0; i < STAGES - 1; i++) {
         if (i < n_own) issue(i);
         cp_async_commit();
     }
@@ -1003,14 +1002,14 @@ __device__ void paged_attention_mma(
     for (int n = 0; n < NO; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
     for (int i = 0; i < n_own; i++) {
-        // Tile i has landed once at most DEC_STAGES - 2 later groups are in flight.
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(DEC_STAGES - 2));
+        // Tile i has landed once at most STAGES - 2 later groups are in flight.
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
         __syncwarp();
         // The slot of tile i - 1 is free again: refill it before computing on tile i.
-        if (i + DEC_STAGES - 1 < n_own) issue(i + DEC_STAGES - 1);
+        if (i + STAGES - 1 < n_own) issue(i + STAGES - 1);
         cp_async_commit();
         const int key0 = first + i * DEC_WARPS * DEC_KEYS;
-        const __nv_bfloat16* kd = ring + (i % DEC_STAGES) * 2 * TILE;
+        const __nv_bfloat16* kd = ring + (i % STAGES) * 2 * TILE;
         const __nv_bfloat16* vd = kd + TILE;
         float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
@@ -1119,20 +1118,28 @@ __device__ void paged_attention_mma(
     }
 }
 
-#define DEFINE_MMA_TOKEN_KERNEL(D)                                                               \
-    extern "C" __global__ void __launch_bounds__(DEC_WARPS * WARP) paged_attention_mma_bf16_d##D( \
-        __nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat16* k_cache,               \
-        const __nv_bfloat16* v_cache, const int* work_tokens, const int* token_seq,             \
-        const int* token_keys, const int* block_tables, int max_blocks, int num_heads,          \
-        int num_kv_heads, int block_size, float scale, int partition, float* part_max,          \
-        float* part_sum, float* part_out) {                                                     \
-        paged_attention_mma<D>(out, q, k_cache, v_cache, work_tokens, token_seq, token_keys,    \
-                               block_tables, max_blocks, num_heads, num_kv_heads, block_size,   \
-                               scale, partition, part_max, part_sum, part_out);                 \
+#define DEFINE_MMA_TOKEN_KERNEL(D, ST)                                                           \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * WARP)                              \
+        paged_attention_mma_bf16_d##D##_s##ST(                                                  \
+            __nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat16* k_cache,           \
+            const __nv_bfloat16* v_cache, const int* work_tokens, const int* token_seq,         \
+            const int* token_keys, const int* block_tables, int max_blocks, int num_heads,      \
+            int num_kv_heads, int block_size, float scale, int partition, float* part_max,      \
+            float* part_sum, float* part_out) {                                                 \
+        paged_attention_mma<D, ST>(out, q, k_cache, v_cache, work_tokens, token_seq,            \
+                                   token_keys, block_tables, max_blocks, num_heads,             \
+                                   num_kv_heads, block_size, scale, partition, part_max,        \
+                                   part_sum, part_out);                                         \
     }
 
-DEFINE_MMA_TOKEN_KERNEL(64)
-DEFINE_MMA_TOKEN_KERNEL(128)
+// Ring depths of 2, 3 and 4 tiles: deeper rings keep more loads in flight per warp, shallower
+// ones leave room for more CTAs per SM (at D = 128: 70, 104 and 139 KB).
+DEFINE_MMA_TOKEN_KERNEL(64, 2)
+DEFINE_MMA_TOKEN_KERNEL(64, 3)
+DEFINE_MMA_TOKEN_KERNEL(64, 4)
+DEFINE_MMA_TOKEN_KERNEL(128, 2)
+DEFINE_MMA_TOKEN_KERNEL(128, 3)
+DEFINE_MMA_TOKEN_KERNEL(128, 4)
 
 DEFINE_PREFILL_KERNEL(prefill_attention_mma, FA_WARPS, 64)
 DEFINE_PREFILL_KERNEL(prefill_attention_mma, FA_WARPS, 128)

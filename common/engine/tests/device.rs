@@ -43,13 +43,16 @@ device_test!(greedy_tokens_equal_the_cpu_engines);
 device_test!(batch_sampling_agrees_with_the_host_sampler);
 device_test!(seeded_draws_follow_the_softmax);
 device_test!(silu_and_mul_equals_silu_then_mul);
+device_test!(fused_layer_steps_equal_the_separate_ops);
 device_test!(dense_projections_equal_the_f32_product);
 
-/// The kernel sets a device runs: on a GPU the mma (default) and the wmma set
-/// (`pd_engine::cuda::KernelSet`), each checked against the same references; the CPU has one.
+/// The kernel sets a device runs: on a GPU the mma set (default) at each decode ring depth, the
+/// mma set without its fused elementwise kernels and the wmma set
+/// (`pd_engine::cuda::select_kernels`), each checked against the same references; the CPU has
+/// one.
 fn kernel_sets(dev: &Device) -> Vec<&'static str> {
     if dev.is_cuda() {
-        vec!["mma", "wmma"]
+        vec!["mma", "mma-s2", "mma-s3", "mma-s4", "mma-unfused", "wmma"]
     } else {
         // The CPU path has no kernel sets; the name only labels the run.
         vec!["mma"]
@@ -60,10 +63,10 @@ fn kernel_sets(dev: &Device) -> Vec<&'static str> {
 fn with_kernel_set<T>(name: &str, f: impl FnOnce() -> T) -> T {
     #[cfg(feature = "cuda")]
     {
-        use pd_engine::cuda::{set_kernel_set, KernelSet};
-        set_kernel_set(KernelSet::named(name).expect("a kernel set"));
+        use pd_engine::cuda::select_kernels;
+        select_kernels(name).expect("a kernel set");
         let out = f();
-        set_kernel_set(KernelSet::Mma);
+        select_kernels("mma").expect("the default kernel set");
         out
     }
     #[cfg(not(feature = "cuda"))]
@@ -121,6 +124,142 @@ fn silu_and_mul_equals_silu_then_mul(dev: &Device) -> TestResult {
             assert_eq!(got.dims(), want.dims());
             let e = rel_err(&got, &want)?;
             assert!(e < 1e-3, "{dev:?} {dtype:?} width {width}: rel err {e:.2e}");
+        }
+    }
+    Ok(())
+}
+
+/// The fused residual-add + RMSNorm and RoPE + KV write (`pd_engine::model::fused`) against
+/// the same steps in f32 candle ops on the CPU. In f32 the rotation is bit for bit the CPU's;
+/// the CPU itself runs the unfused ops (no fused RoPE there).
+fn fused_layer_steps_equal_the_separate_ops(dev: &Device) -> TestResult {
+    use pd_engine::model::fused::{add_rms_norm, rope_write_kv, Heads};
+    let cpu = &Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(7);
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        for (rows, cols) in [(1, 64), (7, 576), (33, 4096)] {
+            let x = Tensor::randn(0f32, 1., (rows, cols), cpu)?.to_dtype(dtype)?;
+            let y = Tensor::randn(0f32, 1., (rows, cols), cpu)?.to_dtype(dtype)?;
+            let w = Tensor::randn(1f32, 0.2, cols, cpu)?.to_dtype(dtype)?;
+            let (sum, normed) = add_rms_norm(
+                &x.to_device(dev)?,
+                &y.to_device(dev)?,
+                &w.to_device(dev)?,
+                1e-5,
+            )?;
+            let want_sum = (x.to_dtype(DType::F32)? + y.to_dtype(DType::F32)?)?;
+            let ms = (want_sum.sqr()?.mean_keepdim(1)? + 1e-5)?.sqrt()?;
+            let want_norm = want_sum
+                .broadcast_div(&ms)?
+                .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+            let e = rel_err(&sum, &want_sum)?;
+            assert!(
+                e < tol,
+                "{dev:?} {dtype:?} {rows}x{cols}: sum rel err {e:.2e}"
+            );
+            let e = rel_err(&normed, &want_norm)?;
+            assert!(
+                e < tol,
+                "{dev:?} {dtype:?} {rows}x{cols}: norm rel err {e:.2e}"
+            );
+        }
+        // Llama-3's head layout (GQA 4), and an odd small one; both RoPE styles.
+        for (h, kvh, d, interleaved) in [(32, 8, 128, false), (6, 2, 64, true), (4, 4, 16, false)] {
+            let (n, bs, blocks) = (9, 4, 8);
+            let qkv = Tensor::randn(0f32, 1., (n, (h + 2 * kvh) * d), cpu)?.to_dtype(dtype)?;
+            let angles: Vec<f32> = (0..n * d / 2).map(|_| rng.random_range(0.0..6.3)).collect();
+            let ang = Tensor::from_vec(angles, (n, 1, d / 2), cpu)?;
+            let (cos, sin) = (ang.cos()?.to_dtype(dtype)?, ang.sin()?.to_dtype(dtype)?);
+            let spec = KvCacheSpec {
+                num_layers: 1,
+                num_kv_heads: kvh,
+                head_dim: d,
+                block_size: bs,
+                num_blocks: blocks,
+                dtype,
+            };
+            let cache = KvCache::new(spec, dev)?;
+            let mut slots: Vec<u32> = (0..(bs * blocks) as u32).collect();
+            slots.shuffle(&mut rng);
+            slots.truncate(n);
+            let map = cache.slot_map(&slots)?;
+            let heads = Heads {
+                num_heads: h,
+                num_kv_heads: kvh,
+                head_dim: d,
+                interleaved,
+            };
+            let got = rope_write_kv(
+                &qkv.to_device(dev)?,
+                &cos.to_device(dev)?,
+                &sin.to_device(dev)?,
+                &cache,
+                0,
+                &map,
+                heads,
+            )?;
+            let Some(q) = got else {
+                assert!(
+                    dev.is_cpu(),
+                    "{dev:?}: no fused RoPE for {dtype:?} h {h} d {d}"
+                );
+                continue;
+            };
+            let rope = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+                let t = t
+                    .to_dtype(DType::F32)?
+                    .contiguous()?
+                    .reshape((n, heads, 1, d))?;
+                let (c, s) = (cos.to_dtype(DType::F32)?, sin.to_dtype(DType::F32)?);
+                let r = if interleaved {
+                    candle_nn::rotary_emb::rope_i(&t, &c, &s)?
+                } else {
+                    candle_nn::rotary_emb::rope(&t, &c, &s)?
+                };
+                r.reshape((n, heads, d))
+            };
+            let want_q = rope(qkv.narrow(1, 0, h * d)?, h)?;
+            let want_k = rope(qkv.narrow(1, h * d, kvh * d)?, kvh)?;
+            let want_v = qkv
+                .narrow(1, (h + kvh) * d, kvh * d)?
+                .reshape((n, kvh, d))?;
+            let (kc, vc) = cache.layer(0)?;
+            let at = Tensor::new(slots.as_slice(), dev)?;
+            let rows = |c: &Tensor| -> candle_core::Result<Tensor> {
+                c.reshape((bs * blocks, kvh, d))?.index_select(&at, 0)
+            };
+            let (got_k, got_v) = (rows(kc)?, rows(vc)?);
+            let label =
+                format!("{dev:?} {dtype:?} h {h} kvh {kvh} d {d} interleaved {interleaved}");
+            assert_eq!(q.dims(), [n, h, d], "{label}");
+            if dtype == DType::F32 {
+                let flat = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+                    t.to_device(cpu)?
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1()
+                };
+                assert_eq!(flat(&q)?, flat(&want_q)?, "{label}: q");
+                assert_eq!(flat(&got_k)?, flat(&want_k)?, "{label}: k");
+            } else {
+                for (name, a, b) in [("q", &q, &want_q), ("k", &got_k, &want_k)] {
+                    let e = rel_err(a, b)?;
+                    assert!(e < tol, "{label}: {name} rel err {e:.2e}");
+                }
+            }
+            assert_eq!(
+                got_v
+                    .to_device(cpu)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+                want_v
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+                "{label}: v"
+            );
         }
     }
     Ok(())
@@ -348,8 +487,8 @@ fn kv_blocks_read_back_what_was_written(dev: &Device) -> TestResult {
     Ok(())
 }
 
-/// Greedy tokens of tiny random models in f32 on `dev`, all prompts in one batch, equal to the
-/// CPU engine's with each prompt alone.
+/// Greedy tokens of tiny random models in f32 on `dev`, all prompts in one batch, with each
+/// kernel set, equal to the CPU engine's with each prompt alone.
 fn greedy_tokens_equal_the_cpu_engines(dev: &Device) -> TestResult {
     let mut rng = StdRng::seed_from_u64(9);
     for shape in ["tiny", "tiny-d64"] {
@@ -364,8 +503,11 @@ fn greedy_tokens_equal_the_cpu_engines(dev: &Device) -> TestResult {
             .iter()
             .map(|p| generate(&cpu_model, std::slice::from_ref(p)).map(|mut g| g.remove(0)))
             .collect::<Result<_, _>>()?;
-        let got = generate(&model::load_as(&source, dev, DType::F32)?.model, &prompts)?;
-        assert_eq!(got, want, "{dev:?} {shape}");
+        let dev_model = model::load_as(&source, dev, DType::F32)?.model;
+        for set in kernel_sets(dev) {
+            let got = with_kernel_set(set, || generate(&dev_model, &prompts))?;
+            assert_eq!(got, want, "{dev:?} {shape} {set}");
+        }
     }
     Ok(())
 }

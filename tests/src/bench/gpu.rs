@@ -42,8 +42,10 @@ pub struct GpuArgs {
     #[arg(long, default_value_t = 10)]
     pub repeats: usize,
     /// Kernel sets to time, one after the other on the same model and cache: `mma` (the
-    /// default) and `wmma` (the set it replaced; see `pd_engine::cuda::KernelSet`). The first
-    /// is reported as the result, the others beside it with their ratios.
+    /// default), `mma-s2`/`mma-s3`/`mma-s4` (the mma set with that decode ring depth), any of
+    /// these with `-unfused` (without the fused residual-add + RMSNorm and RoPE + KV write) and `wmma`
+    /// (the set it replaced; see `pd_engine::cuda::KernelSet`). The first is reported as the
+    /// result, the others beside it with their ratios.
     #[arg(long, value_delimiter = ',', default_value = "mma,wmma")]
     pub kernels: Vec<String>,
     /// Folder for gpu-results.json and gpu-results.md.
@@ -239,10 +241,7 @@ fn measure_speed(
     let vocab = cfg.vocab_size as u32;
     let mut speeds = Vec::new();
     for set in &args.kernels {
-        pd_common::cuda::set_kernel_set(match pd_common::cuda::KernelSet::named(set) {
-            Some(s) => s,
-            None => bail!("unknown kernel set {set:?} (mma, wmma)"),
-        });
+        pd_common::cuda::select_kernels(set).map_err(anyhow::Error::msg)?;
         println!("kernels: {set}");
         // The same batches and prompts for every set.
         let mut rng = StdRng::seed_from_u64(1);
@@ -301,7 +300,7 @@ fn measure_speed(
             },
         ));
     }
-    pd_common::cuda::set_kernel_set(pd_common::cuda::KernelSet::Mma);
+    pd_common::cuda::select_kernels("mma").map_err(anyhow::Error::msg)?;
     Ok(speeds)
 }
 

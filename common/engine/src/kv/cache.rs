@@ -228,6 +228,29 @@ impl SlotMap {
         })
     }
 
+    /// Number of slots (new tokens).
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The slots on the device, uploaded by the first layer that needs them.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_slots(
+        &self,
+        dev: &candle_core::CudaDevice,
+    ) -> candle_core::Result<&candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>> {
+        if let Some(s) = self.device_slots.get() {
+            return Ok(s);
+        }
+        let uploaded = dev.clone_htod(&self.slots)?;
+        let _ = self.device_slots.set(uploaded);
+        Ok(self.device_slots.get().expect("just set"))
+    }
+
     fn scatter<T: WithDType>(&self, dst: &mut [T], src: &[T]) {
         let n = self.row_elems;
         for (row, &slot) in src.chunks_exact(n).zip(&self.slots) {
@@ -275,14 +298,7 @@ impl InplaceOp2 for SlotMap {
         src: &candle_core::CudaStorage,
         src_l: &Layout,
     ) -> candle_core::Result<()> {
-        let slots = match self.device_slots.get() {
-            Some(s) => s,
-            None => {
-                let uploaded = dst.device.clone_htod(&self.slots)?;
-                let _ = self.device_slots.set(uploaded);
-                self.device_slots.get().expect("just set")
-            }
-        };
+        let slots = self.device_slots(&dst.device)?;
         let row_bytes = self.row_elems * crate::cuda::dtype_of(dst).size_in_bytes();
         super::cuda::scatter_rows(dst, dst_l, src, src_l, slots, self.slots.len(), row_bytes)
     }

@@ -114,18 +114,24 @@ impl FusedLinear {
     /// One output per part, in order.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match &self.stacked {
-            Some((linear, widths)) => {
-                let y = linear.forward(x)?;
-                let mut at = 0;
-                let mut outs = Vec::with_capacity(widths.len());
-                for &w in widths {
-                    outs.push(y.narrow(1, at, w)?);
-                    at += w;
-                }
-                Ok(outs)
-            }
+            Some((linear, _)) => self.split(&linear.forward(x)?),
             None => self.parts.iter().map(|p| p.forward(x)).collect(),
         }
+    }
+
+    /// The stacked output `y` of [`forward_stacked`](Self::forward_stacked) as one view per
+    /// part, in order.
+    pub fn split(&self, y: &Tensor) -> Result<Vec<Tensor>> {
+        let Some((_, widths)) = &self.stacked else {
+            return Err(Error::Internal("split of an unstacked projection".into()));
+        };
+        let mut at = 0;
+        let mut outs = Vec::with_capacity(widths.len());
+        for &w in widths {
+            outs.push(y.narrow(1, at, w)?);
+            at += w;
+        }
+        Ok(outs)
     }
 }
 

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::attention::{paged_attention, AttentionMeta, SeqAttention};
 use super::config::{ModelConfig, RopeStyle};
+use super::fused::{self, Heads};
 use super::linear::{FusedLinear, Linear};
 use super::mlp::silu_and_mul;
 use crate::kv::KvCache;
@@ -172,19 +173,42 @@ impl LlamaModel {
             .index_select(&ids, 0)?
             .to_dtype(self.dtype)?;
         let eps = cfg.rms_norm_eps as f32;
+        let heads = Heads {
+            num_heads: h,
+            num_kv_heads: kvh,
+            head_dim: d,
+            interleaved: cfg.rope_style == RopeStyle::Interleaved,
+        };
+        let mut hidden = match self.layers.first() {
+            Some(first) => candle_nn::ops::rms_norm(&x, &first.attn_norm, eps)?,
+            None => x.clone(),
+        };
         for (l, layer) in self.layers.iter().enumerate() {
-            let hidden = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let qkv = layer.qkv.forward(&hidden)?;
-            let q = self.rope(&qkv[0], h, &cos, &sin)?;
-            let k = self.rope(&qkv[1], kvh, &cos, &sin)?;
-            let v = qkv[2].reshape((n, kvh, d))?;
-            cache.write_rows(l, &k, &v, &slots)?;
+            let stacked = layer.qkv.forward_stacked(&hidden)?;
+            let fused = match &stacked {
+                Some(qkv) => fused::rope_write_kv(qkv, &cos, &sin, cache, l, &slots, heads)?,
+                None => None,
+            };
+            let q = match fused {
+                Some(q) => q,
+                None => {
+                    let qkv = match &stacked {
+                        Some(y) => layer.qkv.split(y)?,
+                        None => layer.qkv.forward(&hidden)?,
+                    };
+                    let q = self.rope(&qkv[0], h, &cos, &sin)?;
+                    let k = self.rope(&qkv[1], kvh, &cos, &sin)?;
+                    let v = qkv[2].reshape((n, kvh, d))?;
+                    cache.write_rows(l, &k, &v, &slots)?;
+                    q
+                }
+            };
             on_layer(l)?;
             let (kc, vc) = cache.layer(l)?;
             let attn = paged_attention(&q, kc, vc, &meta)?.reshape((n, h * d))?;
-            x = (x + layer.o.forward(&attn)?)?;
+            let o = layer.o.forward(&attn)?;
+            (x, hidden) = fused::add_rms_norm(&x, &o, &layer.ffn_norm, eps)?;
 
-            let hidden = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let act = match layer.gate_up.forward_stacked(&hidden)? {
                 Some(gate_up) => silu_and_mul(&gate_up)?,
                 None => {
@@ -192,7 +216,12 @@ impl LlamaModel {
                     (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?
                 }
             };
-            x = (x + layer.down.forward(&act)?)?;
+            let down = layer.down.forward(&act)?;
+            // The residual add, with the next layer's attention norm where there is one.
+            match self.layers.get(l + 1) {
+                Some(next) => (x, hidden) = fused::add_rms_norm(&x, &down, &next.attn_norm, eps)?,
+                None => x = (x + down)?,
+            }
         }
         if batch.logit_rows.is_empty() {
             return Ok(Tensor::zeros(

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod fused;
 pub mod gemm;
 pub mod linear;
 pub mod llama;

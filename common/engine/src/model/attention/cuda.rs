@@ -80,13 +80,12 @@ fn mma_kernel_applies(q: DType, cache: DType, head_dim: usize, group: usize) -> 
     q == DType::BF16 && cache == DType::BF16 && matches!(head_dim, 64 | 128) && group <= 16
 }
 
-/// Dynamic shared memory of the tensor-core per-token kernel: its warps' rings of
-/// `DEC_STAGES` tiles of 16 keys (K and V rows padded by 8 elements), or the warps' partial
-/// outputs when they merge, whichever is larger (kernels/paged_attention.cu).
-fn mma_kernel_smem(head_dim: usize, group: usize) -> usize {
+/// Dynamic shared memory of the tensor-core per-token kernel: its warps' rings of `stages`
+/// tiles of 16 keys (K and V rows padded by 8 elements), or the warps' partial outputs when they
+/// merge, whichever is larger (kernels/paged_attention.cu).
+fn mma_kernel_smem(head_dim: usize, group: usize, stages: usize) -> usize {
     const WARPS: usize = 4;
-    const STAGES: usize = 4;
-    let ring = WARPS * STAGES * 2 * 16 * (head_dim + 8) * 2;
+    let ring = WARPS * stages * 2 * 16 * (head_dim + 8) * 2;
     let merge = (WARPS * group * head_dim + 2 * WARPS * group) * 4;
     ring.max(merge)
 }
@@ -268,9 +267,10 @@ where
         let grouped = mma || grouped_kernel_applies(C::DTYPE, m.head_dim, group);
         let mut shared_mem_bytes = 0;
         let (f, heads_per_cta) = if mma {
-            let name = format!("paged_attention_mma_bf16_d{}", m.head_dim);
+            let stages = crate::cuda::decode_stages();
+            let name = format!("paged_attention_mma_bf16_d{}_s{stages}", m.head_dim);
             let f = function(dev, Module::Attention, &name)?;
-            shared_mem_bytes = mma_kernel_smem(m.head_dim, group) as u32;
+            shared_mem_bytes = mma_kernel_smem(m.head_dim, group, stages) as u32;
             f.func
                 .set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
