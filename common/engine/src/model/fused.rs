@@ -221,7 +221,7 @@ mod cuda {
                 .all(|&t| t == dt)
             && kc.dims().last() == Some(&d)
             && kc.dims() == vc.dims()
-            && kc.elem_count() % (kvh * d) == 0
+            && kc.elem_count().is_multiple_of(kvh * d)
             && [qkv, cos, sin, kc, vc].iter().all(|t| t.is_contiguous());
         if !fits {
             return Ok(None);
