@@ -76,6 +76,15 @@ mod cuda {
 
     const THREADS: u32 = 256;
 
+    /// Both kernels' launch: one block of `THREADS` per row (token).
+    fn block_per_row(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
     /// Runs `$f::<T>` for the tensor's element type (bf16, f16, f32).
     macro_rules! by_dtype {
         ($dtype:expr, $f:ident($($arg:expr),*)) => {
@@ -160,11 +169,7 @@ mod cuda {
             |ws, wl| {
                 let (xv, yv, wv) = (view::<T>(xs, xl)?, view::<T>(ys, yl)?, view::<T>(ws, wl)?);
                 let cols_i = cols as i32;
-                let cfg = LaunchConfig {
-                    grid_dim: (rows as u32, 1, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let cfg = block_per_row(rows);
                 let mut b = f.builder();
                 b.arg(&out);
                 b.arg(&xv);
@@ -262,11 +267,7 @@ mod cuda {
                     let (k_v, v_v) = (view::<T>(ks, kl)?, view::<T>(vs, vl)?);
                     let (hi, kvhi, di) = (h as i32, kvh as i32, d as i32);
                     let interleaved = heads.interleaved as i32;
-                    let cfg = LaunchConfig {
-                        grid_dim: (n as u32, 1, 1),
-                        block_dim: (THREADS, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
+                    let cfg = block_per_row(n);
                     let mut b = f.builder();
                     b.arg(&q);
                     b.arg(&k_v);
